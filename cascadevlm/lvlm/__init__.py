@@ -1,0 +1,1 @@
+"""LVLM stage: prompts, answer parsing, candidate scoring, backends, LoRA."""

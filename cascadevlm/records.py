@@ -1,0 +1,116 @@
+"""Prediction records: one row per image, the single source every metric, sweep, report and plot reads.
+
+Records are written as JSON lines while a run progresses (one part file per rank, appended batch by
+batch, so an interrupted run loses nothing finished) and merged into one Parquet table at the end,
+de-duplicated by image index (a distributed sampler pads shards with repeats).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+@dataclass
+class PredictionRecord:
+    """What happened to one image in the cascade. Class ids index the dataset's class list."""
+
+    index: int  # row of the image in its split
+    label: int  # true class id (-1 when unknown)
+    clip_topk: list[int]  # CLIP's top-k class ids, most probable first
+    clip_topk_probs: list[float]  # their probabilities
+    entropy: float  # entropy (nats) of CLIP's full distribution
+    clip_pred: int  # CLIP's top-1 class id
+    deferred: bool = False  # sent to the LVLM by the gate
+    lvlm_choice: int | None = None  # class id the LVLM chose (after any fallback)
+    lvlm_raw: str | None = None  # the LVLM's raw answer text
+    lvlm_scores: list[float] | None = None  # per-candidate scores, where the backend has them
+    final: int = -1  # the cascade's prediction
+    fallback: str | None = None  # e.g. "unparseable": the LVLM's answer was replaced by CLIP's top-1
+
+    def __post_init__(self) -> None:
+        if self.final == -1:
+            self.final = self.clip_pred
+
+
+RECORD_FIELDS = [f.name for f in fields(PredictionRecord)]
+
+ARROW_SCHEMA = pa.schema(
+    [
+        ("index", pa.int64()),
+        ("label", pa.int64()),
+        ("clip_topk", pa.list_(pa.int64())),
+        ("clip_topk_probs", pa.list_(pa.float64())),
+        ("entropy", pa.float64()),
+        ("clip_pred", pa.int64()),
+        ("deferred", pa.bool_()),
+        ("lvlm_choice", pa.int64()),
+        ("lvlm_raw", pa.string()),
+        ("lvlm_scores", pa.list_(pa.float64())),
+        ("final", pa.int64()),
+        ("fallback", pa.string()),
+    ]
+)
+
+
+def append_jsonl(path: str | Path, records: Iterable[PredictionRecord]) -> None:
+    """Append records to a JSON-lines file and flush, so a crash after this call loses none of them."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as fh:
+        for rec in records:
+            fh.write(json.dumps(asdict(rec)) + "\n")
+        fh.flush()
+
+
+def read_jsonl(path: str | Path) -> list[PredictionRecord]:
+    """Read records from JSON lines; a last line cut short by a crash is ignored."""
+    out = []
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            out.append(PredictionRecord(**json.loads(line)))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:  # torn write at the end of an interrupted run
+                break
+            raise ValueError(f"{path}: line {i + 1} is not a JSON record") from None
+    return out
+
+
+def dedupe_sorted(records: Iterable[PredictionRecord]) -> list[PredictionRecord]:
+    """One record per image index (the first seen wins), sorted by index."""
+    seen: dict[int, PredictionRecord] = {}
+    for rec in records:
+        seen.setdefault(rec.index, rec)
+    return [seen[i] for i in sorted(seen)]
+
+
+def write_records(path: str | Path, records: list[PredictionRecord]) -> Path:
+    """Write records as Parquet (``.parquet``) or JSON lines (any other suffix)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".parquet":
+        table = pa.Table.from_pylist([asdict(r) for r in records], schema=ARROW_SCHEMA)
+        pq.write_table(table, path)
+    else:
+        path.unlink(missing_ok=True)
+        append_jsonl(path, records)
+    return path
+
+
+def read_records(path: str | Path) -> list[PredictionRecord]:
+    """Read a records table written by :func:`write_records`."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"records file {str(path)!r} does not exist")
+    if path.suffix == ".parquet":
+        return [PredictionRecord(**row) for row in pq.read_table(path).to_pylist()]
+    return read_jsonl(path)
+

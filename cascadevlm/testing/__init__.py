@@ -1,0 +1,1 @@
+"""Tiny offline models and real sample photos, used by the tests, the demo and the benchmarks."""
