@@ -1,0 +1,1 @@
+"""Datasets: benchmark registry, loading, k-shot splits, the Lightning data module."""

@@ -1,0 +1,158 @@
+"""Loading image-classification datasets (image folder, `save_to_disk` directory, hub name) robustly."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import datasets
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from cascadevlm.data.registry import benchmark_names, get_benchmark
+
+IMAGE_COLUMN = "image"
+LABEL_COLUMN = "label"
+
+
+class ImageDecodeError(ValueError):
+    """An image could not be decoded; the message names the file (or row) and why."""
+
+
+def decode_image(value, where: str) -> Image.Image:
+    """Decode a datasets image value ({"bytes", "path"} dict, path or PIL image) to an RGB PIL image.
+
+    EXIF orientation is applied; grayscale, palette, CMYK and RGBA become RGB. ``where`` names the
+    image in errors (e.g. ``"test row 17"``).
+    """
+    if isinstance(value, Image.Image):
+        img = value
+    else:
+        path = None
+        data = None
+        if isinstance(value, dict):
+            data, path = value.get("bytes"), value.get("path")
+        elif isinstance(value, (str, os.PathLike)):
+            path = str(value)
+        name = f"{where} ({path})" if path else where
+        try:
+            if data is not None:
+                img = Image.open(io.BytesIO(data))
+            elif path is not None:
+                img = Image.open(path)
+            else:
+                raise ImageDecodeError(f"{where}: no image bytes or path")
+            img.load()  # force full decode now: truncated files fail here, not later in a worker
+        except FileNotFoundError:
+            raise ImageDecodeError(f"image file missing: {name}") from None
+        except (UnidentifiedImageError, OSError, SyntaxError) as err:
+            raise ImageDecodeError(f"corrupt or truncated image: {name}: {err}") from None
+    img = ImageOps.exif_transpose(img)
+    if img.mode != "RGB":
+        if img.mode in ("P", "LA", "PA") or img.mode.endswith("A"):
+            img = img.convert("RGBA")
+            bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(bg, img)
+        img = img.convert("RGB")
+    return img
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return (path / "dataset_dict.json").exists() or (path / "state.json").exists()
+
+
+def load_dataset_dict(source: str) -> datasets.DatasetDict:
+    """A DatasetDict from an image-folder directory, a ``save_to_disk`` directory, or a hub name.
+
+    An image folder is ``<root>/<split>/<class>/<image>`` or ``<root>/<class>/<image>`` (one ``train``
+    split). Images stay undecoded here; :func:`decode_image` decodes them with clear errors.
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if _is_saved_dataset(path):
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.Dataset):
+                ds = datasets.DatasetDict({"train": ds})
+        else:
+            try:
+                ds = datasets.load_dataset("imagefolder", data_dir=str(path))
+            except Exception as err:  # datasets raises several types for an unusable folder
+                raise ValueError(f"dataset directory {str(path)!r} is not an image folder: {err}") from err
+    elif source.startswith(("/", "./", "~")) or os.sep in source and not _looks_like_hub_name(source):
+        raise FileNotFoundError(f"dataset directory {source!r} does not exist")
+    else:
+        name = source
+        try:
+            name = get_benchmark(source).hub_name or source
+        except KeyError:
+            pass
+        try:
+            ds = datasets.load_dataset(name)
+        except Exception as err:
+            raise ValueError(
+                f"unknown dataset {source!r}: not a directory, and the hub could not load it ({type(err).__name__}). "
+                f"Registered benchmarks (prepare them with `python -m cascadevlm.data.prepare`): "
+                f"{', '.join(benchmark_names())}"
+            ) from err
+    for split, d in ds.items():
+        if IMAGE_COLUMN not in d.column_names:
+            cands = [c for c, f in d.features.items() if isinstance(f, datasets.Image)]
+            if not cands:
+                raise ValueError(f"split {split!r} of {source!r} has no image column: {d.column_names}")
+            d = d.rename_column(cands[0], IMAGE_COLUMN)
+        if LABEL_COLUMN not in d.column_names:
+            cands = [c for c, f in d.features.items() if isinstance(f, datasets.ClassLabel)]
+            if not cands:
+                raise ValueError(f"split {split!r} of {source!r} has no label column: {d.column_names}")
+            d = d.rename_column(cands[0], LABEL_COLUMN)
+        ds[split] = d.cast_column(IMAGE_COLUMN, datasets.Image(decode=False))
+    return ds
+
+
+def _looks_like_hub_name(source: str) -> bool:
+    return source.count("/") == 1 and not source.startswith((".", "/"))
+
+
+def dataset_class_names(ds: datasets.Dataset) -> list[str] | None:
+    feat = ds.features.get(LABEL_COLUMN)
+    if isinstance(feat, datasets.ClassLabel):
+        return list(feat.names)
+    return None
+
+
+class ImageClassificationDataset(torch.utils.data.Dataset):
+    """Rows of a HF dataset as ``{"index", "label", "pixel_values"}`` with a CLIP preprocess transform."""
+
+    def __init__(self, ds: datasets.Dataset, transform, split: str, indices: list[int] | None = None) -> None:
+        self.ds = ds
+        self.transform = transform
+        self.split = split
+        self.indices = list(range(len(ds))) if indices is None else list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.indices[i]
+        item = self.ds[row]
+        img = decode_image(item[IMAGE_COLUMN], f"{self.split} row {row}")
+        return {"index": row, "label": int(item[LABEL_COLUMN]), "pixel_values": self.transform(img)}
+
+
+class FeatureDataset(torch.utils.data.Dataset):
+    """Cached image features as ``{"index", "label", "features"}`` rows."""
+
+    def __init__(self, features: torch.Tensor, labels: list[int], indices: list[int] | None = None) -> None:
+        if len(features) != len(labels):
+            raise ValueError(f"{len(features)} cached feature rows but {len(labels)} labels")
+        self.features = features
+        self.labels = labels
+        self.indices = list(range(len(labels))) if indices is None else list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.indices[i]
+        return {"index": row, "label": int(self.labels[row]), "features": self.features[row]}
