@@ -1,0 +1,52 @@
+"""Running the CLIP stage over a split with a Lightning Trainer (1..N devices), records gathered once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+
+from cascadevlm.cascade.writer import RecordPartsWriter
+from cascadevlm.clip.features import FeatureCache, split_feature_key
+from cascadevlm.clip.module import ClipClassifier
+from cascadevlm.data.datamodule import CascadeDataModule
+from cascadevlm.records import PredictionRecord
+
+
+def run_clip_stage(
+    trainer: L.Trainer, model: ClipClassifier, dm: CascadeDataModule, parts_dir: str | Path, cache_dir: str | Path
+) -> list[PredictionRecord] | None:
+    """CLIP records for every image of ``dm``'s eval split; None on ranks other than 0.
+
+    Image features come from the cache when the key matches (the image encoder is skipped);
+    otherwise they are computed and rank 0 writes them to the cache once all ranks are done.
+    """
+    dm.transform = model.preprocess
+    ds = dm.eval_dataset()
+    cache = FeatureCache(cache_dir)
+    key = split_feature_key(model.bundle, ds, f"{dm.name}/{dm.split}")
+    feats = cache.load(key)
+    loader = dm.feature_dataloader(feats) if feats is not None else dm.image_dataloader()
+    writer = RecordPartsWriter(parts_dir)
+    trainer.callbacks.append(writer)
+    try:
+        trainer.predict(model, dataloaders=loader, return_predictions=False)
+    finally:
+        trainer.callbacks.remove(writer)
+    trainer.strategy.barrier()
+    if not trainer.is_global_zero:
+        return None
+    records = writer.merged_records(trainer.world_size)
+    if len(records) != len(ds):
+        raise RuntimeError(f"CLIP stage produced {len(records)} records for {len(ds)} images")
+    if feats is None:
+        merged = writer.merged_features(trainer.world_size, len(ds))
+        if merged is not None:
+            meta = {"model": model.bundle.model_name, "weights": model.bundle.weights_id, "split": dm.split}
+            cache.save(key, merged, meta)
+    return records
+
+
+def feature_cache_hit(model: ClipClassifier, dm: CascadeDataModule, cache_dir: str | Path) -> bool:
+    key = split_feature_key(model.bundle, dm.eval_dataset(), f"{dm.name}/{dm.split}")
+    return FeatureCache(cache_dir).path(key).exists()

@@ -1,0 +1,87 @@
+"""Writes each rank's CLIP-stage outputs to part files as batches finish; rank 0 merges them once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+from cascadevlm.records import PredictionRecord, append_jsonl, dedupe_sorted, read_jsonl
+
+
+def outputs_to_records(out: dict) -> list[PredictionRecord]:
+    """Turn one predict_step output (tensors over a batch) into records."""
+    recs = []
+    for i in range(len(out["index"])):
+        ids = out["topk_ids"][i].tolist()
+        recs.append(
+            PredictionRecord(
+                index=int(out["index"][i]),
+                label=int(out["label"][i]),
+                clip_topk=ids,
+                clip_topk_probs=[float(p) for p in out["topk_probs"][i].tolist()],
+                entropy=float(out["entropy"][i]),
+                clip_pred=ids[0],
+            )
+        )
+    return recs
+
+
+class RecordPartsWriter(BasePredictionWriter):
+    """Appends records to ``<parts_dir>/clip.rank<r>.jsonl`` per batch; keeps fresh features per rank.
+
+    Features (when the batch computed them) are saved at epoch end as ``features.rank<r>.pt`` so rank 0
+    can fill the feature cache after the barrier.
+    """
+
+    def __init__(self, parts_dir: str | Path) -> None:
+        super().__init__(write_interval="batch")
+        self.parts_dir = Path(parts_dir)
+        self._feats: list[torch.Tensor] = []
+        self._idx: list[torch.Tensor] = []
+
+    def record_path(self, rank: int) -> Path:
+        return self.parts_dir / f"clip.rank{rank}.jsonl"
+
+    def feature_path(self, rank: int) -> Path:
+        return self.parts_dir / f"features.rank{rank}.pt"
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        self.parts_dir.mkdir(parents=True, exist_ok=True)
+        self.record_path(trainer.global_rank).unlink(missing_ok=True)
+        self.feature_path(trainer.global_rank).unlink(missing_ok=True)
+        self._feats, self._idx = [], []
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        append_jsonl(self.record_path(trainer.global_rank), outputs_to_records(prediction))
+        if "features" in prediction:
+            self._feats.append(prediction["features"])
+            self._idx.append(prediction["index"])
+
+    def on_predict_epoch_end(self, trainer, pl_module) -> None:
+        if self._feats:
+            torch.save(
+                {"index": torch.cat(self._idx), "features": torch.cat(self._feats)},
+                self.feature_path(trainer.global_rank),
+            )
+
+    # rank 0, after the barrier -------------------------------------------------------------------
+    def merged_records(self, world_size: int) -> list[PredictionRecord]:
+        recs = []
+        for r in range(world_size):
+            if self.record_path(r).exists():
+                recs.extend(read_jsonl(self.record_path(r)))
+        return dedupe_sorted(recs)
+
+    def merged_features(self, world_size: int, num_rows: int) -> torch.Tensor | None:
+        parts = [torch.load(self.feature_path(r)) for r in range(world_size) if self.feature_path(r).exists()]
+        if not parts:
+            return None
+        idx = torch.cat([p["index"] for p in parts])
+        feats = torch.cat([p["features"] for p in parts])
+        out = torch.zeros(num_rows, feats.shape[1])
+        seen = torch.zeros(num_rows, dtype=torch.bool)
+        out[idx] = feats  # padded duplicates write the same row twice with the same values
+        seen[idx] = True
+        return out if bool(seen.all()) else None

@@ -1,0 +1,1 @@
+"""CLIP stage: open_clip loading, zero-shot head, feature cache, adapters, the LightningModule."""

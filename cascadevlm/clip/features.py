@@ -1,0 +1,101 @@
+"""On-disk cache of image features, keyed by everything that determines them.
+
+Key parts: CLIP architecture, weights (tag or checkpoint hash), dataset fingerprint, split, number of
+rows and the preprocessing transform. Any change gives a new key, so stale features are never served.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def feature_key(
+    model_name: str, weights_id: str, dataset_fingerprint: str, split: str, num_rows: int, preprocess: str
+) -> str:
+    """A short stable hash of the parts that determine a split's image features."""
+    parts = {
+        "model": model_name,
+        "weights": weights_id,
+        "dataset": dataset_fingerprint,
+        "split": split,
+        "rows": int(num_rows),
+        "preprocess": preprocess,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def dataset_fingerprint(dataset) -> str:
+    """The Hugging Face dataset's own fingerprint (changes whenever its content or transforms change)."""
+    fp = getattr(dataset, "_fingerprint", None)
+    if not fp:
+        raise ValueError("dataset has no fingerprint; pass a datasets.Dataset")
+    return str(fp)
+
+
+class FeatureCache:
+    """Features [N, D] in row order, stored as ``<root>/<key>.safetensors`` plus a JSON of the key parts."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def path(self, key: str) -> Path:
+        return self.root / f"{key}.safetensors"
+
+    def load(self, key: str) -> torch.Tensor | None:
+        path = self.path(key)
+        if not path.exists():
+            return None
+        return load_file(str(path))["features"]
+
+    def save(self, key: str, features: torch.Tensor, meta: dict | None = None) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.path(key)
+        tmp = path.with_suffix(".tmp")
+        save_file({"features": features.detach().float().cpu().contiguous()}, str(tmp))
+        tmp.replace(path)  # atomic, so a crash never leaves a half-written cache entry
+        if meta is not None:
+            path.with_suffix(".json").write_text(json.dumps(meta, indent=1, default=str))
+        return path
+
+
+def split_feature_key(bundle, dataset, split: str) -> str:
+    """The cache key of ``dataset``'s image features under ``bundle`` (a :class:`ClipBundle`)."""
+    return feature_key(
+        bundle.model_name, bundle.weights_id, dataset_fingerprint(dataset), split, len(dataset), repr(bundle.preprocess)
+    )
+
+
+@torch.no_grad()
+def image_features(
+    bundle,
+    dataset,
+    split: str,
+    cache: FeatureCache | None = None,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
+    """Normalised image features [N, D] of every row of ``dataset``, from the cache when it has them.
+
+    A plain loop for small splits (k-shot train/val sets of the adapters); evaluation of large splits
+    goes through the Lightning module, which can use several devices and fills the same cache.
+    """
+    from cascadevlm.data.loading import ImageClassificationDataset
+
+    key = split_feature_key(bundle, dataset, split)
+    if cache is not None and (hit := cache.load(key)) is not None:
+        return hit
+    loader = torch.utils.data.DataLoader(
+        ImageClassificationDataset(dataset, bundle.preprocess, split), batch_size=batch_size, num_workers=num_workers
+    )
+    model = bundle.model.to(device)
+    feats = [model.encode_image(b["pixel_values"].to(device), normalize=True).float().cpu() for b in loader]
+    out = torch.cat(feats) if feats else torch.empty(0, bundle.embed_dim)
+    if cache is not None:
+        cache.save(key, out, {"model": bundle.model_name, "weights": bundle.weights_id, "split": split})
+    return out

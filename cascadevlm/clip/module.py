@@ -1,0 +1,126 @@
+"""The CLIP stage as a LightningModule: image -> features -> logits over all classes -> records."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from cascadevlm.clip.model import load_clip
+from cascadevlm.clip.zero_shot import build_zero_shot_head, clip_logits, entropy_from_logits, topk_probs
+
+MIN_STORED_TOPK = 5  # records keep at least the top-5, so acc5 can be computed from them
+
+
+class ClipClassifier(L.LightningModule):
+    """Zero-shot (or adapter) CLIP classification; predict/test steps emit per-image outputs.
+
+    Args:
+        model_name: open_clip architecture, e.g. ``ViT-L-14`` (or a project config for offline tests).
+        pretrained: open_clip tag (``openai``) or a local checkpoint path.
+        precision: open_clip precision for the frozen model (``fp32``, ``fp16``, ``bf16``).
+        class_names, templates: the classes and the prompt-template ensemble (linked from the data).
+        class_batch_size: classes per text-encoder forward when building the zero-shot head.
+        topk: candidates kept per image (at least 5 are stored in records).
+        adapter: path of a trained few-shot adapter (``train.py``) replacing the zero-shot head.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "cascadevlm-tiny-vit",
+        pretrained: str | None = None,
+        precision: str = "fp32",
+        class_names: list[str] | None = None,
+        templates: list[str] | None = None,
+        class_batch_size: int = 64,
+        topk: int = 5,
+        adapter: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.bundle = load_clip(model_name, pretrained, precision=precision)
+        self.clip = self.bundle.model
+        self.clip.requires_grad_(False)
+        self.class_names = list(class_names) if class_names else None
+        self.templates = list(templates) if templates else ["a photo of a {}."]
+        self.head: torch.Tensor | None = None
+        self.adapter_module: torch.nn.Module | None = None
+        self.num_classes = len(self.class_names) if self.class_names else 0
+        self.metrics = None
+        if self.class_names:
+            self.metrics = MetricCollection(
+                {
+                    "acc1": MulticlassAccuracy(self.num_classes, top_k=1, average="micro"),
+                    "acc5": MulticlassAccuracy(self.num_classes, top_k=min(5, self.num_classes), average="micro"),
+                    "mean_per_class_recall": MulticlassAccuracy(self.num_classes, average="macro"),
+                },
+                prefix="test/",
+            )
+
+    @property
+    def preprocess(self):
+        return self.bundle.preprocess
+
+    # ------------------------------------------------------------------------------------ the head
+    def ensure_head(self) -> torch.Tensor:
+        """Build the zero-shot head on the module's device (once); load the adapter if one is set."""
+        if self.head is None:
+            if not self.class_names:
+                raise ValueError("ClipClassifier has no class names: set model.class_names or link them from data")
+            self.head = build_zero_shot_head(
+                self.clip,
+                self.bundle.tokenizer,
+                self.class_names,
+                self.templates,
+                self.hparams.class_batch_size,
+                self.device,
+            )
+            if self.hparams.adapter:
+                from cascadevlm.clip.adapters import load_adapter
+
+                self.adapter_module = load_adapter(
+                    self.hparams.adapter, bundle=self.bundle, class_names=self.class_names
+                ).to(self.device)
+        self.head = self.head.to(self.device)
+        return self.head
+
+    def on_predict_start(self) -> None:
+        self.ensure_head()
+
+    def on_test_start(self) -> None:
+        self.ensure_head()
+
+    # ------------------------------------------------------------------------------------ forward
+    def encode(self, batch: dict) -> torch.Tensor:
+        if "features" in batch:
+            return batch["features"].float()
+        return self.clip.encode_image(batch["pixel_values"], normalize=True).float()
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        if self.adapter_module is not None:
+            return self.adapter_module(features).float()
+        return clip_logits(features, self.ensure_head(), self.clip.logit_scale.exp())
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.logits(self.encode(batch))
+
+    def predict_step(self, batch: dict, batch_idx: int = 0) -> dict:
+        feats = self.encode(batch)
+        logits = self.logits(feats)
+        probs, ids = topk_probs(logits, max(self.hparams.topk, MIN_STORED_TOPK))
+        out = {
+            "index": batch["index"].cpu(),
+            "label": batch["label"].cpu(),
+            "topk_ids": ids.cpu(),
+            "topk_probs": probs.cpu(),
+            "entropy": entropy_from_logits(logits).cpu(),
+        }
+        if "features" not in batch:
+            out["features"] = feats.cpu()  # freshly computed: the writer may fill the feature cache
+        return out
+
+    def test_step(self, batch: dict, batch_idx: int = 0) -> None:
+        logits = self(batch)
+        self.metrics.update(logits, batch["label"])
+        self.log_dict(self.metrics, on_epoch=True, batch_size=len(logits))

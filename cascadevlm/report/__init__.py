@@ -1,0 +1,1 @@
+"""Metrics, tables, plots and TensorBoard summaries, computed from prediction records alone."""

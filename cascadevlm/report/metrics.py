@@ -1,0 +1,49 @@
+"""Metrics from prediction records (torchmetrics functional, so the numbers match the Lightning logs)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torchmetrics.functional.classification import multiclass_accuracy
+
+from cascadevlm.records import PredictionRecord
+
+
+def _topk_scores(records: Sequence[PredictionRecord], num_classes: int) -> torch.Tensor:
+    """A score matrix holding each record's stored top-k probabilities (zeros elsewhere)."""
+    scores = torch.zeros(len(records), num_classes, dtype=torch.float64)
+    for i, r in enumerate(records):
+        scores[i, r.clip_topk] = torch.tensor(r.clip_topk_probs, dtype=torch.float64) + 1.0  # > any unstored 0
+    return scores
+
+
+def accuracy(preds: Sequence[int], labels: Sequence[int], num_classes: int, average: str = "micro") -> float:
+    if len(preds) == 0:
+        return float("nan")
+    return float(
+        multiclass_accuracy(torch.tensor(list(preds)), torch.tensor(list(labels)), num_classes, average=average)
+    )
+
+
+def classification_metrics(records: Sequence[PredictionRecord], num_classes: int) -> dict:
+    """acc1 / mean per-class recall of the final predictions, and CLIP's own acc1 / acc5.
+
+    Records with an unknown label (-1) are left out.
+    """
+    recs = [r for r in records if r.label >= 0]
+    if not recs:
+        return {"n": 0}
+    labels = [r.label for r in recs]
+    k = min(5, num_classes, min(len(r.clip_topk) for r in recs))
+    clip_acc5 = float(
+        multiclass_accuracy(_topk_scores(recs, num_classes), torch.tensor(labels), num_classes, top_k=k, average="micro")
+    )
+    return {
+        "n": len(recs),
+        "acc1": accuracy([r.final for r in recs], labels, num_classes),
+        "mean_per_class_recall": accuracy([r.final for r in recs], labels, num_classes, "macro"),
+        "clip_acc1": accuracy([r.clip_pred for r in recs], labels, num_classes),
+        f"clip_acc{k}": clip_acc5,
+        "clip_mean_per_class_recall": accuracy([r.clip_pred for r in recs], labels, num_classes, "macro"),
+    }

@@ -1,0 +1,43 @@
+"""A tiny open_clip model of a real architecture, random weights, saved as a user's checkpoint would be."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import open_clip
+import torch
+from safetensors.torch import save_file
+
+from cascadevlm.clip.model import register_model_configs
+
+TINY_CLIP = "cascadevlm-tiny-vit"
+
+
+def build_tiny_clip(out_dir: str | Path, model_name: str = TINY_CLIP, seed: int = 0) -> Path:
+    """Build ``model_name`` with seeded random weights, write ``<out_dir>/<model_name>-seed<seed>.safetensors``.
+
+    The logit scale is set to 100, CLIP's trained value, so probabilities have a realistic spread of
+    entropies. Loading goes through ``load_clip(model_name, pretrained=<path>)``, the user's route.
+    The file is reused when it already exists (same name, same seed, same weights).
+    """
+    register_model_configs()
+    path = Path(out_dir) / f"{model_name}-seed{seed}.safetensors"
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = open_clip.create_model(model_name, pretrained=None)
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(100.0))
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    tmp = path.with_suffix(".tmp")
+    save_file(state, str(tmp))
+    tmp.replace(path)  # atomic: concurrent builders (DDP ranks, test workers) never read half a file
+    return path
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(build_tiny_clip(sys.argv[1] if len(sys.argv) > 1 else "artifacts/tiny"))
