@@ -1,0 +1,165 @@
+"""Cascade prompts: an image, CLIP's candidates as lettered or named options, optional in-context turns.
+
+Wording lives in :class:`PromptConfig` (set from YAML), never in code paths. A prompt is built as a
+list of chat messages in the Hugging Face content format (``{"type": "image"}`` / ``{"type": "text"}``
+parts) plus the images in the order they appear; the transformers backend renders it with the model's
+chat template and the API backend converts it to the OpenAI wire format.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import string
+from dataclasses import dataclass, field
+from typing import Literal
+
+from PIL import Image
+
+from cascadevlm.lvlm.base import Exemplar, LVLMRequest
+
+LETTERS = string.ascii_uppercase
+
+
+@dataclass
+class PromptConfig:
+    """Everything that decides the text of a cascade prompt.
+
+    Args:
+        question: the question; ``{noun}`` is replaced by ``noun`` (e.g. "aircraft variant").
+        noun: what one class is. ``dataset`` (a registered benchmark) sets it when given.
+        dataset: a benchmark name from the registry, for dataset-aware wording.
+        options: ``letters`` ("A. Boeing 737") answered by a letter, or ``names`` answered by a name.
+        layout: the user text; fields ``{question}``, ``{options}``, ``{instruction}``.
+        letter_option / name_option: how one option line looks (``{letter}``, ``{name}``).
+        letter_instruction / name_instruction: what to answer with.
+        letter_answer / name_answer: the answer text for an option (in-context turns, scoring, LoRA).
+        shuffle: present candidates in a random order (ablation); ``shuffle_seed`` and the request's
+            image key and candidates seed the order, so a rerun shows the same order.
+        max_images: cap on images per prompt, query included; extra in-context examples are dropped.
+        system: an optional system message.
+    """
+
+    question: str = "Which of these {noun}s is shown in the image?"
+    noun: str = "object"
+    dataset: str | None = None
+    options: Literal["letters", "names"] = "letters"
+    layout: str = "{question}\nOptions:\n{options}\n{instruction}"
+    letter_option: str = "{letter}. {name}"
+    name_option: str = "- {name}"
+    letter_instruction: str = "Answer with the option's letter."
+    name_instruction: str = "Answer with the option's name."
+    letter_answer: str = "{letter}"
+    name_answer: str = "{name}"
+    shuffle: bool = False
+    shuffle_seed: int = 0
+    max_images: int = 8
+    system: str | None = None
+
+    def resolved_noun(self) -> str:
+        if self.dataset:
+            from cascadevlm.data.registry import get_benchmark
+
+            return get_benchmark(self.dataset).noun
+        return self.noun
+
+
+@dataclass
+class Prompt:
+    """A rendered-ready prompt and how its displayed options map back to the request's candidates.
+
+    ``order[d]`` is the candidate position shown as option ``d``; ``answers[d]`` is option ``d``'s answer
+    text and ``labels[d]`` the label a reader sees (a letter, or the name).
+    """
+
+    messages: list[dict]
+    images: list[Image.Image]
+    order: list[int]
+    options: list[str]  # displayed names, in display order
+    answers: list[str]
+    style: str
+    examples: list[Exemplar] = field(default_factory=list)
+
+    def candidate_of(self, display: int) -> int:
+        return self.order[display]
+
+    def display_of(self, candidate: int) -> int:
+        return self.order.index(candidate)
+
+
+def option_order(request: LVLMRequest, config: PromptConfig) -> list[int]:
+    """Display order of the candidates: CLIP's order, or a reproducible shuffle."""
+    order = list(range(len(request.candidates)))
+    if config.shuffle:
+        seed_text = f"{config.shuffle_seed}|{request.key or ''}|{'|'.join(request.candidates)}"
+        seed = int.from_bytes(hashlib.sha256(seed_text.encode()).digest()[:8], "big")
+        random.Random(seed).shuffle(order)
+    return order
+
+
+def answer_text(config: PromptConfig, display: int, name: str) -> str:
+    """The answer for option ``display`` (a letter or a name, per ``config.options``)."""
+    fmt = config.letter_answer if config.options == "letters" else config.name_answer
+    return fmt.format(letter=LETTERS[display], name=name)
+
+
+def user_text(config: PromptConfig, names: list[str]) -> str:
+    """The user turn's text for options ``names`` (in display order)."""
+    if config.options == "letters":
+        if len(names) > len(LETTERS):
+            raise ValueError(f"{len(names)} candidates but lettered options stop at {len(LETTERS)}")
+        lines = [config.letter_option.format(letter=LETTERS[i], name=n) for i, n in enumerate(names)]
+        instruction = config.letter_instruction
+    else:
+        lines = [config.name_option.format(name=n) for n in names]
+        instruction = config.name_instruction
+    question = config.question.format(noun=config.resolved_noun())
+    return config.layout.format(question=question, options="\n".join(lines), instruction=instruction).strip()
+
+
+def _user_message(text: str) -> dict:
+    return {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}
+
+
+def _assistant_message(text: str) -> dict:
+    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+
+
+def build_prompt(request: LVLMRequest, config: PromptConfig) -> Prompt:
+    """Messages for ``request``: optional system turn, one (user, assistant) turn per in-context example
+    (same options, answered with the example's class), then the query image with its options."""
+    if not request.candidates:
+        raise ValueError("an LVLM request needs at least one candidate class name")
+    order = option_order(request, config)
+    names = [request.candidates[c] for c in order]
+    answers = [answer_text(config, d, n) for d, n in enumerate(names)]
+    text = user_text(config, names)
+    examples = list(request.examples)[: max(config.max_images - 1, 0)]
+
+    messages: list[dict] = []
+    if config.system:
+        messages.append({"role": "system", "content": [{"type": "text", "text": config.system}]})
+    images: list[Image.Image] = []
+    folded = [n.casefold() for n in names]
+    for ex in examples:
+        name = ex.class_name
+        # An example's class is normally one of the options; otherwise it is answered by name.
+        shown = folded.index(name.casefold()) if name.casefold() in folded else None
+        reply = answers[shown] if shown is not None else name
+        messages += [_user_message(text), _assistant_message(reply)]
+        images.append(ex.image)
+    messages.append(_user_message(text))
+    images.append(request.image)
+    return Prompt(
+        messages=messages,
+        images=[_rgb(im) for im in images],
+        order=order,
+        options=names,
+        answers=answers,
+        style=config.options,
+        examples=examples,
+    )
+
+
+def _rgb(image: Image.Image) -> Image.Image:
+    return image if image.mode == "RGB" else image.convert("RGB")

@@ -1,0 +1,264 @@
+"""Local Hugging Face LVLMs: any model ``AutoModelForImageTextToText`` + ``AutoProcessor`` load with a chat
+template (LLaVA, Qwen2-VL / Qwen2.5-VL, Idefics3 / SmolVLM, ...), optionally with a peft LoRA adapter.
+
+Two answer modes:
+
+* ``score``: the log-likelihood of each option's answer (its letter or name, then the chat template's
+  end-of-turn) after the prompt; every option of a batch in one shared-prompt forward (see
+  :mod:`cascadevlm.lvlm.scoring`). The highest score wins; nothing is parsed.
+* ``generate``: greedy generation, then :func:`cascadevlm.lvlm.parsing.parse_answer`; an unparseable
+  answer falls back to the request's fallback (CLIP's top-1) and says so.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from cascadevlm.lvlm.base import LVLMAnswer, LVLMBackend, LVLMRequest
+from cascadevlm.lvlm.parsing import UNPARSEABLE, parse_answer
+from cascadevlm.lvlm.prompts import Prompt, PromptConfig, build_prompt
+from cascadevlm.lvlm.scoring import forward_inputs, score_candidates
+
+_SENTINEL = "\u2063ANSWER\u2063"
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto``: bfloat16 on a GPU that supports it, float32 otherwise; or a torch dtype name."""
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    value = getattr(torch, dtype, None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"dtype {dtype!r} is not a torch dtype; expected auto, float32, bfloat16 or float16")
+    return value
+
+
+def load_model_and_processor(
+    model: str,
+    dtype: str = "auto",
+    device: str = "auto",
+    lora_path: str | None = None,
+    merge_lora: bool = True,
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+):
+    """The model (eval mode, on ``device``, with the LoRA adapter if given) and its processor."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    dev = resolve_device(device)
+    kwargs = {"dtype": resolve_dtype(dtype, dev), "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    net = AutoModelForImageTextToText.from_pretrained(model, **kwargs)
+    if lora_path:
+        from peft import PeftModel
+
+        net = PeftModel.from_pretrained(net, lora_path)
+        if merge_lora:
+            net = net.merge_and_unload()
+    processor = AutoProcessor.from_pretrained(model, trust_remote_code=trust_remote_code)
+    if getattr(processor, "chat_template", None) is None and getattr(
+        processor.tokenizer, "chat_template", None
+    ):
+        processor.chat_template = processor.tokenizer.chat_template
+    if getattr(processor, "chat_template", None) is None:
+        raise ValueError(f"model {model!r} has no chat template; the LVLM stage needs one to build prompts")
+    processor.tokenizer.padding_side = "left"
+    if processor.tokenizer.pad_token is None:
+        processor.tokenizer.pad_token = processor.tokenizer.eos_token
+    return net.to(dev).eval(), processor
+
+
+class ChatEncoder:
+    """Renders cascade prompts with a processor's chat template and tokenizes answers consistently.
+
+    The answer's surroundings (e.g. ``" "`` before and ``"</s>"`` after for LLaVA, ``"<|im_end|>"``
+    after for ChatML) are read off the chat template once, so scoring and LoRA training see exactly the
+    tokens the model would produce as its reply.
+    """
+
+    def __init__(self, processor) -> None:
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        probe = [{"role": "user", "content": [{"type": "text", "text": "x"}]}]
+        prompt = self.render(probe)
+        full = processor.apply_chat_template(
+            [*probe, {"role": "assistant", "content": [{"type": "text", "text": _SENTINEL}]}], tokenize=False
+        )
+        if full.startswith(prompt) and _SENTINEL in full:
+            before, after = full[len(prompt) :].split(_SENTINEL, 1)
+            self.answer_prefix, self.answer_suffix = before, after.rstrip()
+        else:  # templates that rewrite earlier turns: the answer alone, then end of sequence
+            self.answer_prefix, self.answer_suffix = "", self.tokenizer.eos_token or ""
+
+    def render(self, messages: list[dict]) -> str:
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def answer_ids(self, answer: str) -> list[int]:
+        text = f"{self.answer_prefix}{answer}{self.answer_suffix}"
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def encode(self, prompts: list[Prompt], device: torch.device | None = None):
+        """Processor outputs for a batch of prompts, left-padded, images in order of appearance."""
+        texts = [self.render(p.messages) for p in prompts]
+        images = [im for p in prompts for im in p.images]
+        # Chat templates already insert BOS where the model wants it.
+        inputs = self.processor(
+            text=texts, images=images, padding=True, return_tensors="pt", add_special_tokens=False
+        )
+        return inputs.to(device) if device is not None else inputs
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+
+class TransformersBackend(LVLMBackend):
+    """A local LVLM choosing among candidates.
+
+    Args:
+        model: a model directory or hub id loadable with ``AutoModelForImageTextToText``.
+        mode: ``score`` (candidate log-likelihoods) or ``generate`` (generate, then parse).
+        prompt: prompt wording and options (see :class:`PromptConfig`).
+        dtype: ``auto`` (bfloat16 on GPUs that have it, else float32), ``float32``, ``bfloat16``, ...
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``, ...
+        batch_size: requests per forward.
+        max_new_tokens: generation length in ``generate`` mode.
+        length_norm: in ``score`` mode, rank by mean instead of summed log-probability per token
+            (fairer between names of different lengths).
+        lora_path: a peft LoRA adapter directory to apply on top of ``model``.
+        merge_lora: merge the adapter into the weights after loading (faster inference).
+        attn_implementation: e.g. ``sdpa`` or ``flash_attention_2``; the model's default when None.
+        trust_remote_code: passed to ``from_pretrained``.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        mode: Literal["score", "generate"] = "score",
+        prompt: PromptConfig | None = None,
+        dtype: str = "auto",
+        device: str = "auto",
+        batch_size: int = 8,
+        max_new_tokens: int = 16,
+        length_norm: bool = False,
+        lora_path: str | None = None,
+        merge_lora: bool = True,
+        attn_implementation: str | None = None,
+        trust_remote_code: bool = False,
+    ) -> None:
+        if mode not in ("score", "generate"):
+            raise ValueError(f"mode must be 'score' or 'generate', got {mode!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model_name = model
+        self.mode = mode
+        self.prompt = prompt or PromptConfig()
+        self.dtype = dtype
+        self.device = device
+        self.batch_size = batch_size
+        self.max_new_tokens = max_new_tokens
+        self.length_norm = length_norm
+        self.lora_path = lora_path
+        self.merge_lora = merge_lora
+        self.attn_implementation = attn_implementation
+        self.trust_remote_code = trust_remote_code
+        self._net = None
+        self._encoder: ChatEncoder | None = None
+        self._calls = 0
+
+    # ------------------------------------------------------------------------------------------ loading
+    def load(self) -> TransformersBackend:
+        """Load the model now (otherwise it loads on the first :meth:`choose`)."""
+        if self._net is None:
+            self._net, processor = load_model_and_processor(
+                self.model_name,
+                dtype=self.dtype,
+                device=self.device,
+                lora_path=self.lora_path,
+                merge_lora=self.merge_lora,
+                attn_implementation=self.attn_implementation,
+                trust_remote_code=self.trust_remote_code,
+            )
+            self._encoder = ChatEncoder(processor)
+        return self
+
+    @property
+    def net(self) -> torch.nn.Module:
+        return self.load()._net
+
+    @property
+    def encoder(self) -> ChatEncoder:
+        return self.load()._encoder
+
+    @property
+    def torch_device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    # ------------------------------------------------------------------------------------------ choosing
+    def choose(self, requests: list[LVLMRequest]) -> list[LVLMAnswer]:
+        answers: list[LVLMAnswer] = []
+        for start in range(0, len(requests), self.batch_size):
+            chunk = requests[start : start + self.batch_size]
+            prompts = [build_prompt(r, self.prompt) for r in chunk]
+            if self.mode == "score":
+                answers += self._score(chunk, prompts)
+            else:
+                answers += self._generate(chunk, prompts)
+            self._calls += len(chunk)
+        return answers
+
+    def score(self, requests: list[LVLMRequest]) -> list[list[float]]:
+        """Per-candidate log-likelihoods (in each request's candidate order), whatever ``mode`` is."""
+        out = []
+        for start in range(0, len(requests), self.batch_size):
+            chunk = requests[start : start + self.batch_size]
+            out += [a.scores for a in self._score(chunk, [build_prompt(r, self.prompt) for r in chunk])]
+        return out
+
+    def _score(self, requests: list[LVLMRequest], prompts: list[Prompt]) -> list[LVLMAnswer]:
+        enc = self.encoder
+        inputs = enc.encode(prompts, self.torch_device)
+        answer_ids = [[enc.answer_ids(a) for a in p.answers] for p in prompts]
+        shown = score_candidates(self.net, inputs, answer_ids, enc.pad_id, length_norm=self.length_norm)
+        out = []
+        for p, s in zip(prompts, shown, strict=True):
+            scores = [0.0] * len(s)
+            for d, value in enumerate(s):
+                scores[p.candidate_of(d)] = value
+            best = max(range(len(scores)), key=scores.__getitem__)
+            out.append(LVLMAnswer(choice=best, raw="", scores=scores))
+        return out
+
+    @torch.inference_mode()
+    def _generate(self, requests: list[LVLMRequest], prompts: list[Prompt]) -> list[LVLMAnswer]:
+        enc = self.encoder
+        inputs = enc.encode(prompts, self.torch_device)
+        kwargs = forward_inputs(self.net, inputs)
+        kwargs.pop("position_ids", None)  # generate derives positions from the attention mask itself
+        generated = self.net.generate(
+            **kwargs,
+            max_new_tokens=self.max_new_tokens,
+            do_sample=False,
+            pad_token_id=enc.pad_id,
+        )
+        texts = enc.tokenizer.batch_decode(
+            generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+        )
+        out = []
+        for req, p, text in zip(requests, prompts, texts, strict=True):
+            shown = parse_answer(text, p.options, p.style)
+            if shown is None:
+                out.append(LVLMAnswer(choice=req.fallback, raw=text, fallback=UNPARSEABLE))
+            else:
+                out.append(LVLMAnswer(choice=p.candidate_of(shown), raw=text))
+        return out

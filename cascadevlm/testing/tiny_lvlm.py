@@ -1,0 +1,246 @@
+"""Tiny, randomly initialised LVLMs of real architectures (LLaVA, Qwen2-VL), built offline.
+
+Each builder writes a complete Hugging Face model directory (config, safetensors weights, a byte-level
+BPE tokenizer trained here with ``tokenizers``, a chat template, an image processor and a processor), so
+``AutoModelForImageTextToText.from_pretrained(d)`` and ``AutoProcessor.from_pretrained(d)`` load it like
+any hub checkpoint. Images are 28-56 pixels and give 4 image tokens, so a CPU forward takes milliseconds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# Words the tokenizer is trained on: prompt wording, option letters, and the class names used in tests.
+_CORPUS = [
+    "Which of these objects is shown in the image? Answer with the letter of the correct option.",
+    "Which of these aircraft variants is shown in the image? Answer with the name of the correct option.",
+    "Options: A. astronaut B. cat C. coffee D. rocket E. camera F. horse G. coins H. galaxy",
+    "I. china J. flower K. portrait L. Boeing 737-800 M. Airbus A320 N. Cessna 172",
+    "The answer is B. It looks like a cat. This is a photo of a horse, a flower and a rocket.",
+    "Here is an example image of a coffee cup. The correct option is the camera.",
+    "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 .,:;!?()-'\" \n",
+    "USER: ASSISTANT: system user assistant",
+]
+
+# Special tokens both tiny models know: LLaVA's, ChatML's and Qwen2-VL's vision tokens.
+_SPECIAL = [
+    "<s>",
+    "</s>",
+    "<pad>",
+    "<image>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+# LLaVA-1.5 style: "USER: <image>\n{question} ASSISTANT: {answer}</s>".
+_LLAVA_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}"
+    "{{ message['content'] if message['content'] is string else message['content'][0]['text'] }}{{ '\n' }}"
+    "{%- else -%}"
+    "{{ (message['role'] | upper) + ': ' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{{ '<image>\n' }}"
+    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- if message['role'] == 'assistant' -%}{{ eos_token }}{%- else -%}{{ ' ' }}{%- endif -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
+)
+
+_CHATML_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{ '<|im_end|>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
+)
+
+
+def _train_tokenizer(vocab_size: int = 600):
+    """A byte-level BPE tokenizer trained on a few prompt sentences, wrapped for transformers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=_SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=4096)
+
+
+def _finish_tokenizer(tokenizer, bos: str, eos: str, pad: str, template: str):
+    tokenizer.bos_token = bos
+    tokenizer.eos_token = eos
+    tokenizer.pad_token = pad
+    tokenizer.padding_side = "left"
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def _save_generation_config(model, tokenizer, eos: str) -> None:
+    from transformers import GenerationConfig
+
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.convert_tokens_to_ids(eos),
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
+    )
+
+
+def build_tiny_llava(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write a tiny ``LlavaForConditionalGeneration`` (CLIP vision tower + Llama) and its processor.
+
+    28x28 images, 14-pixel patches: 4 image tokens per image (the CLS token is dropped).
+    """
+    import torch
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    out_dir = Path(out_dir)
+    tokenizer = _finish_tokenizer(_train_tokenizer(), "<s>", "</s>", "<pad>", _LLAVA_TEMPLATE)
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+        projection_dim=32,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=4,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    _save_generation_config(model, tokenizer, "</s>")
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": 28},
+        crop_size={"height": 28, "width": 28},
+        do_center_crop=True,
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=_LLAVA_TEMPLATE,
+    )
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
+def build_tiny_qwen2vl(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write a tiny ``Qwen2VLForConditionalGeneration`` and its processor (ChatML chat template).
+
+    Images are resized to 56x56 at most: a 4x4 grid of 14-pixel patches, merged 2x2 into 4 image tokens.
+    """
+    import torch
+    from transformers import (
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    out_dir = Path(out_dir)
+    tokenizer = _finish_tokenizer(
+        _train_tokenizer(), "<|endoftext|>", "<|im_end|>", "<|endoftext|>", _CHATML_TEMPLATE
+    )
+    ids = tokenizer.convert_tokens_to_ids
+    config = Qwen2VLConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 1024,
+            # head_dim 16 -> 8 rotary frequencies split over (time, height, width)
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": ids("<|im_end|>"),
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+        vision_config={
+            "depth": 1,
+            "embed_dim": 32,
+            "hidden_size": 64,
+            "num_heads": 2,
+            "mlp_ratio": 2,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+        },
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+    )
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(config).eval()
+    _save_generation_config(model, tokenizer, "<|im_end|>")
+    pixels = {"shortest_edge": 28 * 28, "longest_edge": 56 * 56}
+    processor = Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(
+            size=pixels, patch_size=14, merge_size=2, temporal_patch_size=2
+        ),
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(
+            size=pixels, patch_size=14, merge_size=2, temporal_patch_size=2
+        ),
+        chat_template=_CHATML_TEMPLATE,
+    )
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
+BUILDERS = {"llava": build_tiny_llava, "qwen2vl": build_tiny_qwen2vl}

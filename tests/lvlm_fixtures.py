@@ -1,0 +1,58 @@
+"""Shared fixtures for the LVLM tests: tiny LLaVA / Qwen2-VL directories built once per session.
+
+Import the fixtures by name into a test module (``from lvlm_fixtures import llava_dir``).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from cascadevlm.testing.images import sample_photos
+from cascadevlm.testing.tiny_lvlm import build_tiny_llava, build_tiny_qwen2vl
+
+# Class names for the sample photos: the k-shot "dataset" of the LVLM tests.
+PHOTO_CLASSES = {
+    "astronaut": "astronaut",
+    "chelsea": "cat",
+    "coffee": "coffee",
+    "rocket": "rocket",
+    "camera": "camera",
+    "horse": "horse",
+    "coins": "coins",
+    "hubble_deep_field": "galaxy",
+    "china": "china",
+    "flower": "flower",
+    "grace_hopper": "portrait",
+}
+
+
+@pytest.fixture(scope="session")
+def photos():
+    """Real photos by class name, RGB."""
+    return {PHOTO_CLASSES[k]: v.convert("RGB") for k, v in sample_photos().items()}
+
+
+@pytest.fixture(scope="session")
+def llava_dir(tmp_path_factory):
+    return build_tiny_llava(tmp_path_factory.mktemp("tiny_llava"))
+
+
+@pytest.fixture(scope="session")
+def qwen2vl_dir(tmp_path_factory):
+    return build_tiny_qwen2vl(tmp_path_factory.mktemp("tiny_qwen2vl"))
+
+
+@pytest.fixture(scope="session", params=["llava", "qwen2vl"])
+def tiny_lvlm_dir(request):
+    """Each tiny architecture in turn."""
+    return request.getfixturevalue(f"{request.param}_dir")
+
+
+def disable_hf_progress() -> None:
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
+disable_hf_progress()

@@ -1,0 +1,140 @@
+"""Candidate scoring and generation with tiny LLaVA / Qwen2-VL models (cascadevlm/lvlm/scoring.py,
+cascadevlm/lvlm/transformers_backend.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lvlm_fixtures import llava_dir, photos, qwen2vl_dir, tiny_lvlm_dir  # noqa: F401
+
+from cascadevlm.lvlm.base import Exemplar, LVLMRequest
+from cascadevlm.lvlm.prompts import PromptConfig, build_prompt
+from cascadevlm.lvlm.transformers_backend import TransformersBackend
+
+
+def _requests(photos):  # noqa: F811
+    """Five requests with 2-4 candidates (different prompt and answer lengths) and one in-context turn."""
+    names = sorted(photos)
+    reqs = []
+    for i, true in enumerate(["cat", "horse", "rocket", "flower", "coffee"]):
+        others = [n for n in names if n != true]
+        cands = [true, *others[i : i + 1 + i % 3]]
+        reqs.append(LVLMRequest(image=photos[true], candidates=cands, fallback=0, key=f"img{i}"))
+    reqs[1].candidates = ["horse", "Boeing 737-800 (winglets)", "cat"]  # a long multi-token name
+    reqs[3].examples = [Exemplar(photos["astronaut"], reqs[3].candidates[1])]
+    return reqs
+
+
+def _hand_logprob(backend: TransformersBackend, request: LVLMRequest, candidate: int) -> float:
+    """log p(answer tokens | prompt) from one unbatched, uncached forward over prompt + answer."""
+    enc = backend.encoder
+    prompt = build_prompt(request, backend.prompt)
+    text = enc.render(prompt.messages)
+    inputs = enc.processor(text=[text], images=prompt.images, return_tensors="pt", add_special_tokens=False)
+    answer = enc.answer_ids(prompt.answers[prompt.display_of(candidate)])
+    n = inputs["input_ids"].shape[1]
+    inputs["input_ids"] = torch.cat([inputs["input_ids"], torch.tensor([answer])], 1)
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    if "mm_token_type_ids" in inputs:
+        inputs["mm_token_type_ids"] = torch.cat(
+            [inputs["mm_token_type_ids"], torch.zeros((1, len(answer)), dtype=torch.long)], 1
+        )
+    with torch.no_grad():
+        logits = backend.net(**inputs).logits[0]
+    logp = torch.log_softmax(logits.double(), -1)
+    return sum(float(logp[n - 1 + j, tok]) for j, tok in enumerate(answer))
+
+
+@pytest.mark.parametrize("options,shuffle", [("letters", False), ("names", True)])
+def test_scores_equal_hand_computed_logprobs(tiny_lvlm_dir, photos, options, shuffle):  # noqa: F811
+    prompt = PromptConfig(options=options, shuffle=shuffle, shuffle_seed=3)
+    backend = TransformersBackend(str(tiny_lvlm_dir), prompt=prompt, device="cpu", batch_size=8)
+    reqs = _requests(photos)
+    answers = backend.choose(reqs)
+    assert backend.calls == len(reqs)
+    for req, ans in zip(reqs, answers, strict=True):
+        hand = [_hand_logprob(backend, req, c) for c in range(len(req.candidates))]
+        assert ans.scores == pytest.approx(hand, abs=2e-4)
+        assert ans.choice == max(range(len(hand)), key=hand.__getitem__)
+        assert ans.raw == "" and ans.fallback is None
+    if shuffle:  # the shuffle really reorders some prompts, and scores still map back to candidates
+        assert any(build_prompt(r, prompt).order != list(range(len(r.candidates))) for r in reqs)
+
+
+def test_batched_scores_equal_one_by_one(tiny_lvlm_dir, photos):  # noqa: F811
+    backend = TransformersBackend(str(tiny_lvlm_dir), device="cpu", batch_size=8)
+    reqs = _requests(photos)
+    batched = backend.choose(reqs)
+    single = [backend.choose([r])[0] for r in reqs]
+    for b, s in zip(batched, single, strict=True):
+        assert b.scores == pytest.approx(s.scores, abs=1e-4)
+        assert b.choice == s.choice
+
+
+def test_length_norm_divides_by_answer_tokens(llava_dir, photos):  # noqa: F811
+    reqs = _requests(photos)[1:2]
+    plain = TransformersBackend(str(llava_dir), device="cpu", prompt=PromptConfig(options="names"))
+    normed = TransformersBackend(
+        str(llava_dir), device="cpu", prompt=PromptConfig(options="names"), length_norm=True
+    )
+    sums, means = plain.score(reqs)[0], normed.score(reqs)[0]
+    lengths = [len(plain.encoder.answer_ids(c)) for c in reqs[0].candidates]
+    assert len(set(lengths)) > 1
+    assert means == pytest.approx([s / n for s, n in zip(sums, lengths, strict=True)], abs=1e-5)
+
+
+def _force_tokens(backend: TransformersBackend, texts: list[str]):
+    """Make the LM head emit the tokens of ``texts`` in order (one per generation step), then EOS."""
+    tok = backend.encoder.tokenizer
+    plan = [t for text in texts for t in tok(text, add_special_tokens=False)["input_ids"]]
+    plan.append(backend.net.generation_config.eos_token_id)
+    step = {"n": 0}
+
+    def hook(module, args, output):
+        target = plan[min(step["n"], len(plan) - 1)]
+        step["n"] += 1
+        output = output.clone()
+        output[..., target] += 1e4
+        return output
+
+    return backend.net.get_output_embeddings().register_forward_hook(hook)
+
+
+@pytest.mark.parametrize(
+    "answer,expected", [(" B", "display1"), ("The answer is horse.", "horse"), (" ???", None)]
+)
+def test_generate_mode_parses_and_maps_back(tiny_lvlm_dir, photos, answer, expected):  # noqa: F811
+    prompt = PromptConfig(shuffle=True, shuffle_seed=1)
+    backend = TransformersBackend(
+        str(tiny_lvlm_dir), mode="generate", prompt=prompt, device="cpu", max_new_tokens=12
+    )
+    req = LVLMRequest(
+        image=photos["horse"], candidates=["cat", "horse", "rocket", "coffee"], fallback=2, key="h"
+    )
+    handle = _force_tokens(backend, [answer])
+    try:
+        (ans,) = backend.choose([req])
+    finally:
+        handle.remove()
+    assert ans.raw.strip() == answer.strip()
+    if expected is None:
+        assert (ans.choice, ans.fallback) == (2, "unparseable")
+    elif expected == "display1":
+        assert ans.choice == build_prompt(req, prompt).order[1] and ans.fallback is None
+    else:
+        assert req.candidates[ans.choice] == expected and ans.fallback is None
+
+
+def test_generate_batched_equals_one_by_one_and_falls_back(tiny_lvlm_dir, photos):  # noqa: F811
+    backend = TransformersBackend(str(tiny_lvlm_dir), mode="generate", device="cpu", max_new_tokens=6)
+    reqs = _requests(photos)
+    for i, r in enumerate(reqs):
+        r.fallback = i % len(r.candidates)
+    batched = backend.choose(reqs)
+    single = [backend.choose([r])[0] for r in reqs]
+    assert [a.raw for a in batched] == [a.raw for a in single]
+    assert backend.calls == 2 * len(reqs)
+    for r, a in zip(reqs, batched, strict=True):  # random weights: gibberish, never a crash
+        assert 0 <= a.choice < len(r.candidates)
+        if a.fallback == "unparseable":
+            assert a.choice == r.fallback
