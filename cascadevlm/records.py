@@ -113,4 +113,3 @@ def read_records(path: str | Path) -> list[PredictionRecord]:
     if path.suffix == ".parquet":
         return [PredictionRecord(**row) for row in pq.read_table(path).to_pylist()]
     return read_jsonl(path)
-

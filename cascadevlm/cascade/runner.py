@@ -14,7 +14,11 @@ from cascadevlm.records import PredictionRecord
 
 
 def run_clip_stage(
-    trainer: L.Trainer, model: ClipClassifier, dm: CascadeDataModule, parts_dir: str | Path, cache_dir: str | Path
+    trainer: L.Trainer,
+    model: ClipClassifier,
+    dm: CascadeDataModule,
+    parts_dir: str | Path,
+    cache_dir: str | Path,
 ) -> list[PredictionRecord] | None:
     """CLIP records for every image of ``dm``'s eval split; None on ranks other than 0.
 

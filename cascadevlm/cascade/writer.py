@@ -53,7 +53,9 @@ class RecordPartsWriter(BasePredictionWriter):
         self.feature_path(trainer.global_rank).unlink(missing_ok=True)
         self._feats, self._idx = [], []
 
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+    def write_on_batch_end(
+        self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0
+    ):
         append_jsonl(self.record_path(trainer.global_rank), outputs_to_records(prediction))
         if "features" in prediction:
             self._feats.append(prediction["features"])

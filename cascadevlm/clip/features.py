@@ -66,7 +66,12 @@ class FeatureCache:
 def split_feature_key(bundle, dataset, split: str) -> str:
     """The cache key of ``dataset``'s image features under ``bundle`` (a :class:`ClipBundle`)."""
     return feature_key(
-        bundle.model_name, bundle.weights_id, dataset_fingerprint(dataset), split, len(dataset), repr(bundle.preprocess)
+        bundle.model_name,
+        bundle.weights_id,
+        dataset_fingerprint(dataset),
+        split,
+        len(dataset),
+        repr(bundle.preprocess),
     )
 
 
@@ -91,7 +96,9 @@ def image_features(
     if cache is not None and (hit := cache.load(key)) is not None:
         return hit
     loader = torch.utils.data.DataLoader(
-        ImageClassificationDataset(dataset, bundle.preprocess, split), batch_size=batch_size, num_workers=num_workers
+        ImageClassificationDataset(dataset, bundle.preprocess, split),
+        batch_size=batch_size,
+        num_workers=num_workers,
     )
     model = bundle.model.to(device)
     feats = [model.encode_image(b["pixel_values"].to(device), normalize=True).float().cpu() for b in loader]

@@ -63,13 +63,18 @@ class ClipBundle:
 
     @property
     def embed_dim(self) -> int:
-        return int(self.model.text_projection.shape[1]) if hasattr(self.model, "text_projection") else int(
-            self.model.visual.output_dim
+        return (
+            int(self.model.text_projection.shape[1])
+            if hasattr(self.model, "text_projection")
+            else int(self.model.visual.output_dim)
         )
 
 
 def load_clip(
-    model_name: str, pretrained: str | None = None, device: str | torch.device = "cpu", precision: str = "fp32"
+    model_name: str,
+    pretrained: str | None = None,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
 ) -> ClipBundle:
     """Create an open_clip model, its eval transform and tokenizer.
 

@@ -52,7 +52,9 @@ class ClipClassifier(L.LightningModule):
             self.metrics = MetricCollection(
                 {
                     "acc1": MulticlassAccuracy(self.num_classes, top_k=1, average="micro"),
-                    "acc5": MulticlassAccuracy(self.num_classes, top_k=min(5, self.num_classes), average="micro"),
+                    "acc5": MulticlassAccuracy(
+                        self.num_classes, top_k=min(5, self.num_classes), average="micro"
+                    ),
                     "mean_per_class_recall": MulticlassAccuracy(self.num_classes, average="macro"),
                 },
                 prefix="test/",
@@ -67,7 +69,9 @@ class ClipClassifier(L.LightningModule):
         """Build the zero-shot head on the module's device (once); load the adapter if one is set."""
         if self.head is None:
             if not self.class_names:
-                raise ValueError("ClipClassifier has no class names: set model.class_names or link them from data")
+                raise ValueError(
+                    "ClipClassifier has no class names: set model.class_names or link them from data"
+                )
             self.head = build_zero_shot_head(
                 self.clip,
                 self.bundle.tokenizer,

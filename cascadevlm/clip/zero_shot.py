@@ -51,7 +51,9 @@ def build_zero_shot_head(
     return torch.cat(rows).float()
 
 
-def clip_logits(image_features: torch.Tensor, head: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:
+def clip_logits(
+    image_features: torch.Tensor, head: torch.Tensor, logit_scale: torch.Tensor | float
+) -> torch.Tensor:
     """Scaled cosine similarities [N, C] of normalised image features [N, D] with a head [C, D]."""
     feats = F.normalize(image_features.float(), dim=-1)
     return float(logit_scale) * feats @ head.float().T

@@ -124,7 +124,9 @@ class CascadeDataModule(L.LightningDataModule):
         k = self.shots if shots is None else shots
         s = self.seed if seed is None else seed
         if self.train_split not in self.dsd:
-            raise ValueError(f"dataset {self.name!r} has no split {self.train_split!r} to draw k-shot images from")
+            raise ValueError(
+                f"dataset {self.name!r} has no split {self.train_split!r} to draw k-shot images from"
+            )
         return load_or_create_kshot(
             self.splits_dir, self.labels(self.train_split), k, s, self.name, len(self.class_names)
         )
@@ -135,7 +137,9 @@ class CascadeDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------------------------- dataloaders
     def image_dataloader(self, indices: list[int] | None = None) -> torch.utils.data.DataLoader:
         if self.transform is None:
-            raise RuntimeError("no image transform set: the CLIP stage sets data.transform to its preprocessing")
+            raise RuntimeError(
+                "no image transform set: the CLIP stage sets data.transform to its preprocessing"
+            )
         ds = ImageClassificationDataset(self.eval_dataset(), self.transform, self.split, indices)
         return self._loader(ds)
 

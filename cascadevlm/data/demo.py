@@ -69,7 +69,9 @@ def build_fashion_mnist(out_dir: str | Path, raw_dir: str | Path = DEBIAN_DIR) -
     train_rows, val_rows = _split_val(tr_x, tr_y)
 
     def make(x: np.ndarray, y: np.ndarray) -> datasets.Dataset:
-        return datasets.Dataset.from_dict({"image": list(x), "label": y.astype(int).tolist()}, features=_features())
+        return datasets.Dataset.from_dict(
+            {"image": list(x), "label": y.astype(int).tolist()}, features=_features()
+        )
 
     dd = datasets.DatasetDict(
         {

@@ -47,8 +47,16 @@ class BenchmarkSpec:
 FASHION_MNIST = BenchmarkSpec(
     name="fashion_mnist",
     class_names=(
-        "t-shirt", "trouser", "pullover", "dress", "coat",
-        "sandal", "shirt", "sneaker", "bag", "ankle boot",
+        "t-shirt",
+        "trouser",
+        "pullover",
+        "dress",
+        "coat",
+        "sandal",
+        "shirt",
+        "sneaker",
+        "bag",
+        "ankle boot",
     ),  # fmt: skip
     templates=(
         "a photo of a {}.",

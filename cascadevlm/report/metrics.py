@@ -14,7 +14,9 @@ def _topk_scores(records: Sequence[PredictionRecord], num_classes: int) -> torch
     """A score matrix holding each record's stored top-k probabilities (zeros elsewhere)."""
     scores = torch.zeros(len(records), num_classes, dtype=torch.float64)
     for i, r in enumerate(records):
-        scores[i, r.clip_topk] = torch.tensor(r.clip_topk_probs, dtype=torch.float64) + 1.0  # > any unstored 0
+        scores[i, r.clip_topk] = (
+            torch.tensor(r.clip_topk_probs, dtype=torch.float64) + 1.0
+        )  # > any unstored 0
     return scores
 
 
@@ -22,7 +24,9 @@ def accuracy(preds: Sequence[int], labels: Sequence[int], num_classes: int, aver
     if len(preds) == 0:
         return float("nan")
     return float(
-        multiclass_accuracy(torch.tensor(list(preds)), torch.tensor(list(labels)), num_classes, average=average)
+        multiclass_accuracy(
+            torch.tensor(list(preds)), torch.tensor(list(labels)), num_classes, average=average
+        )
     )
 
 
@@ -37,7 +41,9 @@ def classification_metrics(records: Sequence[PredictionRecord], num_classes: int
     labels = [r.label for r in recs]
     k = min(5, num_classes, min(len(r.clip_topk) for r in recs))
     clip_acc5 = float(
-        multiclass_accuracy(_topk_scores(recs, num_classes), torch.tensor(labels), num_classes, top_k=k, average="micro")
+        multiclass_accuracy(
+            _topk_scores(recs, num_classes), torch.tensor(labels), num_classes, top_k=k, average="micro"
+        )
     )
     return {
         "n": len(recs),
