@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -167,23 +167,39 @@ def carve_val(items: list[Item], fraction: float, seed: int) -> tuple[list[Item]
 # --- decoding and writing ---------------------------------------------------------------------------
 
 
-def _encode(path: str) -> tuple[bytes | None, str]:
-    """Worker: (image bytes, format) or (None, reason)."""
+@dataclass(frozen=True)
+class _Shard:
+    """A contiguous run of one split's images, decoded and written to one Arrow file by one worker."""
+
+    split: str
+    file: str
+    rows: list[tuple[str, int, str]]  # (image path, label, path relative to the raw dir)
+    class_names: tuple[str, ...]
+
+
+def _write_shard(shard: _Shard) -> tuple[list[tuple[str, str]], Counter]:
+    """Worker: decode each image once, write the good ones; returns (bad (path, reason) pairs, formats)."""
+    from datasets.arrow_writer import ArrowWriter
+
+    bad: list[tuple[str, str]] = []
+    formats: Counter = Counter()
+    writer = ArrowWriter(features=_features(shard.class_names), path=shard.file, writer_batch_size=128)
     try:
-        return encode_rgb(path)
-    except ImageLoadError as err:
-        return None, err.reason
-    except Exception as err:  # e.g. PIL's DecompressionBombError: report it with the file, keep going
-        return None, f"{type(err).__name__}: {err}"
-
-
-def _encoded(paths: list[str], workers: int) -> Iterator[tuple[bytes | None, str]]:
-    if workers <= 1:
-        yield from map(_encode, paths)
-        return
-    chunk = max(1, min(32, len(paths) // (workers * 16)))
-    with get_context().Pool(workers) as pool:
-        yield from pool.imap(_encode, paths, chunksize=chunk)
+        for path, label, rel in shard.rows:
+            try:
+                data, fmt = encode_rgb(path)
+            except ImageLoadError as err:
+                bad.append((path, err.reason))
+                continue
+            except Exception as err:  # e.g. PIL's DecompressionBombError: report it by file, keep going
+                bad.append((path, f"{type(err).__name__}: {err}"))
+                continue
+            formats[fmt] += 1
+            writer.write({"image": {"bytes": data, "path": None}, "label": label, "path": rel})
+        writer.finalize()
+    finally:
+        writer.close()
+    return bad, formats
 
 
 def _relative(path: Path, raw: Path) -> str:
@@ -193,49 +209,57 @@ def _relative(path: Path, raw: Path) -> str:
         return path.as_posix()
 
 
-def _features(spec: BenchmarkSpec):
+def _features(class_names: tuple[str, ...]):
     import datasets
 
     return datasets.Features(
         {
             "image": datasets.Image(),
-            "label": datasets.ClassLabel(names=list(spec.class_names)),
+            "label": datasets.ClassLabel(names=list(class_names)),
             "path": datasets.Value("string"),
         }
     )
 
 
+def _shards(listing: Listing, spec: BenchmarkSpec, raw: Path, tmp: Path, workers: int) -> list[_Shard]:
+    total = sum(len(v) for v in listing.splits.values())
+    # Several shards per worker balance the load; a few hundred images each keep the overhead small.
+    size = max(64, min(1000, -(-total // (workers * 4))))
+    shards = []
+    for split in SPLITS:
+        rows = [(str(f), label, _relative(f, raw)) for f, label in listing.splits.get(split, [])]
+        for k, start in enumerate(range(0, max(len(rows), 1), size)):  # an empty split gets one empty shard
+            file = str(tmp / f"{split}-{k:05d}.arrow")
+            shards.append(_Shard(split, file, rows[start : start + size], spec.class_names))
+    return shards
+
+
 def _write_splits(
     listing: Listing, spec: BenchmarkSpec, raw: Path, tmp: Path, options: PrepareOptions, log: Callable
-) -> tuple[dict[str, Path], list[tuple[str, str]], Counter]:
-    """Decode every image once and stream the good ones into one Arrow file per split."""
-    from datasets.arrow_writer import ArrowWriter
-
-    features = _features(spec)
-    order = [(split, file, label) for split in SPLITS for file, label in listing.splits.get(split, [])]
-    writers = {
-        s: ArrowWriter(features=features, path=str(tmp / f"{s}.arrow"), writer_batch_size=256) for s in SPLITS
-    }
+) -> tuple[dict[str, list[str]], list[tuple[str, str]], Counter]:
+    """Decode every image once (in ``options.workers`` processes); Arrow shard files per split, in order."""
+    shards = _shards(listing, spec, raw, tmp, options.workers)
+    total = sum(len(s.rows) for s in shards)
+    files: dict[str, list[str]] = {s: [] for s in SPLITS}
     bad: list[tuple[str, str]] = []
     formats: Counter = Counter()
-    step = max(1000, len(order) // 10)
+    done, next_report = 0, max(1000, total // 10)
+    pool = get_context().Pool(options.workers) if options.workers > 1 else None
     try:
-        results = _encoded([str(f) for _, f, _ in order], options.workers)
-        for n, ((split, file, label), (data, fmt)) in enumerate(zip(order, results, strict=True), 1):
-            if data is None:
-                bad.append((str(file), fmt))
-            else:
-                formats[fmt] += 1
-                writers[split].write(
-                    {"image": {"bytes": data, "path": None}, "label": label, "path": _relative(file, raw)}
-                )
-            if n % step == 0:
-                log(f"  {n}/{len(order)} images checked, {len(bad)} bad")
+        results = pool.imap(_write_shard, shards) if pool else map(_write_shard, shards)
+        for shard, (shard_bad, shard_formats) in zip(shards, results, strict=True):
+            files[shard.split].append(shard.file)
+            bad += shard_bad
+            formats += shard_formats
+            done += len(shard.rows)
+            if done >= next_report and done < total:
+                log(f"  {done}/{total} images checked, {len(bad)} bad")
+                next_report += max(1000, total // 10)
     finally:
-        for w in writers.values():
-            w.finalize()
-            w.close()
-    return {s: tmp / f"{s}.arrow" for s in SPLITS}, bad, formats
+        if pool:
+            pool.terminate()
+            pool.join()
+    return files, bad, formats
 
 
 # --- the card ---------------------------------------------------------------------------------------
@@ -360,7 +384,12 @@ def prepare(
             raise BadImagesError(bad, good, listing_file)
         if bad:
             log(f"skipped {len(bad)} unreadable image(s) of {total} (--skip-bad); {good} kept")
-        dd = datasets.DatasetDict({s: datasets.Dataset.from_file(str(files[s]), split=s) for s in SPLITS})
+        dd = datasets.DatasetDict(
+            {
+                s: datasets.concatenate_datasets([datasets.Dataset.from_file(f, split=s) for f in files[s]])
+                for s in SPLITS
+            }
+        )
         if out.exists():
             shutil.rmtree(out)
         bars = datasets.is_progress_bar_enabled()
