@@ -144,17 +144,18 @@ class CascadeDataModule(L.LightningDataModule):
         return self._loader(ds)
 
     def feature_dataloader(self, features: torch.Tensor, indices: list[int] | None = None):
-        return self._loader(FeatureDataset(features, self.labels(), indices))
+        # Cached features are small rows: large batches keep the per-batch overhead negligible.
+        return self._loader(FeatureDataset(features, self.labels(), indices), max(self.batch_size, 1024))
 
     def predict_dataloader(self) -> torch.utils.data.DataLoader:
         return self.image_dataloader()
 
     test_dataloader = predict_dataloader
 
-    def _loader(self, ds) -> torch.utils.data.DataLoader:
+    def _loader(self, ds, batch_size: int | None = None) -> torch.utils.data.DataLoader:
         return torch.utils.data.DataLoader(
             ds,
-            batch_size=self.batch_size,
+            batch_size=batch_size or self.batch_size,
             shuffle=False,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

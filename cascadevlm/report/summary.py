@@ -1,8 +1,10 @@
-"""The files a run leaves behind: records table, metrics.json and a short Markdown summary."""
+"""The files a run leaves behind: records table, metrics.json, summary.md, sweep.csv, plots, TensorBoard."""
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 import re
 from pathlib import Path
 
@@ -22,22 +24,60 @@ def short_weights(pretrained: str | None) -> str:
     return Path(pretrained).stem if ("/" in pretrained or "." in pretrained) else pretrained
 
 
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}" if math.isfinite(v) else str(v)
+    return str(v)
+
+
+def summary_markdown(
+    title: str, payload: dict, notes: list[str], sweep_rows: list[dict] | None = None
+) -> str:
+    lines = [f"# {title}", ""]
+    lines += [f"> {n}" for n in notes] + ([""] if notes else [])
+    lines += ["| parameter | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in payload["params"].items()]
+    if payload.get("methods"):
+        lines += ["", "| method | top-1 acc | sent to LVLM |", "|---|---:|---:|"]
+        for name, m in payload["methods"].items():
+            if m is not None:
+                lines.append(f"| {name} | {100 * m['acc1']:.2f}% | {100 * m.get('deferral', 0.0):.1f}% |")
+    lines += ["", "| metric | value |", "|---|---|"] + [
+        f"| {k} | {_fmt(v)} |" for k, v in payload["metrics"].items()
+    ]
+    if payload.get("deferred"):
+        lines += ["", "| on deferred images | value |", "|---|---|"]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in payload["deferred"].items()]
+    if sweep_rows:
+        step = max(1, len(sweep_rows) // 10)
+        shown = sweep_rows[::step] + ([sweep_rows[-1]] if (len(sweep_rows) - 1) % step else [])
+        lines += ["", "| tau | sent to LVLM | top-1 acc |", "|---:|---:|---:|"]
+        lines += [f"| {r['tau']:.4g} | {100 * r['deferral']:.1f}% | {100 * r['acc1']:.2f}% |" for r in shown]
+        lines += [
+            "",
+            "Full sweep: `sweep.csv`; plots: `plots/`; TensorBoard: `tensorboard --logdir <run dir>/tensorboard`.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
 def write_run_outputs(
-    run_dir: str | Path, records: list[PredictionRecord], metrics: dict, params: dict, notes: list[str]
+    run_dir: str | Path,
+    records: list[PredictionRecord],
+    payload: dict,
+    notes: list[str],
+    sweep_rows: list[dict] | None = None,
 ) -> dict[str, Path]:
-    """Write ``records.parquet``, ``metrics.json`` and ``summary.md`` into ``run_dir``."""
+    """Write ``records.parquet``, ``metrics.json``, ``summary.md`` and ``sweep.csv`` into ``run_dir``."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     paths = {"records": write_records(run_dir / "records.parquet", records)}
-    payload = {"params": params, "metrics": metrics, "notes": notes}
     paths["metrics"] = run_dir / "metrics.json"
-    paths["metrics"].write_text(json.dumps(payload, indent=2, default=str))
-    lines = [f"# {run_dir.name}", ""]
-    lines += [f"> {n}" for n in notes] + ([""] if notes else [])
-    lines += ["| parameter | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in params.items()]
-    lines += ["", "| metric | value |", "|---|---|"]
-    for k, v in metrics.items():
-        lines.append(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |")
+    paths["metrics"].write_text(json.dumps({**payload, "notes": notes}, indent=2, default=str))
     paths["summary"] = run_dir / "summary.md"
-    paths["summary"].write_text("\n".join(lines) + "\n")
+    paths["summary"].write_text(summary_markdown(run_dir.name, payload, notes, sweep_rows))
+    if sweep_rows:
+        paths["sweep"] = run_dir / "sweep.csv"
+        with paths["sweep"].open("w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(sweep_rows[0]))
+            w.writeheader()
+            w.writerows(sweep_rows)
     return paths

@@ -1,0 +1,166 @@
+"""Running an LVLM backend over the deferred images with a Lightning Trainer (1..N devices), resumably.
+
+Answers are appended to ``<parts_dir>/lvlm.rank<r>.jsonl`` batch by batch. A rerun of the same run
+reads every part file first and sends only the images without an answer, so an interrupted run loses
+nothing finished and no image reaches the LVLM twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+from cascadevlm.data.loading import IMAGE_COLUMN, decode_image
+from cascadevlm.lvlm.base import LVLMBackend, LVLMRequest
+from cascadevlm.records import PredictionRecord
+
+
+@dataclass
+class LVLMResult:
+    index: int
+    candidate_ids: list[int]
+    lvlm_choice: int  # class id
+    raw: str
+    scores: list[float] | None
+    fallback: str | None
+
+
+class DeferredImages(torch.utils.data.Dataset):
+    """The deferred rows of a split, each with its candidate class ids (CLIP's top-k, in order)."""
+
+    def __init__(self, dataset, records: list[PredictionRecord], topk: int, split: str) -> None:
+        self.dataset = dataset
+        self.records = records
+        self.topk = topk
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        rec = self.records[i]
+        image = decode_image(self.dataset[rec.index][IMAGE_COLUMN], f"{self.split} row {rec.index}")
+        return {"index": rec.index, "image": image, "candidate_ids": rec.clip_topk[: self.topk]}
+
+
+def _as_list(batch: list[dict]) -> list[dict]:
+    return batch
+
+
+class LVLMStage(L.LightningModule):
+    """Wraps a backend so Lightning shards the deferred images over devices; no trainable parameters."""
+
+    def __init__(self, backend: LVLMBackend, class_names: list[str], exemplars=None) -> None:
+        super().__init__()
+        self.backend = backend
+        self.class_names = list(class_names)
+        self.exemplars = exemplars  # an ExemplarPool, or None for zero-shot prompts
+
+    def predict_step(self, batch: list[dict], batch_idx: int = 0) -> list[LVLMResult]:
+        requests = [
+            LVLMRequest(
+                image=b["image"], candidates=[self.class_names[c] for c in b["candidate_ids"]], fallback=0
+            )
+            for b in batch
+        ]
+        if self.exemplars is not None:
+            self.exemplars.attach(requests)
+        answers = self.backend.choose(requests)
+        if len(answers) != len(requests):
+            raise RuntimeError(f"backend returned {len(answers)} answers for {len(requests)} requests")
+        out = []
+        for b, a in zip(batch, answers, strict=True):
+            if not 0 <= a.choice < len(b["candidate_ids"]):
+                raise RuntimeError(
+                    f"backend chose position {a.choice} among {len(b['candidate_ids'])} candidates"
+                )
+            out.append(
+                LVLMResult(
+                    b["index"], b["candidate_ids"], b["candidate_ids"][a.choice], a.raw, a.scores, a.fallback
+                )
+            )
+        return out
+
+
+class LVLMAnswerWriter(BasePredictionWriter):
+    """Appends each finished batch's answers to this rank's part file (never truncates: resumable)."""
+
+    def __init__(self, parts_dir: str | Path) -> None:
+        super().__init__(write_interval="batch")
+        self.parts_dir = Path(parts_dir)
+
+    def write_on_batch_end(
+        self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0
+    ):
+        self.parts_dir.mkdir(parents=True, exist_ok=True)
+        with (self.parts_dir / f"lvlm.rank{trainer.global_rank}.jsonl").open("a", encoding="utf-8") as fh:
+            for r in prediction:
+                fh.write(json.dumps(r.__dict__) + "\n")
+            fh.flush()
+
+
+def read_answers(parts_dir: str | Path) -> dict[int, LVLMResult]:
+    """Every answer written so far, by image index (a torn last line of a killed run is ignored)."""
+    out: dict[int, LVLMResult] = {}
+    for path in sorted(Path(parts_dir).glob("lvlm.rank*.jsonl")):
+        lines = path.read_text(encoding="utf-8").splitlines()
+        for i, line in enumerate(lines):
+            try:
+                r = LVLMResult(**json.loads(line))
+            except (json.JSONDecodeError, TypeError):
+                if i == len(lines) - 1:
+                    break
+                raise ValueError(f"{path}: line {i + 1} is not an LVLM answer") from None
+            out.setdefault(r.index, r)
+    return out
+
+
+def check_stage_fingerprint(parts_dir: str | Path, config: dict) -> None:
+    """Refuse to mix answers of differently configured LVLM stages in one run directory."""
+    parts_dir = Path(parts_dir)
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+    path = parts_dir / "lvlm.config.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old.get("digest") != digest:
+            raise ValueError(
+                f"{parts_dir} holds LVLM answers from another LVLM configuration; "
+                f"use another --run_name or delete that directory to start over"
+            )
+        return
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"digest": digest, "config": config}, indent=1, default=str))
+
+
+def run_lvlm_stage(
+    trainer: L.Trainer,
+    stage: LVLMStage,
+    dataset,
+    todo: list[PredictionRecord],
+    topk: int,
+    split: str,
+    parts_dir: str | Path,
+    batch_size: int,
+    num_workers: int = 0,
+) -> None:
+    """Ask the LVLM about ``todo`` (records still without an answer); answers land in part files."""
+    if not todo:
+        return
+    loader = torch.utils.data.DataLoader(
+        DeferredImages(dataset, todo, topk, split),
+        batch_size=batch_size,
+        collate_fn=_as_list,
+        num_workers=num_workers,
+    )
+    writer = LVLMAnswerWriter(parts_dir)
+    trainer.callbacks.append(writer)
+    try:
+        trainer.predict(stage, dataloaders=loader, return_predictions=False)
+    finally:
+        trainer.callbacks.remove(writer)

@@ -1,0 +1,108 @@
+"""Results tables across runs (dataset x setting x method), mean +/- std over seeds, Markdown and CSV."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+
+def collect_results(run_dirs: list[str | Path]) -> list[dict]:
+    """One row per (run, method) from each run's ``metrics.json`` ``methods`` block."""
+    rows = []
+    for d in run_dirs:
+        payload = json.loads((Path(d) / "metrics.json").read_text())
+        p = payload["params"]
+        for method, acc in payload.get("methods", {}).items():
+            if acc is None:
+                continue
+            rows.append(
+                {
+                    "dataset": p["dataset"],
+                    "setting": f"{p.get('shots', 0)}-shot",
+                    "shots": int(p.get("shots", 0)),
+                    "seed": p.get("seed"),
+                    "method": method,
+                    "acc1": float(acc["acc1"]),
+                    "deferral": float(acc.get("deferral", 0.0)),
+                    "run": str(d),
+                }
+            )
+    return rows
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """Mean and std (over seeds) of accuracy and deferral per (dataset, setting, method)."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["dataset"], r["shots"], r["method"])].append(r)
+    out = []
+    for (dataset, shots, method), rs in sorted(groups.items()):
+        acc = np.array([r["acc1"] for r in rs]) * 100
+        dfr = np.array([r["deferral"] for r in rs]) * 100
+        out.append(
+            {
+                "dataset": dataset,
+                "setting": f"{shots}-shot",
+                "method": method,
+                "seeds": len(rs),
+                "acc1_mean": float(acc.mean()),
+                "acc1_std": float(acc.std(ddof=1)) if len(rs) > 1 else 0.0,
+                "deferral_mean": float(dfr.mean()),
+            }
+        )
+    return out
+
+
+def to_markdown(agg: list[dict]) -> str:
+    lines = [
+        "| dataset | setting | method | seeds | top-1 acc (%) | sent to LVLM (%) |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    for r in agg:
+        lines.append(
+            f"| {r['dataset']} | {r['setting']} | {r['method']} | {r['seeds']} | "
+            f"{r['acc1_mean']:.2f} ± {r['acc1_std']:.2f} | {r['deferral_mean']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(agg: list[dict]) -> str:
+    buf = io.StringIO()
+    if agg:
+        w = csv.DictWriter(buf, fieldnames=list(agg[0]))
+        w.writeheader()
+        w.writerows(agg)
+    return buf.getvalue()
+
+
+def write_results_tables(run_dirs: list[str | Path], out_dir: str | Path) -> dict[str, Path]:
+    agg = aggregate(collect_results(run_dirs))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.md").write_text(to_markdown(agg))
+    (out_dir / "results.csv").write_text(to_csv(agg))
+    return {"markdown": out_dir / "results.md", "csv": out_dir / "results.csv"}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m cascadevlm.report.tables RUN_DIR... --out DIR``: aggregate finished runs."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("runs", nargs="+", help="run directories (each with metrics.json), or a parent directory")
+    ap.add_argument("--out", default="runs/tables")
+    args = ap.parse_args(argv)
+    dirs = []
+    for r in map(Path, args.runs):
+        dirs += [r] if (r / "metrics.json").exists() else sorted(p.parent for p in r.glob("*/metrics.json"))
+    paths = write_results_tables(dirs, args.out)
+    print(paths["markdown"].read_text())
+
+
+if __name__ == "__main__":
+    main()
