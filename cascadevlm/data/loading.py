@@ -10,6 +10,7 @@ import datasets
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from cascadevlm.data.images import to_rgb
 from cascadevlm.data.registry import benchmark_names, get_benchmark
 
 IMAGE_COLUMN = "image"
@@ -49,12 +50,7 @@ def decode_image(value, where: str) -> Image.Image:
         except (UnidentifiedImageError, OSError, SyntaxError) as err:
             raise ImageDecodeError(f"corrupt or truncated image: {name}: {err}") from None
     img = ImageOps.exif_transpose(img)
-    if img.mode != "RGB":
-        if img.mode in ("P", "LA", "PA") or img.mode.endswith("A"):
-            img = img.convert("RGBA")
-            bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
-            img = Image.alpha_composite(bg, img)
-        img = img.convert("RGB")
+    img = to_rgb(img)  # the same conversions as dataset preparation (16-bit, alpha over white, CMYK, ...)
     return img
 
 
