@@ -56,3 +56,35 @@ def disable_hf_progress() -> None:
 
 
 disable_hf_progress()
+
+
+@pytest.fixture(scope="session")
+def photo_dataset(tmp_path_factory, photos):
+    """A ``save_to_disk`` dataset of the real photos: ``train`` has two views per class (the photo and
+    its mirror image), ``val`` one (a centre crop); plus a k=2 split file. Returns (dir, split path)."""
+    import datasets
+    from PIL import ImageOps
+
+    from cascadevlm.data.kshot import sample_kshot
+
+    names = sorted(photos)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+    train = {"image": [], "label": []}
+    val = {"image": [], "label": []}
+    for c, name in enumerate(names):
+        img = photos[name].resize((64, 64))
+        train["image"] += [img, ImageOps.mirror(img)]
+        train["label"] += [c, c]
+        w, h = photos[name].size
+        val["image"].append(photos[name].crop((w // 8, h // 8, w - w // 8, h - h // 8)).resize((64, 64)))
+        val["label"].append(c)
+    dsd = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict(train, features=features),
+            "val": datasets.Dataset.from_dict(val, features=features),
+        }
+    )
+    root = tmp_path_factory.mktemp("photo_dataset")
+    dsd.save_to_disk(str(root / "data"))
+    split = sample_kshot(train["label"], k=2, seed=0, dataset="photos", num_classes=len(names))
+    return root / "data", split.save(root / "photos_k2_seed0.json")

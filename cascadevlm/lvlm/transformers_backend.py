@@ -78,6 +78,18 @@ def load_model_and_processor(
     return net.to(dev).eval(), processor
 
 
+def ensure_tiny_model(path: str, kind: str) -> None:
+    """Write the tiny random-weight ``kind`` model (``llava`` or ``qwen2vl``) at ``path`` if missing."""
+    from pathlib import Path
+
+    from cascadevlm.testing.tiny_lvlm import BUILDERS
+
+    if kind not in BUILDERS:
+        raise ValueError(f"build_tiny must be one of {sorted(BUILDERS)}, got {kind!r}")
+    if not (Path(path) / "config.json").exists():
+        BUILDERS[kind](path)
+
+
 class ChatEncoder:
     """Renders cascade prompts with a processor's chat template and tokenizes answers consistently.
 
@@ -139,6 +151,8 @@ class TransformersBackend(LVLMBackend):
         merge_lora: merge the adapter into the weights after loading (faster inference).
         attn_implementation: e.g. ``sdpa`` or ``flash_attention_2``; the model's default when None.
         trust_remote_code: passed to ``from_pretrained``.
+        build_tiny: ``llava`` or ``qwen2vl``: write that tiny random-weight model at ``model`` first when
+            it is missing (offline demos and tests only).
     """
 
     def __init__(
@@ -155,6 +169,7 @@ class TransformersBackend(LVLMBackend):
         merge_lora: bool = True,
         attn_implementation: str | None = None,
         trust_remote_code: bool = False,
+        build_tiny: Literal["llava", "qwen2vl"] | None = None,
     ) -> None:
         if mode not in ("score", "generate"):
             raise ValueError(f"mode must be 'score' or 'generate', got {mode!r}")
@@ -172,6 +187,7 @@ class TransformersBackend(LVLMBackend):
         self.merge_lora = merge_lora
         self.attn_implementation = attn_implementation
         self.trust_remote_code = trust_remote_code
+        self.build_tiny = build_tiny
         self._net = None
         self._encoder: ChatEncoder | None = None
         self._calls = 0
@@ -180,6 +196,8 @@ class TransformersBackend(LVLMBackend):
     def load(self) -> TransformersBackend:
         """Load the model now (otherwise it loads on the first :meth:`choose`)."""
         if self._net is None:
+            if self.build_tiny:
+                ensure_tiny_model(self.model_name, self.build_tiny)
             self._net, processor = load_model_and_processor(
                 self.model_name,
                 dtype=self.dtype,

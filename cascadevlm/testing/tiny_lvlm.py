@@ -70,6 +70,11 @@ _CHATML_TEMPLATE = (
 )
 
 
+# Wider than the usual 0.02 so that a 64-wide random LM can express confident answers at all (its
+# logits are bounded by the output embeddings' norm); LoRA tests need a learnable signal.
+_TEXT_INIT = 0.1
+
+
 def _train_tokenizer(vocab_size: int = 600):
     """A byte-level BPE tokenizer trained on a few prompt sentences, wrapped for transformers."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -142,6 +147,7 @@ def build_tiny_llava(out_dir: str | Path, seed: int = 0) -> Path:
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=1024,
+        initializer_range=_TEXT_INIT,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -203,6 +209,7 @@ def build_tiny_qwen2vl(out_dir: str | Path, seed: int = 0) -> Path:
             "num_attention_heads": 4,
             "num_key_value_heads": 2,
             "max_position_embeddings": 1024,
+            "initializer_range": _TEXT_INIT,
             # head_dim 16 -> 8 rotary frequencies split over (time, height, width)
             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
             "bos_token_id": tokenizer.bos_token_id,
@@ -244,3 +251,18 @@ def build_tiny_qwen2vl(out_dir: str | Path, seed: int = 0) -> Path:
 
 
 BUILDERS = {"llava": build_tiny_llava, "qwen2vl": build_tiny_qwen2vl}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m cascadevlm.testing.tiny_lvlm OUT_DIR``: write ``OUT_DIR/llava`` and ``OUT_DIR/qwen2vl``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("out_dir")
+    args = parser.parse_args(argv)
+    for name, build in BUILDERS.items():
+        print(build(Path(args.out_dir) / name))
+
+
+if __name__ == "__main__":
+    main()
