@@ -1,0 +1,74 @@
+"""Command-line entry points (``train.py``, ``evaluate.py``, the ``cascadevlm-*`` scripts)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+
+DEFAULT_RUNS_DIR = "runs/train"
+# What a training run writes into its directory; cleared when the same run is started again.
+RUN_OUTPUTS = (
+    "checkpoints",
+    "adapter.safetensors",
+    "adapter.yaml",
+    "metrics.json",
+    "config.yaml",
+    "hparams.yaml",
+)
+
+
+class TrainCLI(LightningCLI):
+    """LightningCLI whose default logger is TensorBoard in a run directory named after the run.
+
+    When the data module has ``run_name(method) -> (experiment, version)`` and the model a ``method``
+    (the adapter modules do), logs go to ``<default_root_dir or runs/train>/<experiment>/<version>``,
+    e.g. ``runs/train/flowers102_linear_probe/k16_seed1``; a configured ``trainer.logger`` is kept.
+    """
+
+    def instantiate_trainer(self, **kwargs) -> L.Trainer:
+        config = self._get(self.config_init, "trainer", default={})
+        if config.get("logger") in (None, True) and "logger" not in kwargs:
+            name = self.run_name()
+            if name is not None:
+                root = config.get("default_root_dir") or DEFAULT_RUNS_DIR
+                kwargs["logger"] = TensorBoardLogger(
+                    root, name=name[0], version=name[1], default_hp_metric=False
+                )
+                clear_run_dir(Path(root) / name[0] / name[1])
+        return super().instantiate_trainer(**kwargs)
+
+    def run_name(self) -> tuple[str, str] | None:
+        method = getattr(self.model, "method", None)
+        namer = getattr(self.datamodule, "run_name", None)
+        return namer(method) if method and callable(namer) else None
+
+
+@rank_zero_only
+def clear_run_dir(run_dir: Path) -> None:
+    """Re-running the same (dataset, method, k, seed) replaces its outputs, so curves never mix runs."""
+    if not run_dir.is_dir():
+        return
+    stale = [
+        p for p in run_dir.iterdir() if p.name in RUN_OUTPUTS or p.name.startswith("events.out.tfevents")
+    ]
+    for p in stale:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    if stale:
+        rank_zero_info(f"replacing the previous run in {run_dir}")
+
+
+def train_main(args: list[str] | None = None) -> TrainCLI:
+    """``train.py``: ``python train.py fit --config configs/train/<file>.yaml [--data.shots 4 ...]``."""
+    return TrainCLI(
+        L.LightningModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )
