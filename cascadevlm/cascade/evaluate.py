@@ -228,6 +228,9 @@ def evaluate(cli: EvaluateCLI) -> dict | None:
                 dm.dsd[dm.train_split], dm.kshot_split(), dm.class_names,
                 shots_per_class=min(opts.incontext_shots, dm.shots), max_examples=opts.max_examples,
             )  # fmt: skip
+        prompt = getattr(backend, "prompt", None)
+        if prompt is not None and prompt.dataset is None and prompt.noun == "object":
+            prompt.noun = dm.noun  # dataset-aware wording ("aircraft variant") unless the config set one
         stage = LVLMStage(backend, dm.class_names, exemplars)
         run_lvlm_stage(
             trainer,
