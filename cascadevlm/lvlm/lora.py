@@ -253,7 +253,7 @@ class LoRAModule(L.LightningModule):
             base.gradient_checkpointing_enable()
             base.enable_input_require_grads()
         config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules)
-        self.net = get_peft_model(base, config)
+        self.net = get_peft_model(base, config).train()  # from_pretrained returns eval mode
         self.encoder = ChatEncoder(processor)
         self.adapter_dir = adapter_dir
         self.best_val: float | None = None

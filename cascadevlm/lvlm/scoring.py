@@ -31,6 +31,15 @@ def rope_state_module(model: torch.nn.Module) -> torch.nn.Module | None:
     return None
 
 
+def _cache_kwarg(model: torch.nn.Module) -> str:
+    """``cache`` (transformers >= 5.x) or ``past_key_values`` (older and remote-code models)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the forward
+    params = inspect.signature(base.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def forward_inputs(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor]) -> dict:
     """Processor outputs plus the position ids this model needs for left-padded batches."""
     kwargs = dict(inputs)
@@ -144,8 +153,8 @@ def score_candidates(
             input_ids=ans[:, :-1],
             attention_mask=torch.cat([mask[owner], ans_mask[:, :-1]], 1),
             position_ids=pos,
-            cache=cache,
             use_cache=True,
+            **{_cache_kwarg(model): cache},
         )
         logp = F.log_softmax(out2.logits.float(), dim=-1)
         token_logp[:, 1:] = logp.gather(-1, ans[:, 1:].unsqueeze(-1)).squeeze(-1)
