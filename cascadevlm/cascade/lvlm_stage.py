@@ -46,7 +46,8 @@ class DeferredImages(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         rec = self.records[i]
         image = decode_image(self.dataset[rec.index][IMAGE_COLUMN], f"{self.split} row {rec.index}")
-        return {"index": rec.index, "image": image, "candidate_ids": rec.clip_topk[: self.topk]}
+        key = f"{self.split}/{rec.index}"  # seeds per-image choices such as the shuffle ablation's order
+        return {"index": rec.index, "image": image, "candidate_ids": rec.clip_topk[: self.topk], "key": key}
 
 
 def _as_list(batch: list[dict]) -> list[dict]:
