@@ -66,7 +66,10 @@ class LVLMStage(L.LightningModule):
     def predict_step(self, batch: list[dict], batch_idx: int = 0) -> list[LVLMResult]:
         requests = [
             LVLMRequest(
-                image=b["image"], candidates=[self.class_names[c] for c in b["candidate_ids"]], fallback=0
+                image=b["image"],
+                candidates=[self.class_names[c] for c in b["candidate_ids"]],
+                fallback=0,
+                key=b["key"],
             )
             for b in batch
         ]
