@@ -37,7 +37,7 @@ def _args(tiny_clip_path, data_root, out, *extra):
 
 
 def test_records_equal_a_plain_loop(tiny_clip_path, tiny_clip_bundle, data_root, tmp_path):
-    metrics = main(_args(tiny_clip_path, data_root, tmp_path))
+    metrics = main(_args(tiny_clip_path, data_root, tmp_path))["metrics"]
     records = read_records(tmp_path / "runs" / "r" / "records.parquet")
     assert [r.index for r in records] == list(range(150))
 
