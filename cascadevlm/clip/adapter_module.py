@@ -26,6 +26,7 @@ from cascadevlm.clip.zero_shot import build_zero_shot_head, clip_logits
 from cascadevlm.data.datamodule import CascadeDataModule
 from cascadevlm.data.loading import FeatureDataset
 
+OPTIMIZERS = ("adamw", "sgd")
 _TINY_FILE = re.compile(r"^(?P<model>cascadevlm-[\w-]+)-seed(?P<seed>\d+)\.safetensors$")
 
 
@@ -214,6 +215,17 @@ class AdapterModule(L.LightningModule):
     """What both adapter modules share: CLIP loading, metrics, logging, optimiser, adapter export.
 
     Subclasses set ``method`` and implement ``build_adapter()`` and ``logits(features)``.
+
+    Args:
+        model_name, pretrained: the frozen open_clip model (as :func:`load_clip`).
+        build_tiny: offline demo only: write the seeded tiny checkpoint ``pretrained`` if missing.
+        clip_precision: open_clip precision of the frozen model (mixed precision of the training
+            itself is the Trainer's ``precision`` flag).
+        class_names, templates: default to the data module's (the zero-shot head uses the templates).
+        lr, weight_decay, optimizer (``adamw`` or ``sgd`` with momentum 0.9), warmup_steps: the
+            optimiser; the learning rate follows a cosine schedule over the whole run.
+        class_batch_size: classes per text-encoder forward when building the zero-shot head.
+        log_confusion_matrix: log the best epoch's validation confusion matrix to TensorBoard at the end.
     """
 
     method = "adapter"
@@ -231,8 +243,11 @@ class AdapterModule(L.LightningModule):
         warmup_steps: int = 0,
         class_batch_size: int = 64,
         log_confusion_matrix: bool = True,
+        optimizer: str = "adamw",
     ) -> None:
         super().__init__()
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer {optimizer!r} is not one of {OPTIMIZERS}")
         self.bundle = resolve_clip(model_name, pretrained, build_tiny, clip_precision)
         self.bundle.model.requires_grad_(False)
         self.class_names = list(class_names) if class_names else None
@@ -344,7 +359,11 @@ class AdapterModule(L.LightningModule):
     # ------------------------------------------------------------------------------- optimiser
     def configure_optimizers(self):
         params = [p for p in self.adapter.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        hp = self.hparams
+        if hp.optimizer == "sgd":  # CoOp's recipe: SGD with momentum, cosine schedule
+            opt = torch.optim.SGD(params, lr=hp.lr, momentum=0.9, weight_decay=hp.weight_decay)
+        else:
+            opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = min(self.hparams.warmup_steps, total - 1)
 
@@ -415,6 +434,7 @@ class LinearProbeModule(AdapterModule):
         blend: float = 0.0,
         class_batch_size: int = 64,
         log_confusion_matrix: bool = True,
+        optimizer: str = "adamw",
     ) -> None:
         super().__init__(
             model_name,
@@ -428,6 +448,7 @@ class LinearProbeModule(AdapterModule):
             warmup_steps,
             class_batch_size,
             log_confusion_matrix,
+            optimizer,
         )
         self.save_hyperparameters()
         if self.class_names:
@@ -470,6 +491,7 @@ class PromptTuningModule(AdapterModule):
         init_seed: int = 0,
         class_batch_size: int = 64,
         log_confusion_matrix: bool = True,
+        optimizer: str = "adamw",
     ) -> None:
         super().__init__(
             model_name,
@@ -483,6 +505,7 @@ class PromptTuningModule(AdapterModule):
             warmup_steps,
             class_batch_size,
             log_confusion_matrix,
+            optimizer,
         )
         self.save_hyperparameters()
         self._eval_embeddings: torch.Tensor | None = None
@@ -540,9 +563,15 @@ class AdapterCheckpoint(ModelCheckpoint):
         kwargs.setdefault("save_on_train_epoch_end", False)
         super().__init__(filename=filename, monitor=monitor, mode=mode, **kwargs)
         self.metrics: dict = {}
+        self._run_dir: Path | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        # trainer.log_dir is a collective under DDP: read it here, on every rank, not in rank-0 code.
+        self._run_dir = Path(trainer.log_dir or trainer.default_root_dir)
 
     def run_dir(self, trainer: L.Trainer) -> Path:
-        return Path(trainer.log_dir or trainer.default_root_dir)
+        return self._run_dir
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         before = self.best_model_score

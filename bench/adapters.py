@@ -1,0 +1,171 @@
+"""Few-shot adapter costs, measured side by side in one run.
+
+1. Linear probe: one training epoch from cached image features against one epoch that runs the frozen
+   image encoder on the images (the same probe, optimiser and batches otherwise). Target: >= 20x.
+2. Prompt tuning: one CoOp step (text encoder forward + backward over every class prompt, then the
+   optimiser) against one plain ``encode_text`` of all prompts ("a photo of a {class}.", no grad).
+
+Real photos (the Fashion-MNIST demo data, 16 shots x 10 classes) and real open_clip architectures
+with random weights (offline). Usage: ``python bench/adapters.py [--threads N] [--repeats R]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from cascadevlm.clip.adapters import FrozenTextEncoder, LinearProbe, PromptLearner
+from cascadevlm.clip.features import image_features
+from cascadevlm.clip.model import load_clip
+from cascadevlm.clip.zero_shot import build_zero_shot_head
+from cascadevlm.data.benchmarks import FINE_GRAINED
+from cascadevlm.data.datamodule import CascadeDataModule
+from cascadevlm.data.loading import FeatureDataset, ImageClassificationDataset
+from cascadevlm.testing.tiny_clip import build_tiny_clip
+
+MODELS = ("cascadevlm-tiny-vit", "cascadevlm-small-vit")
+
+
+def timed(fn, repeats: int) -> float:
+    """Median wall time (s) of ``fn()`` over ``repeats`` runs, after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_linear_probe(bundle, ds, class_names, templates, repeats: int, batch_size: int = 32) -> dict:
+    labels = [int(x) for x in ds["label"]]
+    t0 = time.perf_counter()
+    feats = image_features(bundle, ds, "bench", cache=None, batch_size=128)
+    extract = time.perf_counter() - t0
+    head = build_zero_shot_head(bundle.model, bundle.tokenizer, class_names, templates)
+    probe = LinearProbe(head, float(bundle.model.logit_scale.exp()))
+    opt = torch.optim.AdamW(probe.parameters(), lr=1e-3, weight_decay=1e-4)
+
+    def step(features: torch.Tensor, y: torch.Tensor) -> None:
+        loss = F.cross_entropy(probe(features), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def epoch_from_features() -> None:
+        gen = torch.Generator().manual_seed(0)
+        loader = torch.utils.data.DataLoader(
+            FeatureDataset(feats, labels), batch_size, shuffle=True, generator=gen
+        )
+        for b in loader:
+            step(b["features"], b["label"])
+
+    def epoch_from_images() -> None:
+        gen = torch.Generator().manual_seed(0)
+        data = ImageClassificationDataset(ds, bundle.preprocess, "bench")
+        loader = torch.utils.data.DataLoader(data, batch_size, shuffle=True, generator=gen)
+        for b in loader:
+            with torch.no_grad():
+                f = bundle.model.encode_image(b["pixel_values"], normalize=True)
+            step(f, b["label"])
+
+    t_img = timed(epoch_from_images, max(1, repeats // 2))
+    t_feat = timed(epoch_from_features, repeats)
+    return {"images": len(ds), "extract_s": extract, "from_images_s": t_img, "from_features_s": t_feat}
+
+
+def bench_prompt_tuning(bundle, class_names, repeats: int, batch_size: int = 32) -> dict:
+    model, tok = bundle.model, bundle.tokenizer
+    learner = PromptLearner(FrozenTextEncoder(model), tok, class_names, ctx_init="a photo of a")
+    opt = torch.optim.AdamW([learner.ctx], lr=2e-3)
+    gen = torch.Generator().manual_seed(0)
+    feats = F.normalize(torch.randn(batch_size, bundle.embed_dim, generator=gen), dim=-1)
+    y = torch.randint(0, len(class_names), (batch_size,), generator=gen)
+    scale = float(model.logit_scale.exp())
+    prompts = tok([f"a photo of a {c}." for c in class_names])
+
+    def coop_step() -> None:
+        loss = F.cross_entropy(scale * feats @ learner().T, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def plain_encode_text() -> None:
+        with torch.no_grad():
+            model.encode_text(prompts, normalize=True)
+
+    return {
+        "classes": len(class_names),
+        "tokens": int(learner.tokens.shape[1]),
+        "context_length": int(prompts.shape[1]),
+        "step_s": timed(coop_step, repeats),
+        "encode_text_s": timed(plain_encode_text, repeats),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: small models, stable timings)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--shots", type=int, default=16)
+    p.add_argument("--data-root", default="data")
+    p.add_argument("--work", default="artifacts/bench_adapters")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    work = Path(args.work)
+    dm = CascadeDataModule(
+        "fashion_mnist", data_root=args.data_root, shots=args.shots, seed=1, splits_dir=str(work / "splits")
+    )
+    ds = dm.kshot_dataset()
+    cub = next(s for s in FINE_GRAINED if s.name == "cub200")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), device cpu, median of {args.repeats} runs"
+    )
+    print(
+        f"data: Fashion-MNIST demo, {args.shots}-shot x {len(dm.class_names)} classes = {len(ds)} real photos\n"
+    )
+
+    rows_lp, rows_pt = [], []
+    for name in MODELS:
+        bundle = load_clip(name, str(build_tiny_clip(work / "clip", name)))
+        bundle.model.requires_grad_(False)  # frozen, as in training
+        size = bundle.model.visual.image_size
+        r = bench_linear_probe(bundle, ds, dm.class_names, dm.templates, args.repeats)
+        rows_lp.append((f"{name} ({size[0] if isinstance(size, tuple) else size}px)", r))
+        for label, names in (("fashion_mnist", dm.class_names), ("cub200", list(cub.class_names))):
+            rows_pt.append((name, label, bench_prompt_tuning(bundle, names, args.repeats)))
+
+    print("1. Linear probe: one epoch (forward, backward, AdamW step per batch of 32)")
+    print(
+        f"{'model':34} {'images':>6} {'from images':>12} {'from features':>14} {'ratio':>8}  (one-off extraction)"
+    )
+    for label, r in rows_lp:
+        ratio = r["from_images_s"] / r["from_features_s"]
+        print(
+            f"{label:34} {r['images']:>6} {1e3 * r['from_images_s']:>10.1f}ms {1e3 * r['from_features_s']:>12.2f}ms "
+            f"{ratio:>7.1f}x  ({1e3 * r['extract_s']:.0f}ms, once per model and split)"
+        )
+    print(
+        "\n2. Prompt tuning: one CoOp step (all class prompts, forward + backward + step) vs one encode_text"
+    )
+    print(f"{'model':22} {'classes':>14} {'tokens':>8} {'CoOp step':>11} {'encode_text':>12} {'ratio':>7}")
+    for name, label, r in rows_pt:
+        ratio = r["step_s"] / r["encode_text_s"]
+        print(
+            f"{name:22} {label + ' ' + str(r['classes']):>14} {r['tokens']:>3}/{r['context_length']:<4} "
+            f"{1e3 * r['step_s']:>9.2f}ms {1e3 * r['encode_text_s']:>10.2f}ms {ratio:>6.2f}x"
+        )
+    print(
+        "\ntokens: prompt length after cutting the padding past the longest prompt's end token "
+        "(exact under the causal mask) / the model's context length, which encode_text always runs."
+    )
+
+
+if __name__ == "__main__":
+    main()
