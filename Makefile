@@ -23,7 +23,6 @@ setup: $(STAMP) $(FASHION_MNIST)
 
 # The offline demo: tiny random-weight models of real architectures, real Fashion-MNIST photos.
 demo: setup
-	$(PY) -m cascadevlm.testing.tiny_clip artifacts/tiny_clip
 	$(PY) evaluate.py --config configs/demo.yaml
 
 test: setup

@@ -72,3 +72,10 @@ def train_main(args: list[str] | None = None) -> TrainCLI:
         save_config_kwargs={"overwrite": True},
         args=args,
     )
+
+
+def evaluate_main(args: list[str] | None = None) -> dict | None:
+    """``evaluate.py``: the cascade evaluation (see :mod:`cascadevlm.cascade.evaluate`)."""
+    from cascadevlm.cascade.evaluate import main
+
+    return main(args)

@@ -166,7 +166,7 @@ def test_two_ddp_processes_give_the_same_cascade_records(tiny_clip_path, data_ro
         a = _args(tiny_clip_path, data_root, llava_dir, tmp_path, name, "--data.limit", "37",
                   "--cascade.tau", "0.01", "--cascade.lvlm_on", "deferred", *extra)  # fmt: skip
         p = subprocess.run([sys.executable, str(REPO / "evaluate.py"), *a], cwd=REPO, capture_output=True,
-                           text=True, timeout=400, env=dict(os.environ, PYTHONWARNINGS="ignore"))  # fmt: skip
+                           text=True, timeout=400, env=dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1"))  # fmt: skip
         assert p.returncode == 0, p.stderr[-3000:]
         return read_records(tmp_path / name / "records.parquet"), json.loads(
             (tmp_path / name / "metrics.json").read_text()

@@ -94,7 +94,7 @@ def test_feature_cache_skips_the_image_encoder_and_never_goes_stale(
 
 
 def _run_cli(*args, timeout=300):
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     return subprocess.run(
         [sys.executable, str(REPO / "evaluate.py"), *args],
         cwd=REPO,

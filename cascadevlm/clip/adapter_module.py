@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 
 import lightning as L
@@ -27,28 +26,6 @@ from cascadevlm.data.datamodule import CascadeDataModule
 from cascadevlm.data.loading import FeatureDataset
 
 OPTIMIZERS = ("adamw", "sgd")
-_TINY_FILE = re.compile(r"^(?P<model>cascadevlm-[\w-]+)-seed(?P<seed>\d+)\.safetensors$")
-
-
-def resolve_clip(model_name: str, pretrained: str | None, build_tiny: bool = False, precision: str = "fp32"):
-    """Load the CLIP model; with ``build_tiny``, first write the seeded tiny checkpoint if it is missing.
-
-    ``build_tiny`` is for the offline demo only: ``pretrained`` must be a path named
-    ``<model_name>-seed<N>.safetensors`` for one of the project's tiny configs (``cascadevlm-*``).
-    """
-    if build_tiny:
-        path = Path(pretrained or "")
-        match = _TINY_FILE.match(path.name)
-        if not match or match["model"] != model_name:
-            raise ValueError(
-                f"build_tiny needs pretrained to be a path named '{model_name}-seed<N>.safetensors' "
-                f"for a project tiny model (cascadevlm-*); got model_name={model_name!r}, pretrained={pretrained!r}"
-            )
-        if not path.exists():
-            from cascadevlm.testing.tiny_clip import build_tiny_clip
-
-            build_tiny_clip(path.parent, model_name=model_name, seed=int(match["seed"]))
-    return load_clip(model_name, pretrained, precision=precision)
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -248,7 +225,7 @@ class AdapterModule(L.LightningModule):
         super().__init__()
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer {optimizer!r} is not one of {OPTIMIZERS}")
-        self.bundle = resolve_clip(model_name, pretrained, build_tiny, clip_precision)
+        self.bundle = load_clip(model_name, pretrained, precision=clip_precision, build_tiny=build_tiny)
         self.bundle.model.requires_grad_(False)
         self.class_names = list(class_names) if class_names else None
         self.templates = list(templates) if templates else None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -55,7 +56,7 @@ class FeatureCache:
     def save(self, key: str, features: torch.Tensor, meta: dict | None = None) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.path(key)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # unique per process: concurrent writers never collide
         save_file({"features": features.detach().float().cpu().contiguous()}, str(tmp))
         tmp.replace(path)  # atomic, so a crash never leaves a half-written cache entry
         if meta is not None:

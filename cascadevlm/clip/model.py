@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,11 +71,34 @@ class ClipBundle:
         )
 
 
+_TINY_FILE = re.compile(r"^(?P<model>cascadevlm-[\w-]+)-seed(?P<seed>\d+)\.safetensors$")
+
+
+def ensure_tiny_checkpoint(model_name: str, pretrained: str | None) -> None:
+    """Write the seeded tiny checkpoint named by ``pretrained`` if it is missing (offline demo only).
+
+    ``pretrained`` must be a path named ``<model_name>-seed<N>.safetensors`` for one of the project's
+    tiny configs (``cascadevlm-*``); anything else is an error, so real weights are never faked.
+    """
+    path = Path(pretrained or "")
+    match = _TINY_FILE.match(path.name)
+    if not match or match["model"] != model_name:
+        raise ValueError(
+            f"build_tiny needs pretrained to be a path named '{model_name}-seed<N>.safetensors' "
+            f"for a project tiny model (cascadevlm-*); got model_name={model_name!r}, pretrained={pretrained!r}"
+        )
+    if not path.exists():
+        from cascadevlm.testing.tiny_clip import build_tiny_clip
+
+        build_tiny_clip(path.parent, model_name=model_name, seed=int(match["seed"]))
+
+
 def load_clip(
     model_name: str,
     pretrained: str | None = None,
     device: str | torch.device = "cpu",
     precision: str = "fp32",
+    build_tiny: bool = False,
 ) -> ClipBundle:
     """Create an open_clip model, its eval transform and tokenizer.
 
@@ -83,8 +107,11 @@ def load_clip(
         pretrained: an open_clip tag (``openai``, ``laion2b_s32b_b82k``), a local checkpoint path, or None.
         device: where to put the model.
         precision: open_clip precision string (fp32, fp16, bf16, amp).
+        build_tiny: first write the project's seeded tiny checkpoint at ``pretrained`` if missing (demo).
     """
     register_model_configs()
+    if build_tiny:
+        ensure_tiny_checkpoint(model_name, pretrained)
     known = open_clip.list_models()
     if model_name not in known and not model_name.startswith(("hf-hub:", "local-dir:")):
         close = [m for m in known if model_name.lower().replace("/", "-") in m.lower()][:10]

@@ -24,6 +24,7 @@ class ClipClassifier(L.LightningModule):
         class_batch_size: classes per text-encoder forward when building the zero-shot head.
         topk: candidates kept per image (at least 5 are stored in records).
         adapter: path of a trained few-shot adapter (``train.py``) replacing the zero-shot head.
+        build_tiny: offline demo only: write the project's seeded tiny checkpoint at ``pretrained`` first.
     """
 
     def __init__(
@@ -36,10 +37,11 @@ class ClipClassifier(L.LightningModule):
         class_batch_size: int = 64,
         topk: int = 5,
         adapter: str | None = None,
+        build_tiny: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.bundle = load_clip(model_name, pretrained, precision=precision)
+        self.bundle = load_clip(model_name, pretrained, precision=precision, build_tiny=build_tiny)
         self.clip = self.bundle.model
         self.clip.requires_grad_(False)
         self.class_names = list(class_names) if class_names else None
