@@ -16,6 +16,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from cascadevlm.cascade.runner import predict_with_writer
 from cascadevlm.data.loading import IMAGE_COLUMN, decode_image
 from cascadevlm.lvlm.base import LVLMBackend, LVLMRequest
 from cascadevlm.records import PredictionRecord
@@ -162,9 +163,4 @@ def run_lvlm_stage(
         collate_fn=_as_list,
         num_workers=num_workers,
     )
-    writer = LVLMAnswerWriter(parts_dir)
-    trainer.callbacks.append(writer)
-    try:
-        trainer.predict(stage, dataloaders=loader, return_predictions=False)
-    finally:
-        trainer.callbacks.remove(writer)
+    predict_with_writer(trainer, stage, loader, LVLMAnswerWriter(parts_dir))

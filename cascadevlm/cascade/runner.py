@@ -13,6 +13,15 @@ from cascadevlm.data.datamodule import CascadeDataModule
 from cascadevlm.records import PredictionRecord
 
 
+def predict_with_writer(trainer: L.Trainer, module: L.LightningModule, loader, writer) -> None:
+    """``trainer.predict`` with a prediction writer attached for this call only."""
+    trainer.callbacks.append(writer)
+    try:
+        trainer.predict(module, dataloaders=loader, return_predictions=False)
+    finally:
+        trainer.callbacks.remove(writer)
+
+
 def run_clip_stage(
     trainer: L.Trainer,
     model: ClipClassifier,
@@ -32,11 +41,7 @@ def run_clip_stage(
     feats = cache.load(key)
     loader = dm.feature_dataloader(feats) if feats is not None else dm.image_dataloader()
     writer = RecordPartsWriter(parts_dir)
-    trainer.callbacks.append(writer)
-    try:
-        trainer.predict(model, dataloaders=loader, return_predictions=False)
-    finally:
-        trainer.callbacks.remove(writer)
+    predict_with_writer(trainer, model, loader, writer)
     trainer.strategy.barrier()
     if not trainer.is_global_zero:
         return None
