@@ -32,6 +32,7 @@ class PredictionRecord:
     lvlm_scores: list[float] | None = None  # per-candidate scores, where the backend has them
     final: int = -1  # the cascade's prediction
     fallback: str | None = None  # e.g. "unparseable": the LVLM's answer was replaced by CLIP's top-1
+    clip_zero_shot_pred: int | None = None  # zero-shot CLIP's top-1 when an adapter made clip_pred
 
     def __post_init__(self) -> None:
         if self.final == -1:
@@ -54,6 +55,7 @@ ARROW_SCHEMA = pa.schema(
         ("lvlm_scores", pa.list_(pa.float64())),
         ("final", pa.int64()),
         ("fallback", pa.string()),
+        ("clip_zero_shot_pred", pa.int64()),
     ]
 )
 

@@ -164,3 +164,40 @@ def test_config_and_input_errors_are_named(tiny_clip_path, data_root, tmp_path, 
     )  # fmt: skip
     assert broken.returncode != 0
     assert "corrupt or truncated image: test row" in broken.stderr and victim.name in broken.stderr
+
+
+def test_image_folder_of_real_photos_end_to_end(tiny_clip_path, photo_folder, tmp_path):
+    out = main([
+        "--model.model_name", "cascadevlm-tiny-vit", "--model.pretrained", str(tiny_clip_path),
+        "--data.dataset", str(photo_folder), "--data.batch_size", "4", "--trainer.accelerator", "cpu",
+        "--trainer.enable_progress_bar", "false", "--output_dir", str(tmp_path), "--cache_dir", str(tmp_path / "c"),
+    ])  # fmt: skip
+    assert out["params"]["images"] == 7 and out["params"]["classes"] == 3
+    records = read_records(next(tmp_path.glob("photos*/records.parquet")))
+    assert sorted(r.label for r in records) == [0, 0, 1, 1, 1, 2, 2]  # animal, object, person
+    assert all(len(r.clip_topk) == 3 for r in records)  # top-k capped at the 3 classes
+
+
+def test_trainer_test_logs_the_same_metrics_as_the_records(tiny_clip_path, data_root):
+    import lightning as L
+
+    from cascadevlm.clip.module import ClipClassifier
+    from cascadevlm.report.metrics import classification_metrics
+
+    dm = CascadeDataModule("fashion_mnist", data_root=str(data_root), limit=120, batch_size=40)
+    model = ClipClassifier(
+        "cascadevlm-tiny-vit", str(tiny_clip_path), class_names=dm.class_names, templates=dm.templates
+    )
+    dm.transform = model.preprocess
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    logged = trainer.test(model, dataloaders=dm.image_dataloader(), verbose=False)[0]
+    preds = [model.predict_step(b) for b in dm.image_dataloader()]
+    from cascadevlm.cascade.writer import outputs_to_records
+
+    records = [r for p in preds for r in outputs_to_records(p)]
+    ref = classification_metrics(records, 10)
+    assert logged["test/acc1"] == pytest.approx(ref["clip_acc1"], abs=1e-6)
+    assert logged["test/acc5"] == pytest.approx(ref["clip_acc5"], abs=1e-6)
+    assert logged["test/mean_per_class_recall"] == pytest.approx(ref["clip_mean_per_class_recall"], abs=1e-6)

@@ -252,14 +252,18 @@ def evaluate(cli: EvaluateCLI) -> dict | None:
     records = combine(clip_records, answers, tau, opts.topk)
     num_classes = len(dm.class_names)
     metrics = classification_metrics(records, num_classes)
-    labels = [r.label for r in records]
+    labelled = [r for r in records if r.label >= 0]  # images of unknown class count in no accuracy
+    labels = [r.label for r in labelled]
     methods = {
         "clip": {"acc1": metrics.get("clip_acc1", float("nan")), "deferral": 0.0},
         "cascade": {"acc1": metrics.get("acc1", float("nan")), "deferral": float(sum(r.deferred for r in records)) / max(len(records), 1), "tau": tau},
     }  # fmt: skip
+    if hp.adapter:  # the adapter's accuracy is "clip"; zero-shot CLIP beside it
+        zs = [r.clip_zero_shot_pred for r in labelled]
+        methods["clip_zero_shot"] = {"acc1": accuracy(zs, labels, num_classes), "deferral": 0.0}
     if backend is not None and all(r.lvlm_choice is not None for r in records):
         methods["lvlm_all"] = {
-            "acc1": accuracy([r.lvlm_choice for r in records], labels, num_classes),
+            "acc1": accuracy([r.lvlm_choice for r in labelled], labels, num_classes),
             "deferral": 1.0,
         }
     if backend is None:

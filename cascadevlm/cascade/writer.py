@@ -23,6 +23,7 @@ def outputs_to_records(out: dict) -> list[PredictionRecord]:
                 clip_topk_probs=[float(p) for p in out["topk_probs"][i].tolist()],
                 entropy=float(out["entropy"][i]),
                 clip_pred=ids[0],
+                clip_zero_shot_pred=int(out["zero_shot_pred"][i]) if "zero_shot_pred" in out else None,
             )
         )
     return recs

@@ -122,6 +122,9 @@ class ClipClassifier(L.LightningModule):
             "topk_probs": probs.cpu(),
             "entropy": entropy_from_logits(logits).cpu(),
         }
+        if self.adapter_module is not None:  # zero-shot beside the adapter, for the report
+            zs = clip_logits(feats, self.ensure_head(), self.clip.logit_scale.exp())
+            out["zero_shot_pred"] = zs.argmax(-1).cpu()
         if "features" not in batch:
             out["features"] = feats.cpu()  # freshly computed: the writer may fill the feature cache
         return out
