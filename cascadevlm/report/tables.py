@@ -86,7 +86,15 @@ def write_results_tables(run_dirs: list[str | Path], out_dir: str | Path) -> dic
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.md").write_text(to_markdown(agg))
     (out_dir / "results.csv").write_text(to_csv(agg))
-    return {"markdown": out_dir / "results.md", "csv": out_dir / "results.csv"}
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(out_dir / "tensorboard")) as tb:  # the same table in TensorBoard's text tab
+        tb.add_text("results", to_markdown(agg), 0)
+    return {
+        "markdown": out_dir / "results.md",
+        "csv": out_dir / "results.csv",
+        "tensorboard": out_dir / "tensorboard",
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
