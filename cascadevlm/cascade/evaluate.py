@@ -37,10 +37,12 @@ EVAL_TRAINER_DEFAULTS = {
     "devices": 1,
 }
 
-RANDOM_WEIGHTS_NOTE = (
-    "The {what} weights are random (a tiny offline model of a real architecture): accuracy here is not "
-    "meaningful. Use pretrained models (e.g. --model.model_name ViT-L-14 --model.pretrained openai) for real numbers."
-)
+RANDOM_WEIGHTS_NOTE = {
+    "CLIP": "The CLIP weights are random (a tiny offline model of a real architecture): accuracy here is not "
+    "meaningful. For real numbers use pretrained weights, e.g. --model.model_name ViT-L-14 --model.pretrained openai.",
+    "LVLM": "The LVLM weights are random (a tiny offline model of a real architecture): its answers are not "
+    "meaningful. For real numbers use a pretrained LVLM, e.g. --lvlm configs/lvlm/qwen2vl_7b_score.yaml.",
+}
 
 
 @dataclass
@@ -163,9 +165,9 @@ def evaluate(cli: EvaluateCLI) -> dict | None:
     run_dir = Path(cfg.output_dir) / (cfg.run_name or default_run_name(dm, model, lvlm_desc))
     notes = []
     if uses_random_weights(model):
-        notes.append(RANDOM_WEIGHTS_NOTE.format(what="CLIP"))
+        notes.append(RANDOM_WEIGHTS_NOTE["CLIP"])
     if _lvlm_is_tiny(lvlm_desc):
-        notes.append(RANDOM_WEIGHTS_NOTE.format(what="LVLM"))
+        notes.append(RANDOM_WEIGHTS_NOTE["LVLM"])
     rank0 = trainer.is_global_zero
     if rank0:
         for n in notes:
