@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import io
 import os
 import statistics
@@ -54,7 +55,8 @@ def run(
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--images", type=int, default=300)
+    ap.add_argument("--images", type=int, default=1000)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--data-root", default="data")
     args = ap.parse_args()
     sys.argv = sys.argv[:1]  # evaluate() gets its own argument list
@@ -65,25 +67,37 @@ def main() -> None:
         llava = build_tiny_llava(tmp / "llava")
         r = lambda name, *extra: run(tmp, name, ckpt, llava, n, args.data_root, *extra)  # noqa: E731
         r("warmup", "--cascade.tau", ".inf")
-        t_clip = statistics.median(r(f"clip{i}", "--cascade.tau", ".inf") for i in range(2))
-        t_all = r("all", "--cascade.tau=-.inf")
-        per_image = (t_all - t_clip) / n
-        entropies = [x.entropy for x in read_records(tmp / "runs" / "all" / "records.parquet")]
-        print(
-            f"{n} Fashion-MNIST test images; CLIP cascadevlm-small-vit (112px), LVLM tiny LLaVA scoring, CPU"
-        )
-        print(f"cost(CLIP stage) = {t_clip:.2f} s; cost(LVLM per image) = {1000 * per_image:.1f} ms "
-              f"(from the tau=-inf run: {t_all:.2f} s)")  # fmt: skip
-        print(f"{'budget':>7} {'tau':>9} {'deferred':>8} {'measured s':>10} {'predicted s':>11} {'ratio':>6}")
+        r("warmup_all", "--cascade.tau=-.inf")
+        entropies = [x.entropy for x in read_records(tmp / "runs" / "warmup_all" / "records.parquet")]
+        configs = {"clip": ("--cascade.tau", ".inf"), "all": ("--cascade.tau=-.inf",)}
+        deferred = {"clip": 0, "all": n}
         for budget in (0.1, 0.3, 0.6):
             tau = tau_for_budget(entropies, budget)
-            deferred = sum(e > tau for e in entropies)
-            measured = r(f"b{budget}", "--cascade.tau", repr(tau))
-            predicted = t_clip + deferred * per_image
-            print(f"{budget:>7.1f} {tau:>9.4g} {deferred:>8d} {measured:>10.2f} {predicted:>11.2f} "
-                  f"{measured / predicted:>6.3f}")  # fmt: skip
+            configs[f"budget {budget}"] = ("--cascade.tau", repr(tau))
+            deferred[f"budget {budget}"] = sum(e > tau for e in entropies)
+        # interleaved rounds, median of `repeats` per configuration (each run computes its features afresh)
+        times: dict[str, list[float]] = {k: [] for k in configs}
+        names = list(configs)
+        for rnd in range(args.repeats):
+            k = rnd % len(names)
+            for name in names[k:] + names[:k]:  # rotate the order so no setting always runs first
+                gc.collect()
+                times[name].append(r(f"{name.replace(' ', '')}_{rnd}", *configs[name]))
+        med = {k: statistics.median(v) for k, v in times.items()}
+        t_clip, t_all = med["clip"], med["all"]
+        per_image = (t_all - t_clip) / n
+        print(f"{n} Fashion-MNIST test images; CLIP cascadevlm-small-vit (112px), LVLM tiny LLaVA scoring, CPU; "
+              f"median of {args.repeats} interleaved runs each")  # fmt: skip
+        print(f"cost(CLIP) = {t_clip:.2f} s (tau=+inf run); cost(LVLM per image) = {1000 * per_image:.1f} ms "
+              f"(from the tau=-inf run: {t_all:.2f} s)")  # fmt: skip
+        print(f"{'setting':>11} {'deferred':>8} {'measured s':>10} {'predicted s':>11} {'ratio':>6}")
+        for name in configs:
+            if name.startswith("budget"):
+                predicted = t_clip + deferred[name] * per_image
+                print(f"{name:>11} {deferred[name]:>8d} {med[name]:>10.2f} {predicted:>11.2f} "
+                      f"{med[name] / predicted:>6.3f}")  # fmt: skip
 
-        records = read_records(tmp / "runs" / "all" / "records.parquet")
+        records = read_records(tmp / "runs" / "warmup_all" / "records.parquet")
         t = time.perf_counter()
         for _ in range(5):
             rows = sweep(records, 10)

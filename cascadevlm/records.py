@@ -66,7 +66,7 @@ def append_jsonl(path: str | Path, records: Iterable[PredictionRecord]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as fh:
         for rec in records:
-            fh.write(json.dumps(asdict(rec)) + "\n")
+            fh.write(json.dumps(vars(rec)) + "\n")  # fields are plain values: no deep copy needed
         fh.flush()
 
 
