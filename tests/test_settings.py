@@ -42,7 +42,9 @@ def test_settings_sweep_trains_evaluates_and_tabulates(tiny_clip_path, data_root
     assert k0["params"]["adapter"] is None
     # evaluate.py reports the adapter beside zero-shot CLIP on the same images
     assert k2["methods"]["clip_zero_shot"]["acc1"] == pytest.approx(k0["methods"]["clip"]["acc1"])
-    assert (out / "results.csv").read_text().count("fashion_mnist") == 5  # 2 settings x (clip, cascade) + zero-shot beside the adapter
+    assert (out / "results.csv").read_text().count(
+        "fashion_mnist"
+    ) == 5  # 2 settings x (clip, cascade) + zero-shot beside the adapter
 
     # a rerun finds every step done and only rebuilds the table
     main(
