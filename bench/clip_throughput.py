@@ -71,9 +71,10 @@ def main() -> None:
         model = ClipClassifier(args.model, str(ckpt), class_names=dm.class_names, templates=dm.templates)
         plain_loop(model, dm, args.batch_size)  # warm-up (allocator, thread pools)
         n = len(dm.eval_dataset())
-        # alternate the two sides, 3 rounds each (best of 3), each stage run with a fresh (empty) cache
+        # alternate the two sides, 5 rounds each (best of 5: this shared VM swings +-25% run to run),
+        # each stage run with a fresh (empty) cache
         t_plain, t_stage = [], []
-        for r in range(3):
+        for r in range(5):
             t_plain.append(plain_loop(model, dm, args.batch_size))
             t_stage.append(stage(model, dm, tmp / f"run{r}", tmp / f"cache{r}"))
         t_cached = min(stage(model, dm, tmp / f"cached{r}", tmp / "cache0") for r in range(3))

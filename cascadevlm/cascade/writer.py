@@ -30,15 +30,16 @@ def outputs_to_records(out: dict) -> list[PredictionRecord]:
 
 
 class RecordPartsWriter(BasePredictionWriter):
-    """Appends records to ``<parts_dir>/clip.rank<r>.jsonl`` per batch; keeps fresh features per rank.
-
-    Features (when the batch computed them) are saved at epoch end as ``features.rank<r>.pt`` so rank 0
-    can fill the feature cache after the barrier.
+    """Collects each rank's CLIP-stage records (and freshly computed features) and writes them once per
+    rank at epoch end, as ``<parts_dir>/clip.rank<r>.jsonl`` and ``features.rank<r>.pt``, for rank 0 to
+    merge after the barrier. The CLIP stage is cheap to redo from the feature cache, so it is not
+    resumed batch by batch (the LVLM stage is: see :mod:`cascadevlm.cascade.lvlm_stage`).
     """
 
     def __init__(self, parts_dir: str | Path) -> None:
         super().__init__(write_interval="batch")
         self.parts_dir = Path(parts_dir)
+        self._records: list[PredictionRecord] = []
         self._feats: list[torch.Tensor] = []
         self._idx: list[torch.Tensor] = []
 
@@ -52,18 +53,19 @@ class RecordPartsWriter(BasePredictionWriter):
         self.parts_dir.mkdir(parents=True, exist_ok=True)
         self.record_path(trainer.global_rank).unlink(missing_ok=True)
         self.feature_path(trainer.global_rank).unlink(missing_ok=True)
-        self._feats, self._idx = [], []
+        self._records, self._feats, self._idx = [], [], []
 
     def write_on_batch_end(
         self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0
     ):
-        append_jsonl(self.record_path(trainer.global_rank), outputs_to_records(prediction))
+        self._records.extend(outputs_to_records(prediction))
         if "features" in prediction:
             self._feats.append(prediction["features"])
             self._idx.append(prediction["index"])
 
     def on_predict_epoch_end(self, trainer, pl_module) -> None:
-        if self._feats:
+        append_jsonl(self.record_path(trainer.global_rank), self._records)
+        if self._feats and trainer.world_size > 1:  # one process: rank 0 already holds them
             torch.save(
                 {"index": torch.cat(self._idx), "features": torch.cat(self._feats)},
                 self.feature_path(trainer.global_rank),
@@ -71,6 +73,8 @@ class RecordPartsWriter(BasePredictionWriter):
 
     # rank 0, after the barrier -------------------------------------------------------------------
     def merged_records(self, world_size: int) -> list[PredictionRecord]:
+        if world_size == 1:
+            return dedupe_sorted(self._records)
         recs = []
         for r in range(world_size):
             if self.record_path(r).exists():
@@ -78,7 +82,14 @@ class RecordPartsWriter(BasePredictionWriter):
         return dedupe_sorted(recs)
 
     def merged_features(self, world_size: int, num_rows: int) -> torch.Tensor | None:
-        parts = [torch.load(self.feature_path(r)) for r in range(world_size) if self.feature_path(r).exists()]
+        if world_size == 1:
+            parts = (
+                [{"index": torch.cat(self._idx), "features": torch.cat(self._feats)}] if self._feats else []
+            )
+        else:
+            parts = [
+                torch.load(self.feature_path(r)) for r in range(world_size) if self.feature_path(r).exists()
+            ]
         if not parts:
             return None
         idx = torch.cat([p["index"] for p in parts])
