@@ -1,0 +1,51 @@
+"""The cascade with a hosted LVLM: evaluate.py against a chat-completions server on loopback."""
+
+import pytest
+from test_lvlm_api import KEY_ENV, SECRET, ChatServer
+
+from cascadevlm.cascade.evaluate import main
+from cascadevlm.records import read_records
+
+
+@pytest.mark.slow
+def test_cascade_through_an_openai_compatible_api(tiny_clip_path, data_root, tmp_path, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    cache = tmp_path / "answers.sqlite"
+
+    def args(server, name):
+        return [
+            "--model.model_name", "cascadevlm-tiny-vit", "--model.pretrained", str(tiny_clip_path),
+            "--data.dataset", "fashion_mnist", "--data.data_root", str(data_root), "--data.limit", "20",
+            "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+            "--lvlm.class_path", "cascadevlm.lvlm.api_backend.OpenAIBackend",
+            "--lvlm.init_args.model", "gpt-test-vision", "--lvlm.init_args.base_url", server.url,
+            "--lvlm.init_args.api_key_env", KEY_ENV, "--lvlm.init_args.cache_path", str(cache),
+            "--lvlm.init_args.backoff_s", "0.01", "--lvlm.init_args.max_concurrency", "2",
+            "--cascade.tau=-.inf", "--cascade.lvlm_on", "deferred", "--cascade.lvlm_batch_size", "8",
+            "--output_dir", str(tmp_path / "runs"), "--cache_dir", str(tmp_path / "features"), "--run_name", name,
+        ]  # fmt: skip
+
+    # the model always answers "(B)": the second candidate in CLIP's order; the first call is rate-limited
+    with ChatServer(script=["429"]) as server:
+        out = main(args(server, "first"))
+        assert len(server.requests) == 21  # 20 images + the retried 429
+        prompt = server.requests[-1]["body"]["messages"][-1]["content"]
+        assert any(p.get("type") == "image_url" for p in prompt)
+        assert "clothing item" in str(prompt)  # dataset-aware wording filled in by the cascade
+    records = read_records(tmp_path / "runs" / "first" / "records.parquet")
+    assert all(r.deferred and r.lvlm_choice == r.clip_topk[1] == r.final for r in records)
+    assert out["params"]["lvlm_calls"] == 20
+
+    # another run directory, same answers cache: nothing is paid twice
+    with ChatServer() as server:
+        again = main(args(server, "second"))
+        assert server.requests == []
+    assert [r.final for r in read_records(tmp_path / "runs" / "second" / "records.parquet")] == [
+        r.final for r in records
+    ]
+    assert again["params"]["lvlm_calls"] == 0
+
+    # the key is in no file the runs wrote (records, metrics.json with the full config, parts, cache, plots)
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
