@@ -27,7 +27,7 @@ class ImageLoadError(OSError):
         super().__init__(f"{self.path}: {reason}")
 
 
-def _read_bytes(path: str | Path) -> bytes:
+def read_bytes(path: str | Path) -> bytes:
     try:
         return Path(path).read_bytes()
     except FileNotFoundError:
@@ -38,7 +38,7 @@ def _read_bytes(path: str | Path) -> bytes:
         raise ImageLoadError(path, f"cannot read file ({err.strerror or err})") from None
 
 
-def _decode(data: bytes, path: str | Path) -> Image.Image:
+def decode(data: bytes, path: str | Path) -> Image.Image:
     """Open and fully decode; a truncated or corrupt file fails here, not later in a data loader."""
     try:
         img = Image.open(io.BytesIO(data))
@@ -88,7 +88,7 @@ def _orientation(img: Image.Image) -> int:
         return 1
 
 
-def _upright_rgb(img: Image.Image, path: str | Path) -> Image.Image:
+def upright_rgb(img: Image.Image, path: str | Path) -> Image.Image:
     try:
         if _orientation(img) != 1:
             img = ImageOps.exif_transpose(img)
@@ -103,8 +103,8 @@ def load_rgb(path: str | Path) -> Image.Image:
     Raises :class:`ImageLoadError` (an ``OSError``) naming the path when the file is missing,
     not an image, truncated or corrupt.
     """
-    data = _read_bytes(path)
-    return _upright_rgb(_decode(data, path), path)
+    data = read_bytes(path)
+    return upright_rgb(decode(data, path), path)
 
 
 def encode_rgb(path: str | Path) -> tuple[bytes, str]:
@@ -113,12 +113,12 @@ def encode_rgb(path: str | Path) -> tuple[bytes, str]:
     A plain RGB JPEG without EXIF rotation is returned byte for byte (no re-encoding loss); other
     JPEGs are re-encoded at quality 95 after conversion, lossless sources are written as PNG.
     """
-    data = _read_bytes(path)
-    img = _decode(data, path)
+    data = read_bytes(path)
+    img = decode(data, path)
     source_format = img.format
     if source_format == "JPEG" and img.mode == "RGB" and _orientation(img) == 1:
         return data, "JPEG"
-    rgb = _upright_rgb(img, path)
+    rgb = upright_rgb(img, path)
     buf = io.BytesIO()
     if source_format == "JPEG":
         rgb.save(buf, format="JPEG", quality=95)

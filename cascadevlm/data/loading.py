@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 
 import datasets
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
-from cascadevlm.data.images import to_rgb
+from cascadevlm.data.images import ImageLoadError, decode, read_bytes, upright_rgb
 from cascadevlm.data.registry import benchmark_names, get_benchmark
 
 IMAGE_COLUMN = "image"
@@ -24,34 +23,25 @@ class ImageDecodeError(ValueError):
 def decode_image(value, where: str) -> Image.Image:
     """Decode a datasets image value ({"bytes", "path"} dict, path or PIL image) to an RGB PIL image.
 
-    EXIF orientation is applied; grayscale, palette, CMYK and RGBA become RGB. ``where`` names the
-    image in errors (e.g. ``"test row 17"``).
+    The same decoding as dataset preparation (:mod:`cascadevlm.data.images`): fully decoded now, so a
+    truncated file fails here and not later in a worker; EXIF orientation applied; grayscale, palette,
+    CMYK, 16-bit and RGBA become RGB. ``where`` names the image in errors (e.g. ``"test row 17"``).
     """
     if isinstance(value, Image.Image):
-        img = value
-    else:
-        path = None
-        data = None
-        if isinstance(value, dict):
-            data, path = value.get("bytes"), value.get("path")
-        elif isinstance(value, (str, os.PathLike)):
-            path = str(value)
-        name = f"{where} ({path})" if path else where
-        try:
-            if data is not None:
-                img = Image.open(io.BytesIO(data))
-            elif path is not None:
-                img = Image.open(path)
-            else:
+        return upright_rgb(value, where)
+    data, path = (value.get("bytes"), value.get("path")) if isinstance(value, dict) else (None, value)
+    path = str(path) if isinstance(path, (str, os.PathLike)) else None
+    name = f"{where} ({path})" if path else where
+    try:
+        if data is None:
+            if path is None:
                 raise ImageDecodeError(f"{where}: no image bytes or path")
-            img.load()  # force full decode now: truncated files fail here, not later in a worker
-        except FileNotFoundError:
+            data = read_bytes(path)
+        return upright_rgb(decode(data, name), name)
+    except ImageLoadError as err:
+        if err.reason == "file not found":
             raise ImageDecodeError(f"image file missing: {name}") from None
-        except (UnidentifiedImageError, OSError, SyntaxError) as err:
-            raise ImageDecodeError(f"corrupt or truncated image: {name}: {err}") from None
-    img = ImageOps.exif_transpose(img)
-    img = to_rgb(img)  # the same conversions as dataset preparation (16-bit, alpha over white, CMYK, ...)
-    return img
+        raise ImageDecodeError(f"corrupt or truncated image: {name}: {err.reason}") from None
 
 
 def _is_saved_dataset(path: Path) -> bool:
