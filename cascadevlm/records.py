@@ -60,30 +60,41 @@ ARROW_SCHEMA = pa.schema(
 )
 
 
-def append_jsonl(path: str | Path, records: Iterable[PredictionRecord]) -> None:
-    """Append records to a JSON-lines file and flush, so a crash after this call loses none of them."""
+def append_json_lines(path: str | Path, rows: Iterable) -> None:
+    """Append dataclass rows (plain-valued fields) to a JSON-lines file and flush, so a crash after this
+    call loses none of them."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as fh:
-        for rec in records:
-            fh.write(json.dumps(vars(rec)) + "\n")  # fields are plain values: no deep copy needed
+        for row in rows:
+            fh.write(json.dumps(vars(row)) + "\n")  # fields are plain values: no deep copy needed
         fh.flush()
 
 
-def read_jsonl(path: str | Path) -> list[PredictionRecord]:
-    """Read records from JSON lines; a last line cut short by a crash is ignored."""
+def read_json_lines(path: str | Path, row_type: type, what: str = "record") -> list:
+    """Rows of ``row_type`` from a JSON-lines file; a last line cut short by a crash is ignored."""
     out = []
     lines = Path(path).read_text(encoding="utf-8").splitlines()
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
-            out.append(PredictionRecord(**json.loads(line)))
-        except json.JSONDecodeError:
+            out.append(row_type(**json.loads(line)))
+        except (json.JSONDecodeError, TypeError):
             if i == len(lines) - 1:  # torn write at the end of an interrupted run
                 break
-            raise ValueError(f"{path}: line {i + 1} is not a JSON record") from None
+            raise ValueError(f"{path}: line {i + 1} is not a JSON {what}") from None
     return out
+
+
+def append_jsonl(path: str | Path, records: Iterable[PredictionRecord]) -> None:
+    """Append prediction records to a JSON-lines file (see :func:`append_json_lines`)."""
+    append_json_lines(path, records)
+
+
+def read_jsonl(path: str | Path) -> list[PredictionRecord]:
+    """Prediction records from JSON lines; a last line cut short by a crash is ignored."""
+    return read_json_lines(path, PredictionRecord)
 
 
 def dedupe_sorted(records: Iterable[PredictionRecord]) -> list[PredictionRecord]:

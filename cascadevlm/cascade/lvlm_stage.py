@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from cascadevlm.cascade.runner import predict_with_writer
 from cascadevlm.data.loading import IMAGE_COLUMN, decode_image
 from cascadevlm.lvlm.base import LVLMBackend, LVLMRequest
-from cascadevlm.records import PredictionRecord
+from cascadevlm.records import PredictionRecord, append_json_lines, read_json_lines
 
 
 @dataclass
@@ -103,25 +103,14 @@ class LVLMAnswerWriter(BasePredictionWriter):
     def write_on_batch_end(
         self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0
     ):
-        self.parts_dir.mkdir(parents=True, exist_ok=True)
-        with (self.parts_dir / f"lvlm.rank{trainer.global_rank}.jsonl").open("a", encoding="utf-8") as fh:
-            for r in prediction:
-                fh.write(json.dumps(r.__dict__) + "\n")
-            fh.flush()
+        append_json_lines(self.parts_dir / f"lvlm.rank{trainer.global_rank}.jsonl", prediction)
 
 
 def read_answers(parts_dir: str | Path) -> dict[int, LVLMResult]:
     """Every answer written so far, by image index (a torn last line of a killed run is ignored)."""
     out: dict[int, LVLMResult] = {}
     for path in sorted(Path(parts_dir).glob("lvlm.rank*.jsonl")):
-        lines = path.read_text(encoding="utf-8").splitlines()
-        for i, line in enumerate(lines):
-            try:
-                r = LVLMResult(**json.loads(line))
-            except (json.JSONDecodeError, TypeError):
-                if i == len(lines) - 1:
-                    break
-                raise ValueError(f"{path}: line {i + 1} is not an LVLM answer") from None
+        for r in read_json_lines(path, LVLMResult, "LVLM answer"):
             out.setdefault(r.index, r)
     return out
 
