@@ -8,7 +8,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
+from cascadevlm.report.kshot import mean_std  # one mean / sample-std for every seed table
 
 
 def collect_results(run_dirs: list[str | Path]) -> list[dict]:
@@ -42,17 +42,17 @@ def aggregate(rows: list[dict]) -> list[dict]:
         groups[(r["dataset"], r["shots"], r["method"])].append(r)
     out = []
     for (dataset, shots, method), rs in sorted(groups.items()):
-        acc = np.array([r["acc1"] for r in rs]) * 100
-        dfr = np.array([r["deferral"] for r in rs]) * 100
+        acc_mean, acc_std = mean_std([100 * r["acc1"] for r in rs])
+        deferral_mean, _ = mean_std([100 * r["deferral"] for r in rs])
         out.append(
             {
                 "dataset": dataset,
                 "setting": f"{shots}-shot",
                 "method": method,
                 "seeds": len(rs),
-                "acc1_mean": float(acc.mean()),
-                "acc1_std": float(acc.std(ddof=1)) if len(rs) > 1 else 0.0,
-                "deferral_mean": float(dfr.mean()),
+                "acc1_mean": acc_mean,
+                "acc1_std": acc_std,
+                "deferral_mean": deferral_mean,
             }
         )
     return out
