@@ -11,7 +11,7 @@ import copy
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -159,7 +159,7 @@ def evaluate(cli: EvaluateCLI) -> dict | None:
     """Run the evaluation described by a parsed CLI; returns metrics.json's content on rank 0."""
     cfg, model, dm, trainer = cli.config, cli.model, cli.datamodule, cli.trainer
     backend: LVLMBackend | None = cli.config_init.get("lvlm")
-    opts = CascadeOptions(**{k: v for k, v in dict(cfg.cascade).items()})
+    opts = CascadeOptions(**dict(cfg.cascade))
     lvlm_desc = _lvlm_description(cfg)
     hp = model.hparams
     run_dir = Path(cfg.output_dir) / (cfg.run_name or default_run_name(dm, model, lvlm_desc))
@@ -334,4 +334,4 @@ def main(args: list[str] | None = None) -> dict | None:
     return evaluate(cli)
 
 
-__all__ = ["CascadeOptions", "EvaluateCLI", "combine", "evaluate", "main", "asdict"]
+__all__ = ["CascadeOptions", "EvaluateCLI", "combine", "evaluate", "main"]

@@ -37,7 +37,7 @@ def run_clip_stage(
     dm.transform = model.preprocess
     ds = dm.eval_dataset()
     cache = FeatureCache(cache_dir)
-    key = split_feature_key(model.bundle, ds, f"{dm.name}/{dm.split}")
+    key = stage_cache_key(model, dm)
     feats = cache.load(key)
     loader = dm.feature_dataloader(feats) if feats is not None else dm.image_dataloader()
     writer = RecordPartsWriter(parts_dir)
@@ -56,6 +56,10 @@ def run_clip_stage(
     return records
 
 
+def stage_cache_key(model: ClipClassifier, dm: CascadeDataModule) -> str:
+    """The feature-cache key of ``dm``'s evaluated split under ``model``."""
+    return split_feature_key(model.bundle, dm.eval_dataset(), f"{dm.name}/{dm.split}")
+
+
 def feature_cache_hit(model: ClipClassifier, dm: CascadeDataModule, cache_dir: str | Path) -> bool:
-    key = split_feature_key(model.bundle, dm.eval_dataset(), f"{dm.name}/{dm.split}")
-    return FeatureCache(cache_dir).path(key).exists()
+    return FeatureCache(cache_dir).path(stage_cache_key(model, dm)).exists()
