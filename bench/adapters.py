@@ -26,7 +26,7 @@ from cascadevlm.clip.zero_shot import build_zero_shot_head
 from cascadevlm.data.benchmarks import FINE_GRAINED
 from cascadevlm.data.datamodule import CascadeDataModule
 from cascadevlm.data.loading import FeatureDataset, ImageClassificationDataset
-from cascadevlm.testing.tiny_clip import build_tiny_clip
+from cascadevlm.zoo.tiny_clip import build_tiny_clip
 
 MODELS = ("cascadevlm-tiny-vit", "cascadevlm-small-vit")
 

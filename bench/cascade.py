@@ -31,8 +31,8 @@ from cascadevlm.cascade.evaluate import main as evaluate  # noqa: E402
 from cascadevlm.cascade.gate import tau_for_budget  # noqa: E402
 from cascadevlm.records import read_records  # noqa: E402
 from cascadevlm.report.analysis import sweep  # noqa: E402
-from cascadevlm.testing.tiny_clip import build_tiny_clip  # noqa: E402
-from cascadevlm.testing.tiny_lvlm import build_tiny_llava  # noqa: E402
+from cascadevlm.zoo.tiny_clip import build_tiny_clip  # noqa: E402
+from cascadevlm.zoo.tiny_lvlm import build_tiny_llava  # noqa: E402
 
 
 def run(

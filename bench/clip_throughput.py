@@ -25,7 +25,7 @@ from cascadevlm.clip.module import ClipClassifier  # noqa: E402
 from cascadevlm.clip.zero_shot import build_zero_shot_head  # noqa: E402
 from cascadevlm.data.datamodule import CascadeDataModule  # noqa: E402
 from cascadevlm.data.loading import ImageClassificationDataset  # noqa: E402
-from cascadevlm.testing.tiny_clip import build_tiny_clip  # noqa: E402
+from cascadevlm.zoo.tiny_clip import build_tiny_clip  # noqa: E402
 
 
 def plain_loop(model: ClipClassifier, dm: CascadeDataModule, batch_size: int) -> float:

@@ -22,7 +22,7 @@ from cascadevlm.lvlm.prompts import PromptConfig, build_prompt
 from cascadevlm.lvlm.scoring import score_candidates
 from cascadevlm.lvlm.transformers_backend import TransformersBackend
 from cascadevlm.testing.images import sample_photos
-from cascadevlm.testing.tiny_lvlm import BUILDERS
+from cascadevlm.zoo.tiny_lvlm import BUILDERS
 
 CLASSES = [
     "astronaut",

@@ -14,7 +14,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 from cascadevlm.testing.images import sample_photos  # noqa: E402
-from cascadevlm.testing.tiny_clip import TINY_CLIP, build_tiny_clip  # noqa: E402
+from cascadevlm.zoo.tiny_clip import TINY_CLIP, build_tiny_clip  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

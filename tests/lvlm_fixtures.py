@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from cascadevlm.testing.images import sample_photos
-from cascadevlm.testing.tiny_lvlm import build_tiny_llava, build_tiny_qwen2vl
+from cascadevlm.zoo.tiny_lvlm import build_tiny_llava, build_tiny_qwen2vl
 
 # Class names for the sample photos: the k-shot "dataset" of the LVLM tests.
 PHOTO_CLASSES = {

@@ -22,7 +22,7 @@ from cascadevlm.clip.model import load_clip
 from cascadevlm.clip.zero_shot import build_zero_shot_head, clip_logits
 from cascadevlm.report.kshot import aggregate, collect_runs
 from cascadevlm.report.kshot import main as kshot_main
-from cascadevlm.testing.tiny_clip import TINY_CLIP, build_tiny_clip
+from cascadevlm.zoo.tiny_clip import TINY_CLIP, build_tiny_clip
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -16,7 +16,7 @@ from cascadevlm.lvlm.transformers_backend import TransformersBackend
 from cascadevlm.records import read_records
 from cascadevlm.report.analysis import final_at_tau, sweep
 from cascadevlm.report.metrics import accuracy
-from cascadevlm.testing.tiny_lvlm import build_tiny_llava
+from cascadevlm.zoo.tiny_lvlm import build_tiny_llava
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -81,7 +81,7 @@ def test_feature_cache_skips_the_image_encoder_and_never_goes_stale(
     assert read_records(tmp_path / "runs" / "r" / "records.parquet") == first
 
     # other weights -> another key -> the encoder runs again
-    from cascadevlm.testing.tiny_clip import build_tiny_clip
+    from cascadevlm.zoo.tiny_clip import build_tiny_clip
 
     other = build_tiny_clip(tmp_path / "other", seed=1)
     main(_args(other, data_root, tmp_path))

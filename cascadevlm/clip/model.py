@@ -88,7 +88,7 @@ def ensure_tiny_checkpoint(model_name: str, pretrained: str | None) -> None:
             f"for a project tiny model (cascadevlm-*); got model_name={model_name!r}, pretrained={pretrained!r}"
         )
     if not path.exists():
-        from cascadevlm.testing.tiny_clip import build_tiny_clip
+        from cascadevlm.zoo.tiny_clip import build_tiny_clip
 
         build_tiny_clip(path.parent, model_name=model_name, seed=int(match["seed"]))
 

@@ -82,7 +82,7 @@ def ensure_tiny_model(path: str, kind: str) -> None:
     """Write the tiny random-weight ``kind`` model (``llava`` or ``qwen2vl``) at ``path`` if missing."""
     from pathlib import Path
 
-    from cascadevlm.testing.tiny_lvlm import BUILDERS
+    from cascadevlm.zoo.tiny_lvlm import BUILDERS
 
     if kind not in BUILDERS:
         raise ValueError(f"build_tiny must be one of {sorted(BUILDERS)}, got {kind!r}")

@@ -1,1 +1,1 @@
-"""Tiny offline models and real sample photos, used by the tests, the demo and the benchmarks."""
+"""Test and benchmark helpers: real sample photos and miniature raw benchmark trees."""

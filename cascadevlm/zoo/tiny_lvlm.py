@@ -254,7 +254,7 @@ BUILDERS = {"llava": build_tiny_llava, "qwen2vl": build_tiny_qwen2vl}
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m cascadevlm.testing.tiny_lvlm OUT_DIR``: write ``OUT_DIR/llava`` and ``OUT_DIR/qwen2vl``."""
+    """``python -m cascadevlm.zoo.tiny_lvlm OUT_DIR``: write ``OUT_DIR/llava`` and ``OUT_DIR/qwen2vl``."""
     import argparse
 
     parser = argparse.ArgumentParser(description=main.__doc__)
