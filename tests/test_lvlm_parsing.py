@@ -25,6 +25,13 @@ TABLE = [
     ("The answer is option C.", "letters", 2),
     ("The correct answer is: (A)", "letters", 0),
     ("Letter E", "letters", 4),
+    # as chat models write them: markdown, lower case
+    ("**Answer:** B", "letters", 1),
+    ("**Answer**: C", "letters", 2),
+    ("The answer is b.", "letters", 1),
+    ("answer: (d) horse", "letters", 3),
+    ("The answer is a horse.", "letters", 3),  # "a" as an article, not option A
+    ("Answer: e, the Airbus A320", "letters", 4),
     ("F", "letters", None),  # outside the 5 options shown
     ("answer is Z", "letters", None),
     # exact names, case and punctuation differences

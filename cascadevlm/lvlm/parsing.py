@@ -3,7 +3,7 @@
 Rules, in order (the first that decides wins):
 
 1. lettered prompts: a letter alone or marked as one ("B", "(B)", "B.", "B) cat", "**B**",
-   "Answer: B", "The answer is option B"), within the options shown;
+   "Answer: B", "**Answer:** B", "The answer is option B", "The answer is b."), within the options shown;
 2. an exact option name, ignoring case, punctuation and spacing ("boeing 737 800" == "Boeing 737-800");
 3. option names inside a sentence, as whole words: the longest matching one, when the others it
    matches are part of it ("a Boeing 737-800 in flight" -> "Boeing 737-800", not "Boeing 737");
@@ -23,9 +23,11 @@ UNPARSEABLE = "unparseable"
 
 # "B", "(B)", "[B]", "B.", "B)", "B:", "B. name", "B) name" at the start of the answer.
 _LEADING_LETTER = re.compile(r"^[\s\"'*`(\[]*([A-Za-z])\s*(?:[.):\]*\"'`]|$)")
-# "answer is B", "Answer: (B)", "option B", "choice: B" anywhere.
+# "answer is B", "Answer: (B)", "**Answer:** B", "option B", "choice: B" anywhere; a lower-case letter
+# only where it stands alone ("The answer is b.", not "the answer is a cat").
 _MARKED_LETTER = re.compile(
-    r"\b(?i:answer|option|choice|letter)(?:\s*(?i:is|:|=))*\s*(?i:option\s+|letter\s+)?[\"'*(\[]*([A-Z])\b(?![-'])"
+    r"\b(?i:answer|option|choice|letter)(?:\s*(?i:is|:|=)|\s*\*+)*\s*(?i:option\s+|letter\s+)?[\"'*(\[]*"
+    r"(?:([A-Z])\b(?![-'])|([a-z])(?=[\s\"'*`)\].,;:!]*$|[)\].,;:!]\s))"
 )
 
 
@@ -49,7 +51,8 @@ def parse_letter(text: str, num_options: int) -> int | None:
         pos = LETTERS.index(m.group(1).upper())
         if pos < num_options:
             return pos
-    hits = {LETTERS.index(x) for x in _MARKED_LETTER.findall(text) if LETTERS.index(x) < num_options}
+    marked = [(upper or lower).upper() for upper, lower in _MARKED_LETTER.findall(text)]
+    hits = {LETTERS.index(x) for x in marked if LETTERS.index(x) < num_options}
     if len(hits) == 1:
         return hits.pop()
     return None
