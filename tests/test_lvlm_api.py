@@ -10,13 +10,14 @@ import logging
 import pickle
 import threading
 import time
+from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from lvlm_fixtures import photos  # noqa: F401
 from PIL import Image
 
-from cascadevlm.lvlm.api_backend import OpenAIBackend
+from cascadevlm.lvlm.api_backend import API_ERROR, APIFatalError, OpenAIBackend, retry_after_seconds
 from cascadevlm.lvlm.base import Exemplar, LVLMRequest
 from cascadevlm.lvlm.prompts import PromptConfig
 
@@ -27,14 +28,26 @@ SECRET = "sk-test-5f1d2c9e-never-write-me"
 class ChatServer:
     """Speaks ``POST /v1/chat/completions`` on 127.0.0.1 only.
 
-    ``script`` lists what to do with the first requests ("429", "500", "sleep:<seconds>", "ok"); later
-    requests are answered with ``answer``. It serves at most ``max_requests`` and shuts itself down
-    after ``lifetime_s`` seconds.
+    ``script`` lists what to do with the first requests ("429", "500", "401", "403", "404",
+    "sleep:<seconds>", "empty" (no choices), "429s:<seconds>" / "429date:<seconds>" (Retry-After as
+    seconds / as an HTTP date that many seconds ahead), "ok"); later requests are answered with
+    ``answer`` (text, or a function of the request body). ``logprobs``, a function of the request body,
+    gives the choice's ``logprobs`` object (None: the field is left out). It serves at most
+    ``max_requests`` and shuts itself down after ``lifetime_s`` seconds.
     """
 
-    def __init__(self, script=(), answer="The answer is (B).", delay_s=0.0, max_requests=40, lifetime_s=30.0):
+    def __init__(
+        self,
+        script=(),
+        answer="The answer is (B).",
+        delay_s=0.0,
+        max_requests=40,
+        lifetime_s=30.0,
+        logprobs=None,
+    ):
         self.script = list(script)
         self.answer = answer
+        self.logprobs = logprobs
         self.delay_s = delay_s
         self.max_requests = max_requests
         self.requests: list[dict] = []
@@ -55,6 +68,7 @@ class ChatServer:
                             "path": self.path,
                             "headers": {k.lower(): v for k, v in self.headers.items()},
                             "body": body,
+                            "t": time.monotonic(),
                         }
                     )
                     action = server.script[n] if n < len(server.script) else "ok"
@@ -71,11 +85,23 @@ class ChatServer:
                         return self._send(429, {"error": {"message": "rate limited"}}, {"Retry-After": "0"})
                     if action == "500":
                         return self._send(500, {"error": {"message": "server error"}})
+                    if action in FATAL:
+                        return self._send(int(action), {"error": {"message": FATAL[action]}})
+                    if action.startswith("429s:"):
+                        return self._send(
+                            429, {"error": {"message": "slow down"}}, {"Retry-After": action[5:]}
+                        )
+                    if action.startswith("429date:"):
+                        when = formatdate(time.time() + float(action[8:]), usegmt=True)
+                        return self._send(429, {"error": {"message": "slow down"}}, {"Retry-After": when})
+                    if action == "empty":
+                        return self._send(200, {**_completion(body["model"], ""), "choices": []})
                     if action.startswith("sleep:"):
                         time.sleep(float(action.split(":")[1]))
                     time.sleep(server.delay_s)
                     text = server.answer(body) if callable(server.answer) else server.answer
-                    self._send(200, _completion(body["model"], text))
+                    logprobs = server.logprobs(body) if server.logprobs else None
+                    self._send(200, _completion(body["model"], text, logprobs))
                 except (BrokenPipeError, ConnectionResetError):  # the client timed out and left
                     pass
                 finally:
@@ -115,13 +141,19 @@ class ChatServer:
         self.httpd.server_close()
 
 
-def _completion(model: str, text: str) -> dict:
+FATAL = {"401": "Incorrect API key provided", "403": "not allowed", "404": "The model does not exist"}
+
+
+def _completion(model: str, text: str, logprobs: dict | None = None) -> dict:
+    choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+    if logprobs is not None:
+        choice["logprobs"] = logprobs
     return {
         "id": "chatcmpl-test",
         "object": "chat.completion",
         "created": 0,
         "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+        "choices": [choice],
         "usage": {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13},
     }
 
@@ -198,8 +230,8 @@ def test_out_of_retries_falls_back_and_is_not_cached(photos, tmp_path, caplog): 
         backend = _backend(server, tmp_path, max_retries=2)
         with caplog.at_level(logging.WARNING):
             (answer,) = backend.choose(_requests(photos, 1))
-        assert (answer.choice, answer.fallback) == (0, "api_error: InternalServerError")
-        assert len(server.requests) == 3
+        assert (answer.choice, answer.fallback) == (0, API_ERROR) and API_ERROR == "api_error"
+        assert len(server.requests) == 3 and len(backend.cache) == 0  # the failure was not cached
         (again,) = backend.choose(_requests(photos, 1))  # failures are not cached: a rerun retries
         assert again.choice == 1 and len(server.requests) == 4
     assert SECRET not in caplog.text
@@ -286,3 +318,95 @@ def test_api_key_never_written(photos, tmp_path, caplog):  # noqa: F811
     for path in written:
         assert SECRET.encode() not in path.read_bytes(), path
     assert KEY_ENV in (tmp_path / "config.yaml").read_text()  # the variable's name is all a config holds
+
+
+# ------------------------------------------------------------------ errors that must stop the run (issue 9)
+FATAL_MESSAGES = {
+    "401": "HTTP 401 Unauthorized from {url} (model 'gpt-test-vision'): the API key was refused; set the "
+    "environment variable CASCADEVLM_TEST_API_KEY to a valid key (lvlm.init_args.api_key_env names it) "
+    "(server: Incorrect API key provided)",
+    "403": "HTTP 403 Forbidden from {url} (model 'gpt-test-vision'): the key in CASCADEVLM_TEST_API_KEY may "
+    "not use this model; use another key or another lvlm.init_args.model (server: not allowed)",
+    "404": "HTTP 404 Not Found from {url} (model 'gpt-test-vision'): no such model or endpoint; check "
+    "lvlm.init_args.model and lvlm.init_args.base_url (it should end in /v1) (server: The model does not exist)",
+}
+
+
+@pytest.mark.parametrize("status", sorted(FATAL_MESSAGES))
+def test_auth_and_missing_model_stop_at_the_first_request(photos, tmp_path, status):  # noqa: F811
+    with ChatServer(script=[status] * 10) as server:
+        backend = _backend(server, tmp_path, max_concurrency=4)
+        with pytest.raises(APIFatalError) as err:
+            backend.choose(_requests(photos, 5))
+        assert len(server.requests) == 1  # one request, not one per image, and no retry
+    assert str(err.value) == FATAL_MESSAGES[status].format(url=server.url)
+    assert "\n" not in str(err.value) and SECRET not in str(err.value)
+    assert len(backend.cache) == 0
+
+
+def test_fatal_error_in_the_pool_starts_no_more_requests(photos, tmp_path):  # noqa: F811
+    # the key is revoked after the first answer: the requests already in flight end, nothing more starts
+    with ChatServer(script=["ok"] + ["401"] * 40, delay_s=0.05) as server:
+        backend = _backend(server, tmp_path, max_concurrency=2, cache_path=None)
+        backend.choose(_requests(photos, 1))
+        with pytest.raises(APIFatalError, match="HTTP 401"):
+            backend.choose(_requests(photos, 6)[1:] * 4)  # 5 distinct questions, 20 images
+        time.sleep(0.2)
+        assert len(server.requests) <= 1 + 2  # the first answer, then at most the pool's width
+
+
+def test_empty_choices_are_named_not_an_index_error(photos, tmp_path, caplog):  # noqa: F811
+    with ChatServer(script=["empty"]) as server, caplog.at_level(logging.ERROR):
+        backend = _backend(server, tmp_path)
+        (answer,) = backend.choose(_requests(photos, 1))
+    assert (answer.choice, answer.raw, answer.fallback) == (0, "", API_ERROR)
+    assert len(backend.cache) == 0 and "IndexError" not in caplog.text
+    assert (
+        f"EmptyChoicesError: {server.url} answered model 'gpt-test-vision' with no choices; the server sent: {{"
+        in (caplog.text)
+    )
+    assert '"choices":[]' in caplog.text
+
+
+def test_retry_after_parsing_with_a_fixed_clock():
+    now = 1_445_412_475.0  # 2015-10-21 07:27:55 UTC
+    assert retry_after_seconds({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}, now=now) == 5.0
+    assert retry_after_seconds({"retry-after": "Wed, 21 Oct 2015 07:27:00 GMT"}, now=now) == 0.0  # past
+    assert retry_after_seconds({"retry-after": "7"}, now=now) == 7.0
+    assert retry_after_seconds({"retry-after": "1.5"}) == 1.5
+    assert retry_after_seconds({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
+    assert retry_after_seconds({"retry-after": "soon"}) is None
+    assert retry_after_seconds({}) is None
+
+
+@pytest.mark.parametrize(("action", "low", "high"), [("429s:7", 7.0, 7.7), ("429date:8", 6.9, 8.9)])
+def test_retry_after_from_the_server_is_honoured(photos, tmp_path, action, low, high):  # noqa: F811
+    with ChatServer(script=[action]) as server:
+        backend = _backend(server, tmp_path, backoff_s=0.01, backoff_max_s=60)
+        waits: list[float] = []
+        backend._sleep = waits.append  # observe the wait without waiting
+        (answer,) = backend.choose(_requests(photos, 1))
+    assert answer.fallback is None and len(server.requests) == 2
+    assert len(waits) == 1 and low <= waits[0] <= high, waits  # (jitter adds up to 10%)
+    assert backend.retries == 1
+
+
+def test_retry_after_is_capped_by_backoff_max(photos, tmp_path):  # noqa: F811
+    with ChatServer(script=["429date:3600"]) as server:
+        backend = _backend(server, tmp_path, backoff_max_s=2.0)
+        waits: list[float] = []
+        backend._sleep = waits.append
+        backend.choose(_requests(photos, 1))
+    assert len(waits) == 1 and 2.0 <= waits[0] <= 2.2
+
+
+def test_connection_settings_are_init_arguments_and_answer_settings_are_not_among_them():
+    import inspect
+
+    params = set(inspect.signature(OpenAIBackend.__init__).parameters)
+    assert set(OpenAIBackend.CONNECTION_FIELDS) <= params
+    answer_changing = {"model", "prompt", "mode", "top_logprobs", "guided_choice", "max_tokens", "temperature",
+                       "image_format", "image_max_side", "max_pixels", "extra_body"}  # fmt: skip
+    assert answer_changing <= params and not answer_changing & set(OpenAIBackend.CONNECTION_FIELDS)
+    assert {"base_url", "timeout_s", "max_retries", "max_concurrency", "cache_path", "api_key_env",
+            "requests_per_minute"} <= set(OpenAIBackend.CONNECTION_FIELDS)  # fmt: skip

@@ -1,44 +1,94 @@
-"""Hosted LVLMs behind an OpenAI-compatible chat-completions API (GPT-4V/4o, Gemini, vLLM, ...).
+"""LVLMs behind an OpenAI-compatible chat-completions API: hosted (GPT-4o, Gemini) or served (vLLM, SGLang).
 
-Images travel as base64 data URLs; calls run with bounded concurrency and are retried with exponential
-backoff on 429, 5xx, timeouts and connection errors. Every answer is written to a SQLite cache as soon
-as it arrives, keyed by model, image content, candidates, prompt and generation parameters, so a rerun
-or a resumed run never pays twice. The API key is read from an environment variable when a client is
-made and is never stored in the backend's attributes, configs, logs, records or the cache.
+Two answer modes, as for the local backend:
+
+* ``generate``: the model writes an answer and the parser maps it to an option; with ``guided_choice``
+  a serving engine constrains the answer to the options' texts.
+* ``score``: lettered options, one request per image with ``max_tokens: 1, logprobs: true,
+  top_logprobs: N``; each candidate's score is the log-probability that the first answer token is its
+  letter (tokens normalised: surrounding spaces, brackets and dots stripped, upper-cased; the variants
+  of one letter, e.g. ``"B"`` and ``" B"``, are summed in probability). A letter absent from the
+  ``top_logprobs`` scores ``-inf`` (its log-probability is below the N-th, unknown). The choice is the
+  argmax (ties: the candidate CLIP ranked higher). No candidate letter at all among the generated
+  token and its ``top_logprobs``: CLIP's top-1 with ``fallback="unparseable"`` and no scores.
+
+Images travel as base64 data URLs, capped by ``image_max_side`` and ``max_pixels`` before encoding.
+Requests run on one persistent thread pool that keeps ``max_concurrency`` requests in flight over a
+whole stage batch (``stage_batch_size`` images: the LVLM stage hands this backend large batches), with
+an optional ``requests_per_minute`` limit. 429, 5xx, timeouts and connection errors are retried with
+exponential backoff; ``Retry-After`` (seconds or an HTTP date) is honoured. 401, 403 and 404 stop the
+run at the first request (the first request of a backend runs alone, so a bad key costs one request).
+Any other failure gives CLIP's top-1 with ``fallback == API_ERROR`` exactly and is never cached, so a
+rerun asks again. Every answer is written to a SQLite cache as soon as it arrives, keyed by model,
+image content, candidates, prompt and the parameters that change an answer. The API key is read from
+an environment variable per request and never stored in the backend, configs, logs, records or cache.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import json
 import logging
+import math
 import os
 import random
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from datetime import timezone
+from email.utils import parsedate_to_datetime
 from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from PIL import Image
 
 from cascadevlm.lvlm.base import LVLMAnswer, LVLMBackend, LVLMRequest
 from cascadevlm.lvlm.cache import AnswerCache, cache_key, image_digest
 from cascadevlm.lvlm.parsing import UNPARSEABLE, parse_answer
-from cascadevlm.lvlm.prompts import Prompt, PromptConfig, build_prompt
+from cascadevlm.lvlm.prompts import LETTERS, Prompt, PromptConfig, build_prompt
 
 log = logging.getLogger(__name__)
 
+# ``LVLMAnswer.fallback`` of an answer the API could not give (out of retries, another 4xx, no choices):
+# exactly this string. Such answers are not cached; a rerun asks them again.
 API_ERROR = "api_error"
+OPENAI_URL = "https://api.openai.com/v1"
+
+
+class APIFatalError(RuntimeError):
+    """An API error no retry and no other image can fix (bad key, no such model, no log-probabilities):
+    the run stops at once with this one-line message."""
+
+
+def limit_pixels(
+    image: Image.Image, max_side: int | None = None, max_pixels: int | None = None
+) -> Image.Image:
+    """``image`` shrunk (aspect kept, bicubic) so its longer side is <= ``max_side`` and its area is
+    <= ``max_pixels``; the same object when it already fits."""
+    w, h = image.size
+    scale = 1.0
+    if max_side and max(w, h) > max_side:
+        scale = max_side / max(w, h)
+    if max_pixels and w * h * scale * scale > max_pixels:
+        scale = math.sqrt(max_pixels / (w * h))
+    if scale >= 1.0:
+        return image
+    size = (max(1, math.floor(w * scale)), max(1, math.floor(h * scale)))
+    return image.resize(size, Image.Resampling.BICUBIC)
 
 
 def image_data_url(
-    image: Image.Image, fmt: str = "JPEG", max_side: int | None = None, quality: int = 90
+    image: Image.Image,
+    fmt: str = "JPEG",
+    max_side: int | None = None,
+    quality: int = 90,
+    max_pixels: int | None = None,
 ) -> str:
-    """An image as a ``data:image/...;base64,...`` URL, optionally downscaled to ``max_side`` pixels."""
+    """An image as a ``data:image/...;base64,...`` URL, first shrunk to ``max_side`` / ``max_pixels``."""
     image = image if image.mode == "RGB" else image.convert("RGB")
-    if max_side and max(image.size) > max_side:
-        image = image.copy()
-        image.thumbnail((max_side, max_side))
+    image = limit_pixels(image, max_side, max_pixels)
     buf = io.BytesIO()
     fmt = fmt.upper()
     image.save(buf, format=fmt, **({"quality": quality} if fmt == "JPEG" else {}))
@@ -64,13 +114,32 @@ def to_openai_messages(prompt: Prompt, image_urls: list[str]) -> list[dict]:
     return out
 
 
-def _retry_after(err: Exception) -> float | None:
-    response = getattr(err, "response", None)
-    value = response.headers.get("retry-after") if response is not None else None
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
+def retry_after_seconds(headers, now: float | None = None) -> float | None:
+    """The wait a response asks for: ``retry-after-ms``, or ``Retry-After`` as seconds or an HTTP date
+    (RFC 9110; a date in the past means 0). None when absent or unreadable."""
+    if headers is None:
         return None
+    ms = headers.get("retry-after-ms")
+    if ms is not None:
+        try:
+            return max(0.0, float(ms) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # "-0000" dates parse naive; HTTP dates are always UTC
+        when = when.replace(tzinfo=timezone.utc)
+    now = time.time() if now is None else now
+    return max(0.0, when.timestamp() - now)
 
 
 def _retriable(err: Exception) -> bool:
@@ -83,27 +152,117 @@ def _retriable(err: Exception) -> bool:
     return False
 
 
+def normalize_letter_token(token: str) -> str:
+    """``" B"``, ``"b"``, ``"(B"``, ``"B."`` -> ``"B"``: the form a first answer token is compared in."""
+    return token.strip().strip("()[]*.:\"'`").strip().upper()
+
+
+def letter_scores(tokens: list[tuple[str, float]], num_options: int) -> list[float]:
+    """Per displayed option ``d``, the log-probability that the first token is letter ``LETTERS[d]``:
+    log-sum-exp over the distinct tokens that normalise to it; ``-inf`` when none does."""
+    seen: dict[str, float] = {}
+    for tok, lp in tokens:
+        seen.setdefault(tok, float(lp))  # the same token listed twice (generated + top) counts once
+    out = [-math.inf] * num_options
+    for tok, lp in seen.items():
+        norm = normalize_letter_token(tok)
+        if len(norm) == 1 and norm in LETTERS[:num_options]:
+            d = LETTERS.index(norm)
+            out[d] = lp if out[d] == -math.inf else max(out[d], lp) + math.log1p(math.exp(-abs(out[d] - lp)))
+    return out
+
+
+class RateLimiter:
+    """At most ``per_minute`` starts a minute, evenly spaced (no bursts); shared by all threads."""
+
+    def __init__(self, per_minute: float, clock=time.monotonic, sleep=time.sleep) -> None:
+        self.interval = 60.0 / per_minute
+        self.clock, self.sleep = clock, sleep
+        self._next = -math.inf
+        self._lock = threading.Lock()
+
+    def acquire(self) -> None:
+        with self._lock:
+            now = self.clock()
+            start = max(now, self._next)
+            self._next = start + self.interval
+        if start > now:
+            self.sleep(start - now)
+
+
+class _Progress:
+    """A tqdm bar for one stage: images/s and time left from tqdm, cache hits, retries and errors."""
+
+    def __init__(self, total: int, desc: str, enabled: bool) -> None:
+        from tqdm.auto import tqdm
+
+        # disable=None: shown on a terminal only, so logs and CI output stay clean
+        self.bar = tqdm(total=total, desc=desc, unit="img", disable=None if enabled else True, leave=True)
+        self.t0 = time.perf_counter()
+
+    def update(self, n: int, backend: OpenAIBackend) -> None:
+        if n:
+            self.bar.update(n)
+            self.bar.set_postfix(
+                hits=backend.cache_hits, retries=backend.retries, errors=backend.errors, refresh=False
+            )
+
+    def close(self) -> float:
+        self.bar.close()
+        return time.perf_counter() - self.t0
+
+
 class OpenAIBackend(LVLMBackend):
-    """Choose among candidates with an OpenAI-compatible chat-completions endpoint (generate + parse).
+    """Choose among candidates with an OpenAI-compatible chat-completions endpoint.
 
     Args:
-        model: the model name the endpoint expects (e.g. ``gpt-4o``, ``gemini-2.0-flash``).
+        model: the model name the endpoint expects (``gpt-4o``, ``Qwen/Qwen2.5-VL-7B-Instruct``, ...).
         base_url: the endpoint (``https://api.openai.com/v1`` when None; Gemini's OpenAI-compatible
-            URL, a vLLM server, ...).
+            URL, ``http://host:8000/v1`` for vLLM / SGLang, ...).
         api_key_env: the environment variable holding the key; None for servers without keys.
         prompt: prompt wording and options (see :class:`PromptConfig`).
+        mode: ``generate`` (answer text, parsed) or ``score`` (the answer letter's log-probabilities;
+            needs ``prompt.options: letters`` and a server that returns ``logprobs``).
+        top_logprobs: how many alternatives of the first token the server returns in score mode
+            (OpenAI allows up to 20; vLLM up to its ``--max-logprobs``, 20 by default).
+        guided_choice: generate mode only: constrain the answer to the options' answer texts:
+            ``structured_outputs`` (vLLM >= 0.10.2, the only form from 0.12: ``{"structured_outputs":
+            {"choice": [...]}}``), ``guided_choice`` (older vLLM: ``{"guided_choice": [...]}``),
+            ``regex`` (SGLang: ``{"regex": "(A|B|...)"}``); ``true`` means ``structured_outputs``.
         cache_path: SQLite answer cache; None disables caching.
-        max_concurrency: requests in flight at once.
+        max_concurrency: requests in flight at once (per process / rank).
+        stage_batch_size: images the LVLM stage hands this backend at once (the pool stays full
+            within a batch; answers are written to the run's part file after each batch).
+        requests_per_minute: optional limit on request starts (retries included), for hosted APIs.
         max_retries: retries per request on 429, 5xx, timeouts and connection errors.
         timeout_s: per-attempt timeout.
         backoff_s / backoff_max_s: first retry delay, doubled each retry up to the maximum (a server's
             ``Retry-After`` is honoured up to the maximum).
-        max_tokens / max_tokens_param: answer length cap and the name the endpoint uses for it
-            (``max_tokens``, or ``max_completion_tokens`` for newer OpenAI models).
+        max_tokens / max_tokens_param: answer length cap (generate mode; score mode sends 1) and the
+            name the endpoint uses for it (``max_tokens``, or ``max_completion_tokens``).
         temperature: sampling temperature (0 for reproducible answers).
-        image_format / image_max_side: how images are encoded before upload.
+        image_format / image_max_side / max_pixels: how images are encoded: longer side and area caps
+            applied (aspect kept) before encoding.
         extra_body: provider-specific request fields.
+        progress: show a progress bar (on a terminal) with images/s, cache hits, retries and time left.
     """
+
+    # Settings that change how answers are fetched, never which answer: left out of the resume
+    # fingerprint, so moving a run to another host, port or pool size resumes it.
+    CONNECTION_FIELDS = (
+        "base_url",
+        "api_key_env",
+        "cache_path",
+        "max_concurrency",
+        "stage_batch_size",
+        "requests_per_minute",
+        "max_retries",
+        "timeout_s",
+        "backoff_s",
+        "backoff_max_s",
+        "max_tokens_param",
+        "progress",
+    )
 
     def __init__(
         self,
@@ -111,8 +270,13 @@ class OpenAIBackend(LVLMBackend):
         base_url: str | None = None,
         api_key_env: str | None = "OPENAI_API_KEY",
         prompt: PromptConfig | None = None,
+        mode: Literal["generate", "score"] = "generate",
+        top_logprobs: int = 20,
+        guided_choice: bool | Literal["structured_outputs", "guided_choice", "regex"] = False,
         cache_path: str | None = "artifacts/lvlm_api_cache.sqlite",
-        max_concurrency: int = 4,
+        max_concurrency: int = 16,
+        stage_batch_size: int = 256,
+        requests_per_minute: float | None = None,
         max_retries: int = 5,
         timeout_s: float = 60.0,
         backoff_s: float = 1.0,
@@ -122,16 +286,51 @@ class OpenAIBackend(LVLMBackend):
         temperature: float = 0.0,
         image_format: Literal["JPEG", "PNG", "WEBP"] = "JPEG",
         image_max_side: int | None = 1024,
+        max_pixels: int | None = None,
         extra_body: dict | None = None,
+        progress: bool = True,
     ) -> None:
-        if max_concurrency < 1:
-            raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
+        self.prompt = prompt or PromptConfig()
+        for name, value in (("max_concurrency", max_concurrency), ("stage_batch_size", stage_batch_size),
+                            ("top_logprobs", top_logprobs)):  # fmt: skip
+            if value < 1:
+                raise ValueError(f"lvlm.init_args.{name} must be >= 1, got {value}")
+        if requests_per_minute is not None and not requests_per_minute > 0:
+            raise ValueError(
+                f"lvlm.init_args.requests_per_minute must be > 0 or null, got {requests_per_minute}"
+            )
+        if max_pixels is not None and max_pixels < 1:
+            raise ValueError(f"lvlm.init_args.max_pixels must be >= 1 or null, got {max_pixels}")
+        if mode not in ("generate", "score"):
+            raise ValueError(f"lvlm.init_args.mode must be generate or score, got {mode!r}")
+        guided = "structured_outputs" if guided_choice is True else (guided_choice or None)
+        if guided not in (None, "structured_outputs", "guided_choice", "regex"):
+            raise ValueError(
+                "lvlm.init_args.guided_choice must be false, true, structured_outputs, guided_choice or "
+                f"regex, got {guided_choice!r}"
+            )
+        if mode == "score" and self.prompt.options != "letters":
+            raise ValueError(
+                "lvlm.init_args.mode score reads the log-probabilities of the answer letter and needs "
+                f"lettered options: set lvlm.init_args.prompt.options letters (got {self.prompt.options!r}) "
+                "or lvlm.init_args.mode generate"
+            )
+        if mode == "score" and guided:
+            raise ValueError(
+                "lvlm.init_args.guided_choice constrains generated answers (mode generate); score mode "
+                "already reads every letter's log-probability: set guided_choice false"
+            )
         self.model = model
         self.base_url = base_url
         self.api_key_env = api_key_env
-        self.prompt = prompt or PromptConfig()
+        self.mode = mode
+        self.top_logprobs = top_logprobs
+        self.guided_choice = guided_choice
+        self._guided = guided
         self.cache_path = cache_path
         self.max_concurrency = max_concurrency
+        self.stage_batch_size = stage_batch_size
+        self.requests_per_minute = requests_per_minute
         self.max_retries = max_retries
         self.timeout_s = timeout_s
         self.backoff_s = backoff_s
@@ -141,26 +340,45 @@ class OpenAIBackend(LVLMBackend):
         self.temperature = temperature
         self.image_format = image_format
         self.image_max_side = image_max_side
+        self.max_pixels = max_pixels
         self.extra_body = extra_body
-        self._client = None
-        self._cache: AnswerCache | None = None
+        self.progress = progress
         self._calls = 0
         self.cache_hits = 0
         self.attempts = 0  # HTTP attempts, retries included
+        self.retries = 0
+        self.errors = 0  # requests answered with the API_ERROR fallback
+        self._init_runtime()
+
+    def _init_runtime(self) -> None:
+        """What is rebuilt in each process: client, cache connection, pool, locks, limiter."""
+        self._client = None
+        self._cache: AnswerCache | None = None
+        self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
+        self._probed = False  # the first request of a backend runs alone (a bad key costs one)
+        self._sleep = time.sleep  # tests replace it to observe waits without waiting
+        self._limiter = RateLimiter(self.requests_per_minute) if self.requests_per_minute else None
+        self._progress: _Progress | None = None
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_client"] = None  # rebuilt from the environment where it is needed
-        state["_cache"] = None
-        state["_lock"] = None
+        for k in ("_client", "_cache", "_pool", "_lock", "_sleep", "_limiter", "_progress", "_probed"):
+            state.pop(k, None)
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._lock = threading.Lock()
+        self._init_runtime()
 
     # ------------------------------------------------------------------------------------------ plumbing
+    @property
+    def url(self) -> str:
+        """The endpoint as shown in messages (credentials in the URL, if any, left out)."""
+        parts = urlsplit(self.base_url or OPENAI_URL)
+        netloc = parts.netloc.rsplit("@", 1)[-1]
+        return urlunsplit((parts.scheme, netloc, parts.path, "", "")).rstrip("/")
+
     @property
     def client(self):
         if self._client is None:
@@ -168,8 +386,9 @@ class OpenAIBackend(LVLMBackend):
 
             env = self.api_key_env
             if env is not None and not os.environ.get(env):
-                raise RuntimeError(
-                    f"environment variable {env!r} (the API key for {self.model!r}) is not set"
+                raise APIFatalError(
+                    f"environment variable {env} (the API key for {self.model!r} at {self.url}) is not set: "
+                    f"export {env}=..., or set lvlm.init_args.api_key_env (null for a server without keys)"
                 )
             # A callable: the key is read from the environment per request and kept nowhere else.
             key = (lambda: os.environ[env]) if env is not None else "EMPTY"
@@ -184,14 +403,29 @@ class OpenAIBackend(LVLMBackend):
             self._cache = AnswerCache(self.cache_path)
         return self._cache
 
+    @property
+    def pool(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="lvlm-api")
+        return self._pool
+
     def _params(self) -> dict:
-        return {
-            "max_tokens": self.max_tokens,
+        """Everything besides model, images and prompt that changes an answer (part of the cache key)."""
+        params = {
+            "max_tokens": 1 if self.mode == "score" else self.max_tokens,
             "temperature": self.temperature,
             "image_format": self.image_format,
             "image_max_side": self.image_max_side,
             "extra_body": self.extra_body,
         }
+        # Added only when used, so caches written before these options existed stay valid.
+        if self.mode == "score":
+            params.update(mode="score", top_logprobs=self.top_logprobs)
+        if self._guided:
+            params["guided_choice"] = self._guided
+        if self.max_pixels:
+            params["max_pixels"] = self.max_pixels
+        return params
 
     def request_key(self, request: LVLMRequest, prompt: Prompt) -> str:
         """Cache key: model, image content hashes, candidates, the prompt text and parameters."""
@@ -212,80 +446,252 @@ class OpenAIBackend(LVLMBackend):
             }
         )
 
-    def _call(self, messages: list[dict]) -> str:
-        """One chat completion with retries; the answer text."""
+    def _request_kwargs(self, prompt: Prompt) -> dict:
+        urls = [
+            image_data_url(im, self.image_format, self.image_max_side, max_pixels=self.max_pixels)
+            for im in prompt.images
+        ]
         kwargs = {
             "model": self.model,
-            "messages": messages,
+            "messages": to_openai_messages(prompt, urls),
             "temperature": self.temperature,
-            self.max_tokens_param: self.max_tokens,
+            self.max_tokens_param: 1 if self.mode == "score" else self.max_tokens,
         }
-        if self.extra_body:
-            kwargs["extra_body"] = self.extra_body
+        if self.mode == "score":
+            kwargs.update(logprobs=True, top_logprobs=self.top_logprobs)
+        extra = dict(self.extra_body or {})
+        if self._guided == "structured_outputs":
+            extra["structured_outputs"] = {"choice": list(prompt.answers)}
+        elif self._guided == "guided_choice":
+            extra["guided_choice"] = list(prompt.answers)
+        elif self._guided == "regex":
+            import re
+
+            extra["regex"] = "(" + "|".join(re.escape(a) for a in prompt.answers) + ")"
+        if extra:
+            kwargs["extra_body"] = extra
+        return kwargs
+
+    def _fatal(self, err: Exception) -> APIFatalError | None:
+        """The one-line error for a status no retry can fix (401, 403, 404), else None."""
+        status = getattr(err, "status_code", None)
+        said = _server_message(err)
+        where = f"{self.url} (model {self.model!r})"
+        env = self.api_key_env
+        if status == 401:
+            fix = (
+                f"set the environment variable {env} to a valid key (lvlm.init_args.api_key_env names it)"
+                if env
+                else "the server wants a key: set lvlm.init_args.api_key_env to the variable holding it"
+            )
+            return APIFatalError(
+                f"HTTP 401 Unauthorized from {where}: the API key was refused; {fix} (server: {said})"
+            )
+        if status == 403:
+            return APIFatalError(
+                f"HTTP 403 Forbidden from {where}: the key in {env} may not use this model; use another key "
+                f"or another lvlm.init_args.model (server: {said})"
+            )
+        if status == 404:
+            return APIFatalError(
+                f"HTTP 404 Not Found from {where}: no such model or endpoint; check lvlm.init_args.model and "
+                f"lvlm.init_args.base_url (it should end in /v1) (server: {said})"
+            )
+        return None
+
+    def _send(self, kwargs: dict):
+        """One chat completion with retries; the response object."""
         for attempt in range(self.max_retries + 1):
+            if self._limiter is not None:
+                self._limiter.acquire()
             with self._lock:
                 self.attempts += 1
             try:
-                response = self.client.chat.completions.create(**kwargs)
-                return response.choices[0].message.content or ""
+                return self.client.chat.completions.create(**kwargs)
             except Exception as err:
+                fatal = self._fatal(err)
+                if fatal is not None:
+                    raise fatal from None
                 if attempt == self.max_retries or not _retriable(err):
                     raise
                 delay = min(self.backoff_max_s, self.backoff_s * 2**attempt)
-                hint = _retry_after(err)
+                hint = retry_after_seconds(getattr(getattr(err, "response", None), "headers", None))
                 if hint is not None:
                     delay = min(self.backoff_max_s, max(delay, hint))
                 delay *= 1.0 + 0.1 * random.random()  # jitter: concurrent retries do not collide
-                log.warning("%s: %s; retry %d in %.2fs", self.model, type(err).__name__, attempt + 1, delay)
-                time.sleep(delay)
+                with self._lock:
+                    self.retries += 1
+                log.warning("%s: %s; retry %d in %.2fs", self.model, _describe(err), attempt + 1, delay)
+                self._sleep(delay)
         raise AssertionError("unreachable")
 
-    def _answer(self, request: LVLMRequest, prompt: Prompt, raw: str) -> LVLMAnswer:
-        shown = parse_answer(raw, prompt.options, prompt.style)
-        if shown is None:
-            return LVLMAnswer(choice=request.fallback, raw=raw, fallback=UNPARSEABLE)
-        return LVLMAnswer(choice=prompt.candidate_of(shown), raw=raw)
+    def _payload(self, response) -> str:
+        """What the cache keeps of a response: the answer text, or (score mode) the first token's
+        log-probabilities as JSON ``{"token", "logprob", "top_logprobs": [[token, logprob], ...]}``."""
+        choices = getattr(response, "choices", None)
+        if not choices:
+            sent = response.model_dump_json() if hasattr(response, "model_dump_json") else repr(response)
+            raise EmptyChoicesError(
+                f"{self.url} answered model {self.model!r} with no choices; the server sent: {sent[:300]}"
+            )
+        choice = choices[0]
+        if self.mode == "generate":
+            return choice.message.content or ""
+        content = getattr(choice.logprobs, "content", None) if choice.logprobs is not None else None
+        if not content:
+            raise APIFatalError(
+                f"{self.url} (model {self.model!r}) returned no log-probabilities, which "
+                "lvlm.init_args.mode score needs: set lvlm.init_args.mode generate, or serve the model "
+                "with an engine that returns logprobs (vLLM, SGLang)"
+            )
+        first = content[0]
+        top = [[t.token, float(t.logprob)] for t in (first.top_logprobs or [])]
+        return json.dumps({"token": first.token, "logprob": float(first.logprob), "top_logprobs": top})
+
+    def _fetch(self, key: str, prompt: Prompt, halt: threading.Event | None = None) -> str:
+        """Encode, ask, keep: runs in a pool thread; the payload is cached as soon as it arrives.
+        ``halt`` set (a fatal error elsewhere in the batch): send nothing more."""
+        if halt is not None and halt.is_set():
+            raise _Halted
+        try:
+            payload = self._payload(self._send(self._request_kwargs(prompt)))
+        except APIFatalError:
+            if halt is not None:
+                halt.set()  # before this thread takes its next task
+            raise
+        if self.cache is not None:
+            self.cache.put(key, self.model, payload)
+        return payload
+
+    def _answer(self, request: LVLMRequest, prompt: Prompt, payload: str) -> LVLMAnswer:
+        if self.mode == "generate":
+            shown = parse_answer(payload, prompt.options, prompt.style)
+            if shown is None:
+                return LVLMAnswer(choice=request.fallback, raw=payload, fallback=UNPARSEABLE)
+            return LVLMAnswer(choice=prompt.candidate_of(shown), raw=payload)
+        data = json.loads(payload)
+        tokens = [(data["token"], data["logprob"]), *((t, lp) for t, lp in data["top_logprobs"])]
+        by_display = letter_scores(tokens, len(prompt.options))
+        scores = [by_display[prompt.display_of(c)] for c in range(len(request.candidates))]
+        if all(s == -math.inf for s in scores):
+            return LVLMAnswer(choice=request.fallback, raw=data["token"], fallback=UNPARSEABLE)
+        best = max(range(len(scores)), key=lambda c: (scores[c], -c))  # ties: CLIP's higher-ranked
+        return LVLMAnswer(choice=best, raw=data["token"], scores=scores)
+
+    # ------------------------------------------------------------------------------------------ stages
+    def begin_stage(self, total: int, rank: int = 0) -> None:
+        """Called by the LVLM stage before its first batch: opens the progress display."""
+        self.end_stage()
+        self._progress = _Progress(
+            total, f"LVLM {self.model}" + (f" rank {rank}" if rank else ""), self.progress
+        )
+        self._stage_start = (self._calls, self.cache_hits, self.retries, self.errors)
+
+    def end_stage(self) -> None:
+        """Called by the LVLM stage after its last batch: closes the display and logs a summary."""
+        if self._progress is None:
+            return
+        n = self._progress.bar.n
+        seconds = self._progress.close()
+        self._progress = None
+        calls, hits, retries, errors = (
+            now - before
+            for now, before in zip(
+                (self._calls, self.cache_hits, self.retries, self.errors), self._stage_start, strict=True
+            )
+        )
+        log.info(
+            "%s: %d images in %.1fs (%.1f images/s): %d requests, %d cache hits, %d retries, %d API errors",
+            self.model, n, seconds, n / max(seconds, 1e-9), calls, hits, retries, errors,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------------------------------ choosing
     def choose(self, requests: list[LVLMRequest]) -> list[LVLMAnswer]:
         prompts = [build_prompt(r, self.prompt) for r in requests]
         keys = [self.request_key(r, p) for r, p in zip(requests, prompts, strict=True)]
-        raws: dict[str, str] = {}
+        payloads: dict[str, str] = {}
         todo: dict[str, int] = {}  # key -> first request needing it (duplicates share one call)
         for i, key in enumerate(keys):
-            if key in raws or key in todo:
+            if key in payloads or key in todo:
                 continue
             hit = self.cache.get(key) if self.cache is not None else None
             if hit is not None:
-                raws[key] = hit
+                payloads[key] = hit
                 self.cache_hits += 1
             else:
                 todo[key] = i
-        errors: dict[str, str] = {}
+        counts = Counter(keys)
+        waiting = {k: counts[k] for k in todo}  # images each call answers
+        self._tick(len(keys) - sum(waiting.values()))
+        errors: set[str] = set()
         if todo:
             self.client  # noqa: B018 - fail here, not in a worker, when the key is missing
-            with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(todo))) as pool:
-                futures = {}
-                for key, i in todo.items():
-                    urls = [
-                        image_data_url(im, self.image_format, self.image_max_side) for im in prompts[i].images
-                    ]
-                    futures[pool.submit(self._call, to_openai_messages(prompts[i], urls))] = key
-                    self._calls += 1
-                for fut in as_completed(futures):
-                    key = futures[fut]
-                    try:
-                        raws[key] = fut.result()
-                    except Exception as err:  # out of retries, or a 4xx: keep going, do not cache
-                        errors[key] = f"{API_ERROR}: {type(err).__name__}"
-                        log.error("%s: request failed after retries: %s", self.model, type(err).__name__)
-                        continue
-                    if self.cache is not None:
-                        self.cache.put(key, self.model, raws[key])
+            items = list(todo.items())
+            if not self._probed:  # alone, so a bad key or model stops the run after one request
+                key, i = items.pop(0)
+                self._calls += 1
+                self._settle(key, lambda key=key, i=i: self._fetch(key, prompts[i]), payloads, errors)
+                self._probed = True
+                self._tick(waiting[key])
+            futures: dict[Future, str] = {}
+            halt = threading.Event()
+            for key, i in items:
+                futures[self.pool.submit(self._fetch, key, prompts[i], halt)] = key
+                self._calls += 1
+            try:
+                pending = set(futures)
+                while pending:
+                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for fut in done:
+                        self._settle(futures[fut], fut.result, payloads, errors)
+                        self._tick(waiting[futures[fut]])
+            except BaseException:  # a fatal API error or Ctrl-C: start nothing more
+                for fut in futures:
+                    fut.cancel()
+                raise
         out = []
         for r, p, key in zip(requests, prompts, keys, strict=True):
             if key in errors:
-                out.append(LVLMAnswer(choice=r.fallback, raw="", fallback=errors[key]))
+                out.append(LVLMAnswer(choice=r.fallback, raw="", fallback=API_ERROR))
             else:
-                out.append(self._answer(r, p, raws[key]))
+                out.append(self._answer(r, p, payloads[key]))
         return out
+
+    def _settle(self, key: str, result, payloads: dict, errors: set) -> None:
+        """Store one request's payload, or note its (non-fatal) failure: logged, never cached."""
+        try:
+            payloads[key] = result()
+        except APIFatalError:
+            raise
+        except _Halted:  # not sent: the fatal error that stopped it is raised from its own future
+            errors.add(key)
+        except Exception as err:  # out of retries, another 4xx, no choices: CLIP's top-1 for this image
+            errors.add(key)
+            self.errors += 1
+            log.error("%s: request failed, CLIP's top-1 used (fallback %r): %s", self.model, API_ERROR,
+                      _describe(err))  # fmt: skip
+
+    def _tick(self, n: int) -> None:
+        if self._progress is not None:
+            self._progress.update(n, self)
+
+
+class _Halted(Exception):
+    """A request not sent because another one of its batch failed fatally."""
+
+
+class EmptyChoicesError(RuntimeError):
+    """A response without choices (reported by name, the image gets the API-error fallback)."""
+
+
+def _server_message(err: Exception) -> str:
+    """The error message a server sent (OpenAI format ``{"error": {"message": ...}}``), in one line."""
+    body = getattr(err, "body", None)
+    text = body.get("message") if isinstance(body, dict) else None
+    return " ".join(str(text or getattr(err, "message", None) or err).split())[:200]
+
+
+def _describe(err: Exception) -> str:
+    """``InternalServerError (HTTP 500): message`` in one line, for logs."""
+    status = getattr(err, "status_code", None)
+    return f"{type(err).__name__}" + (f" (HTTP {status})" if status else "") + f": {_server_message(err)}"
