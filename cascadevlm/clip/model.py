@@ -12,6 +12,8 @@ from typing import Any
 import open_clip
 import torch
 
+from cascadevlm.provenance import read_provenance
+
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 
 
@@ -61,6 +63,7 @@ class ClipBundle:
     model_name: str
     pretrained: str | None
     weights_id: str
+    provenance: dict | None = None  # the project's own mark ({"kind": "random", ...}) or None
 
     @property
     def embed_dim(self) -> int:
@@ -124,4 +127,8 @@ def load_clip(
     )
     model.eval()
     tokenizer = open_clip.get_tokenizer(model_name)
-    return ClipBundle(model, preprocess, tokenizer, model_name, pretrained, weights_id(pretrained))
+    weights_dir = model_name.removeprefix("local-dir:") if model_name.startswith("local-dir:") else None
+    provenance = read_provenance(weights_dir or pretrained)
+    return ClipBundle(
+        model, preprocess, tokenizer, model_name, pretrained, weights_id(pretrained), provenance=provenance
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -10,8 +11,19 @@ import torch
 from safetensors.torch import save_file
 
 from cascadevlm.clip.model import register_model_configs
+from cascadevlm.provenance import METADATA_KEY, read_provenance, write_provenance
 
 TINY_CLIP = "cascadevlm-tiny-vit"
+
+
+def tiny_clip_provenance(model_name: str, seed: int) -> dict:
+    """The mark written into the project's random-weight CLIP checkpoints (see :mod:`cascadevlm.provenance`)."""
+    return {
+        "kind": "random",
+        "description": f"{model_name} with seeded random weights (seed {seed}), built by cascadevlm.zoo.tiny_clip",
+        "model_name": model_name,
+        "seed": seed,
+    }
 
 
 def build_tiny_clip(out_dir: str | Path, model_name: str = TINY_CLIP, seed: int = 0) -> Path:
@@ -19,11 +31,15 @@ def build_tiny_clip(out_dir: str | Path, model_name: str = TINY_CLIP, seed: int 
 
     The logit scale is set to 100, CLIP's trained value, so probabilities have a realistic spread of
     entropies. Loading goes through ``load_clip(model_name, pretrained=<path>)``, the user's route.
-    The file is reused when it already exists (same name, same seed, same weights).
+    The file is reused when it already exists (same name, same seed, same weights). Its safetensors
+    metadata carries the provenance mark ``{"kind": "random", ...}``; a file written before marks
+    existed gets the mark added.
     """
     register_model_configs()
     path = Path(out_dir) / f"{model_name}-seed{seed}.safetensors"
     if path.exists():
+        if read_provenance(path) is None:
+            write_provenance(path, tiny_clip_provenance(model_name, seed))
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -32,7 +48,7 @@ def build_tiny_clip(out_dir: str | Path, model_name: str = TINY_CLIP, seed: int 
         model.logit_scale.fill_(math.log(100.0))
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     tmp = path.with_suffix(".tmp")
-    save_file(state, str(tmp))
+    save_file(state, str(tmp), metadata={METADATA_KEY: json.dumps(tiny_clip_provenance(model_name, seed))})
     tmp.replace(path)  # atomic: concurrent builders (DDP ranks, test workers) never read half a file
     return path
 

@@ -113,6 +113,14 @@ def _save_generation_config(model, tokenizer, eos: str) -> None:
     )
 
 
+def _mark_random(out_dir: Path, kind: str, seed: int) -> None:
+    """Mark the directory as the project's random-weight model (see :mod:`cascadevlm.provenance`)."""
+    from cascadevlm.provenance import write_provenance
+
+    desc = f"tiny {kind} with seeded random weights (seed {seed}), built by cascadevlm.zoo.tiny_lvlm"
+    write_provenance(out_dir, {"kind": "random", "description": desc, "seed": seed})
+
+
 def build_tiny_llava(out_dir: str | Path, seed: int = 0) -> Path:
     """Write a tiny ``LlavaForConditionalGeneration`` (CLIP vision tower + Llama) and its processor.
 
@@ -178,6 +186,7 @@ def build_tiny_llava(out_dir: str | Path, seed: int = 0) -> Path:
     )
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
+    _mark_random(out_dir, "llava", seed)
     return out_dir
 
 
@@ -247,6 +256,7 @@ def build_tiny_qwen2vl(out_dir: str | Path, seed: int = 0) -> Path:
     )
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
+    _mark_random(out_dir, "qwen2vl", seed)
     return out_dir
 
 
