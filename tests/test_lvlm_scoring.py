@@ -30,7 +30,12 @@ def _hand_logprob(backend: TransformersBackend, request: LVLMRequest, candidate:
     enc = backend.encoder
     prompt = build_prompt(request, backend.prompt)
     text = enc.render(prompt.messages)
-    inputs = enc.processor(text=[text], images=prompt.images, return_tensors="pt", add_special_tokens=False)
+    inputs = enc.processor(
+        text=[text],
+        images=prompt.images,
+        return_tensors="pt",
+        add_special_tokens=enc.add_special_tokens(text),
+    )
     answer = enc.answer_ids(prompt.answers[prompt.display_of(candidate)])
     n = inputs["input_ids"].shape[1]
     inputs["input_ids"] = torch.cat([inputs["input_ids"], torch.tensor([answer])], 1)

@@ -91,11 +91,18 @@ def ensure_tiny_model(path: str, kind: str) -> None:
 
 
 class ChatEncoder:
-    """Renders cascade prompts with a processor's chat template and tokenizes answers consistently.
+    """Renders cascade prompts with a processor's chat template and tokenizes answers as the model sees them.
 
-    The answer's surroundings (e.g. ``" "`` before and ``"</s>"`` after for LLaVA, ``"<|im_end|>"``
-    after for ChatML) are read off the chat template once, so scoring and LoRA training see exactly the
-    tokens the model would produce as its reply.
+    Special tokens follow transformers' own ``processor.apply_chat_template(..., tokenize=True)``: the
+    tokenizer adds its special tokens (e.g. LLaVA-1.5's BOS, which its template leaves out) unless the
+    rendered prompt already starts with BOS (Idefics3, SmolVLM), so the ids equal the processor's.
+
+    An answer is scored with what follows it in the template (``" "`` before, ``"<|im_end|>"`` after
+    for ChatML, ``"<end_of_utterance>"`` for Idefics3) read off the template once; a template that ends
+    the assistant turn with no special token (LLaVA-1.5) gets the tokenizer's end of sequence, which the
+    model emits to stop, so a name that is a prefix of another ("Boeing 737" / "Boeing 737-800") can
+    lose. Answers are tokenized after the generation prompt's tail, so a word-initial answer gets the
+    tokens it has in context (SentencePiece's ``"▁B"``), not those of a string on its own.
     """
 
     def __init__(self, processor) -> None:
@@ -110,22 +117,53 @@ class ChatEncoder:
             before, after = full[len(prompt) :].split(_SENTINEL, 1)
             self.answer_prefix, self.answer_suffix = before, after.rstrip()
         else:  # templates that rewrite earlier turns: the answer alone, then end of sequence
-            self.answer_prefix, self.answer_suffix = "", self.tokenizer.eos_token or ""
+            self.answer_prefix, self.answer_suffix = "", ""
+        if not self._has_special(self.answer_suffix) and self.tokenizer.eos_token:
+            # No end-of-turn token: the model ends its reply with end of sequence (LLaVA-1.5's "</s>").
+            self.answer_suffix += self.tokenizer.eos_token
+        self._context = prompt  # answers are tokenized after this text (see answer_ids)
+        self._answer_cache: dict[str, list[int]] = {}
+
+    def _has_special(self, text: str) -> bool:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+        special = set(self.tokenizer.all_special_ids) | {
+            i for i, t in self.tokenizer.added_tokens_decoder.items() if t.special
+        }
+        return any(i in special for i in ids)
 
     def render(self, messages: list[dict]) -> str:
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
+    def add_special_tokens(self, text: str) -> bool:
+        """Whether the tokenizer adds its special tokens to a rendered prompt: as transformers'
+        ``apply_chat_template(tokenize=True)`` decides, not when the template already wrote BOS."""
+        bos = self.tokenizer.bos_token
+        return not (bos is not None and text.startswith(bos))
+
     def answer_ids(self, answer: str) -> list[int]:
-        text = f"{self.answer_prefix}{answer}{self.answer_suffix}"
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        """Token ids of the reply ``answer`` (with the template's surroundings) after a generation prompt."""
+        if answer not in self._answer_cache:
+            text = f"{self.answer_prefix}{answer}{self.answer_suffix}"
+            tok = self.tokenizer
+            context = tok(self._context, add_special_tokens=False)["input_ids"]
+            joined = tok(self._context + text, add_special_tokens=False)["input_ids"]
+            if joined[: len(context)] == context:
+                ids = joined[len(context) :]
+            else:  # the answer merged with the prompt's last token: tokenize it on its own
+                ids = tok(text, add_special_tokens=False)["input_ids"]
+            self._answer_cache[answer] = ids
+        return list(self._answer_cache[answer])
 
     def encode(self, prompts: list[Prompt], device: torch.device | None = None):
         """Processor outputs for a batch of prompts, left-padded, images in order of appearance."""
         texts = [self.render(p.messages) for p in prompts]
         images = [im for p in prompts for im in p.images]
-        # Chat templates already insert BOS where the model wants it.
         inputs = self.processor(
-            text=texts, images=images, padding=True, return_tensors="pt", add_special_tokens=False
+            text=texts,
+            images=images,
+            padding=True,
+            return_tensors="pt",
+            add_special_tokens=self.add_special_tokens(texts[0]),
         )
         return inputs.to(device) if device is not None else inputs
 

@@ -70,6 +70,133 @@ _CHATML_TEMPLATE = (
 )
 
 
+# Chat templates and tokenizer settings in the shape of the real checkpoints' (chat_template.json and
+# tokenizer_config.json of llava-hf/llava-1.5-7b-hf, Qwen/Qwen2-VL-7B-Instruct, Qwen/Qwen2.5-VL-7B-Instruct,
+# HuggingFaceM4/Idefics3-8B-Llama3): what decides special tokens is kept, the vocabulary is ours.
+# LLaVA-1.5: no BOS in the template (the tokenizer adds it), images before text, and the assistant turn
+# ends with a space, no end-of-turn token.
+LLAVA15_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' ' }}{% endfor %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+# Qwen2-VL and Qwen2.5-VL (the same template): ChatML, a default system turn, no BOS, "<|im_end|>" ends turns.
+QWEN2VL_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# Idefics3 / SmolVLM: the template writes BOS itself (the tokenizer would add it again), and
+# "<end_of_utterance>" ends turns.
+IDEFICS3_TEMPLATE = (
+    "<|begin_of_text|>{% for message in messages %}{{ message['role'] | capitalize }}"
+    "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
+    "{% for line in message['content'] %}"
+    "{% if line['type'] == 'text' %}{{ line['text'] }}{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}"
+    "{% endfor %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+# kind -> (template, BOS, EOS, pad, tokenizer adds BOS, SentencePiece-style (Llama) or byte-level BPE)
+REAL_SHAPES = {
+    "llava15": (LLAVA15_TEMPLATE, "<s>", "</s>", "<pad>", True, True),
+    "qwen2vl": (QWEN2VL_TEMPLATE, None, "<|im_end|>", "<|endoftext|>", False, False),
+    "qwen25vl": (QWEN2VL_TEMPLATE, None, "<|im_end|>", "<|endoftext|>", False, False),
+    "idefics3": (
+        IDEFICS3_TEMPLATE,
+        "<|begin_of_text|>",
+        "<end_of_utterance>",
+        "<|reserved_special_token_0|>",
+        True,
+        False,
+    ),
+}
+_REAL_SPECIAL = {
+    "llava15": ["<unk>", "<s>", "</s>", "<image>", "<pad>"],
+    "qwen2vl": [
+        "<|endoftext|>",
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|vision_start|>",
+        "<|vision_end|>",
+        "<|image_pad|>",
+        "<|video_pad|>",
+    ],
+    "idefics3": [
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        "<|reserved_special_token_0|>",
+        "<end_of_utterance>",
+        "<image>",
+        "<fake_token_around_image>",
+        "<global-img>",
+    ],
+}
+_REAL_SPECIAL["qwen25vl"] = _REAL_SPECIAL["qwen2vl"]
+
+
+def real_shape_tokenizer(kind: str, vocab_size: int = 600):
+    """A small tokenizer trained here, with the special-token behaviour of checkpoint family ``kind``
+    (``llava15``, ``qwen2vl``, ``qwen25vl``, ``idefics3``; see :data:`REAL_SHAPES`) and its chat template."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if kind not in REAL_SHAPES:
+        raise ValueError(f"tokenizer shape must be one of {sorted(REAL_SHAPES)}, got {kind!r}")
+    template, bos, eos, pad, adds_bos, sentencepiece = REAL_SHAPES[kind]
+    special = _REAL_SPECIAL[kind]
+    if sentencepiece:  # Llama: "▁" marks a word start; unknown characters map to <unk>
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        # Pieces learnt per word (as SentencePiece's), then applied to whole strings as transformers'
+        # Llama tokenizer does (split=False): " B" on its own is "▁" + "▁B", unlike "ASSISTANT: B".
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=True)
+        tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+        alphabet = list(string.printable)
+    else:
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=special, initial_alphabet=alphabet, show_progress=False
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    if sentencepiece:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(
+            replacement="\u2581", prepend_scheme="first", split=False
+        )
+    if adds_bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
+        )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        model_max_length=4096,
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=pad,
+        unk_token="<unk>" if sentencepiece else None,
+        extra_special_tokens={"image_token": "<image>"} if "<image>" in special else None,
+    )
+    tokenizer.padding_side = "left"
+    tokenizer.chat_template = template
+    return tokenizer
+
+
 # Wider than the usual 0.02 so that a 64-wide random LM can express confident answers at all (its
 # logits are bounded by the output embeddings' norm); LoRA tests need a learnable signal.
 _TEXT_INIT = 0.1
@@ -121,10 +248,12 @@ def _mark_random(out_dir: Path, kind: str, seed: int) -> None:
     write_provenance(out_dir, {"kind": "random", "description": desc, "seed": seed})
 
 
-def build_tiny_llava(out_dir: str | Path, seed: int = 0) -> Path:
+def build_tiny_llava(out_dir: str | Path, seed: int = 0, real_template: bool = False) -> Path:
     """Write a tiny ``LlavaForConditionalGeneration`` (CLIP vision tower + Llama) and its processor.
 
     28x28 images, 14-pixel patches: 4 image tokens per image (the CLS token is dropped).
+    ``real_template``: llava-1.5-7b-hf's chat template and special-token settings (:data:`REAL_SHAPES`)
+    instead of the demo's (which writes BOS and ends the assistant turn with EOS itself).
     """
     import torch
     from transformers import (
@@ -137,7 +266,10 @@ def build_tiny_llava(out_dir: str | Path, seed: int = 0) -> Path:
     )
 
     out_dir = Path(out_dir)
-    tokenizer = _finish_tokenizer(_train_tokenizer(), "<s>", "</s>", "<pad>", _LLAVA_TEMPLATE)
+    if real_template:
+        tokenizer = real_shape_tokenizer("llava15")
+    else:
+        tokenizer = _finish_tokenizer(_train_tokenizer(), "<s>", "</s>", "<pad>", _LLAVA_TEMPLATE)
     vision = CLIPVisionConfig(
         hidden_size=32,
         intermediate_size=64,
@@ -182,7 +314,7 @@ def build_tiny_llava(out_dir: str | Path, seed: int = 0) -> Path:
         patch_size=14,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
-        chat_template=_LLAVA_TEMPLATE,
+        chat_template=tokenizer.chat_template,
     )
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
@@ -190,10 +322,11 @@ def build_tiny_llava(out_dir: str | Path, seed: int = 0) -> Path:
     return out_dir
 
 
-def build_tiny_qwen2vl(out_dir: str | Path, seed: int = 0) -> Path:
+def build_tiny_qwen2vl(out_dir: str | Path, seed: int = 0, real_template: bool = False) -> Path:
     """Write a tiny ``Qwen2VLForConditionalGeneration`` and its processor (ChatML chat template).
 
     Images are resized to 56x56 at most: a 4x4 grid of 14-pixel patches, merged 2x2 into 4 image tokens.
+    ``real_template``: Qwen2-VL-7B-Instruct's chat template (default system turn) and tokenizer settings.
     """
     import torch
     from transformers import (
@@ -205,9 +338,12 @@ def build_tiny_qwen2vl(out_dir: str | Path, seed: int = 0) -> Path:
     )
 
     out_dir = Path(out_dir)
-    tokenizer = _finish_tokenizer(
-        _train_tokenizer(), "<|endoftext|>", "<|im_end|>", "<|endoftext|>", _CHATML_TEMPLATE
-    )
+    if real_template:
+        tokenizer = real_shape_tokenizer("qwen2vl")
+    else:
+        tokenizer = _finish_tokenizer(
+            _train_tokenizer(), "<|endoftext|>", "<|im_end|>", "<|endoftext|>", _CHATML_TEMPLATE
+        )
     ids = tokenizer.convert_tokens_to_ids
     config = Qwen2VLConfig(
         text_config={
@@ -252,7 +388,7 @@ def build_tiny_qwen2vl(out_dir: str | Path, seed: int = 0) -> Path:
         video_processor=Qwen2VLVideoProcessor(
             size=pixels, patch_size=14, merge_size=2, temporal_patch_size=2
         ),
-        chat_template=_CHATML_TEMPLATE,
+        chat_template=tokenizer.chat_template,
     )
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
