@@ -14,7 +14,9 @@ from cascadevlm.clip.adapters import (
     FrozenTextEncoder,
     LinearProbe,
     PromptLearner,
+    adapter_info,
     adapter_metadata,
+    class_names_sha256,
     load_adapter,
     save_adapter,
 )
@@ -149,6 +151,16 @@ def test_adapters_learn_the_kshot_photos(cls, kw, epochs, tiny_clip_path, kshot_
     assert meta["kind"] == module.adapter.kind and meta["class_names"] == kshot_data.class_names
     assert meta["metrics"]["val_acc"] == pytest.approx(float(ckpt.best_model_score))
     assert "class_path" in meta["config"] and type(module).__name__ in meta["config"]
+    # What evaluation names runs by comes from the file itself: method, k, seed, CLIP and its weights.
+    info = adapter_info(tmp_path / "adapter.safetensors")
+    assert (info["method"], info["shots"], info["seed"], info["dataset"]) == (
+        module.method,
+        4,
+        1,
+        "fashion_mnist",
+    )
+    assert info["model_name"] == TINY_CLIP and info["weights_id"] == module.bundle.weights_id
+    assert info["class_names_sha256"] == class_names_sha256(kshot_data.class_names)
 
 
 def test_shared_context_prompt_tuning_lowers_the_loss(tiny_clip_path, kshot_data, tmp_path):
@@ -193,6 +205,30 @@ def test_saved_adapter_reloads_with_identical_logits(
     assert (
         meta["embed_dim"] == "64" and meta["config"] == "model: {}\n" and meta["metrics"] == {"val_acc": 0.5}
     )
+
+
+def test_adapter_info_reads_method_k_seed_and_falls_back_to_old_files_metrics(tiny_clip_bundle, tmp_path):
+    b = tiny_clip_bundle
+    head = torch.nn.functional.normalize(torch.randn(3, b.embed_dim), dim=-1)
+    common = dict(model_name=b.model_name, weights_id=b.weights_id, class_names=["a", "b", "c"],
+                  logit_scale=100.0, embed_dim=b.embed_dim)  # fmt: skip
+    path = save_adapter(tmp_path / "new.safetensors", LinearProbe(head, 100.0), shots=16, seed=3, dataset="cub200",
+                        **common)  # fmt: skip
+    info = adapter_info(path)
+    assert (info["method"], info["shots"], info["seed"], info["dataset"]) == ("linear_probe", 16, 3, "cub200")
+    assert info["weights_id"] == b.weights_id and info["class_names_sha256"] == class_names_sha256(
+        ["a", "b", "c"]
+    )
+    # A file written before these keys existed: the training metrics stored in it name k and seed.
+    old = save_adapter(tmp_path / "old.safetensors", LinearProbe(head, 100.0),
+                       metrics={"method": "linear_probe", "shots": 8, "seed": 2}, **common)  # fmt: skip
+    from safetensors import safe_open
+
+    with safe_open(str(old), framework="pt") as fh:
+        meta = {k: v for k, v in fh.metadata().items() if k not in ("method", "shots", "seed", "dataset")}
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+    save_file(tensors, str(old), metadata=meta)
+    assert (adapter_info(old)["shots"], adapter_info(old)["seed"]) == (8, 2)
 
 
 @pytest.fixture(scope="module")

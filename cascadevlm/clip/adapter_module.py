@@ -374,6 +374,7 @@ class AdapterModule(L.LightningModule):
     def save_adapter(self, path: str | Path, config: str = "", metrics: dict | None = None) -> Path:
         """Write the adapter alone (safetensors, with what it was made for) to ``path``."""
         b = self.bundle
+        dm = self.trainer.datamodule if self._trainer is not None else None
         return save_adapter(
             path,
             self.adapter,
@@ -385,6 +386,11 @@ class AdapterModule(L.LightningModule):
             embed_dim=b.embed_dim,
             config=config,
             metrics=metrics,
+            method=self.method,
+            shots=getattr(dm, "shots", None),
+            seed=getattr(dm, "seed", None),
+            dataset=getattr(dm, "name", None),
+            kshot_fingerprint=getattr(dm, "kshot_fingerprint", None),
         )
 
 

@@ -10,7 +10,9 @@ File format (``*.safetensors``), tensors:
 metadata (strings): ``format`` (``cascadevlm.clip_adapter``), ``format_version``, ``kind``,
 ``model_name``, ``weights_id``, ``pretrained``, ``embed_dim``, ``num_classes``, ``class_names`` (JSON
 list), ``class_names_sha256``, ``logit_scale``, ``params`` (JSON: kind-specific settings such as
-``blend`` or ``ctx_init``), ``config`` (the YAML of the run that made it) and ``metrics`` (JSON).
+``blend`` or ``ctx_init``), ``config`` (the YAML of the run that made it) and ``metrics`` (JSON); and
+what the adapter was trained on: ``method`` (``linear_probe``, ``coop``), ``shots`` (k), ``seed``,
+``dataset`` and ``kshot_fingerprint`` (empty strings when unknown). :func:`adapter_info` reads them.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from cascadevlm.data.registry import validate_class_names
 FORMAT = "cascadevlm.clip_adapter"
 FORMAT_VERSION = "1"
 KINDS = ("linear_probe", "prompt_tuning")
+METHOD_OF_KIND = {"linear_probe": "linear_probe", "prompt_tuning": "coop"}
 CTX_PLACEHOLDER = "X"  # stands for one context token while tokenising prompts (as in CoOp)
 
 
@@ -278,8 +281,17 @@ def save_adapter(
     pretrained: str | None = None,
     config: str = "",
     metrics: dict | None = None,
+    method: str | None = None,
+    shots: int | None = None,
+    seed: int | None = None,
+    dataset: str | None = None,
+    kshot_fingerprint: str | None = None,
 ) -> Path:
-    """Write the adapter's own tensors and its metadata to ``path`` (atomically)."""
+    """Write the adapter's own tensors and its metadata to ``path`` (atomically).
+
+    ``method``, ``shots``, ``seed``, ``dataset`` describe the training run (what :func:`adapter_info`
+    gives evaluation to name runs by); ``method`` defaults to the adapter kind's method.
+    """
     class_names = list(class_names)
     if adapter.num_classes != len(class_names):
         raise ValueError(
@@ -300,6 +312,11 @@ def save_adapter(
         "params": json.dumps(adapter.adapter_params()),
         "config": config,
         "metrics": json.dumps(metrics or {}),
+        "method": method or METHOD_OF_KIND[adapter.kind],
+        "shots": "" if shots is None else str(int(shots)),
+        "seed": "" if seed is None else str(int(seed)),
+        "dataset": dataset or "",
+        "kshot_fingerprint": kshot_fingerprint or "",
     }
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in adapter.adapter_tensors().items()}
     path = Path(path)
@@ -421,3 +438,36 @@ def adapter_metadata(path: str | Path) -> dict:
     for key in ("class_names", "params", "metrics"):
         out[key] = json.loads(meta.get(key) or "null")
     return out
+
+
+def adapter_info(path: str | Path) -> dict:
+    """What an adapter file was made by and for: ``method``, ``kind``, ``shots``, ``seed``, ``dataset``,
+    ``model_name``, ``weights_id``, ``pretrained``, ``class_names_sha256``, ``num_classes``.
+
+    Evaluation names runs and tables by these (never by ``data.shots`` defaults). ``shots``/``seed`` are
+    ints, or None for a file that does not record them (files written before they were stored fall back
+    to the training metrics saved beside them).
+    """
+    _, meta = read_adapter(path)
+    metrics = json.loads(meta.get("metrics") or "{}") or {}
+
+    def number(key: str, fallback_key: str) -> int | None:
+        raw = meta.get(key, "")
+        if raw != "":
+            return int(raw)
+        value = metrics.get(fallback_key)
+        return int(value) if value is not None else None
+
+    return {
+        "method": meta.get("method") or metrics.get("method") or METHOD_OF_KIND[meta["kind"]],
+        "kind": meta["kind"],
+        "shots": number("shots", "shots"),
+        "seed": number("seed", "seed"),
+        "dataset": meta.get("dataset") or metrics.get("dataset"),
+        "model_name": meta.get("model_name"),
+        "weights_id": meta.get("weights_id"),
+        "pretrained": meta.get("pretrained") or None,
+        "class_names_sha256": meta.get("class_names_sha256"),
+        "num_classes": int(meta.get("num_classes", 0)),
+        "kshot_fingerprint": meta.get("kshot_fingerprint") or None,
+    }
