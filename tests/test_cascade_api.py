@@ -4,6 +4,7 @@ import pytest
 from test_lvlm_api import KEY_ENV, SECRET, ChatServer
 
 from cascadevlm.cascade.evaluate import main
+from cascadevlm.lvlm.api_backend import APIFatalError
 from cascadevlm.records import read_records
 
 
@@ -49,3 +50,31 @@ def test_cascade_through_an_openai_compatible_api(tiny_clip_path, data_root, tmp
     for path in tmp_path.rglob("*"):
         if path.is_file():
             assert SECRET.encode() not in path.read_bytes(), path
+
+
+@pytest.mark.slow
+def test_bad_key_stops_the_cascade_with_no_fallback_records(tiny_clip_path, data_root, tmp_path, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    with ChatServer(script=["401"] * 30) as server:
+        args = [
+            "--model.model_name", "cascadevlm-tiny-vit", "--model.pretrained", str(tiny_clip_path),
+            "--data.dataset", "fashion_mnist", "--data.data_root", str(data_root), "--data.limit", "12",
+            "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+            "--lvlm.class_path", "cascadevlm.lvlm.api_backend.OpenAIBackend",
+            "--lvlm.init_args.model", "gpt-test-vision", "--lvlm.init_args.base_url", server.url,
+            "--lvlm.init_args.api_key_env", KEY_ENV, "--lvlm.init_args.cache_path", str(tmp_path / "c.sqlite"),
+            "--cascade.tau=-.inf", "--cascade.lvlm_on", "deferred",
+            "--output_dir", str(tmp_path / "runs"), "--cache_dir", str(tmp_path / "features"), "--run_name", "bad",
+        ]  # fmt: skip
+        with pytest.raises((APIFatalError, SystemExit)) as err:
+            main(args)
+        assert len(server.requests) == 1  # stopped at the first request, not one per image
+    if isinstance(err.value, SystemExit):  # the CLI's one-line error form
+        assert err.value.code not in (0, None)
+    else:
+        assert str(err.value).startswith(f"HTTP 401 Unauthorized from {server.url} (model 'gpt-test-vision')")
+    run = tmp_path / "runs" / "bad"
+    assert not (run / "records.parquet").exists() and not (run / "metrics.json").exists()
+    assert not list(run.glob("parts/lvlm.rank*.jsonl")) or all(
+        p.read_text() == "" for p in run.glob("parts/lvlm.rank*.jsonl")
+    )  # no API-error fallback was recorded

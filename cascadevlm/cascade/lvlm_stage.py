@@ -146,10 +146,20 @@ def run_lvlm_stage(
     """Ask the LVLM about ``todo`` (records still without an answer); answers land in part files."""
     if not todo:
         return
+    backend = stage.backend
+    # A backend with a request pool (the API backend) gets large batches and keeps its pool full
+    # within each; answers are still appended batch by batch.
+    batch_size = max(batch_size, getattr(backend, "stage_batch_size", 0) or 0)
     loader = torch.utils.data.DataLoader(
         DeferredImages(dataset, todo, topk, split),
         batch_size=batch_size,
         collate_fn=_as_list,
         num_workers=num_workers,
     )
-    predict_with_writer(trainer, stage, loader, LVLMAnswerWriter(parts_dir))
+    if hasattr(backend, "begin_stage"):  # progress display over the whole stage (this rank's share)
+        backend.begin_stage(-(-len(todo) // trainer.world_size), trainer.global_rank)
+    try:
+        predict_with_writer(trainer, stage, loader, LVLMAnswerWriter(parts_dir))
+    finally:
+        if hasattr(backend, "end_stage"):
+            backend.end_stage()

@@ -199,9 +199,11 @@ class _Progress:
         # disable=None: shown on a terminal only, so logs and CI output stay clean
         self.bar = tqdm(total=total, desc=desc, unit="img", disable=None if enabled else True, leave=True)
         self.t0 = time.perf_counter()
+        self.n = 0  # counted here: a disabled bar counts nothing
 
     def update(self, n: int, backend: OpenAIBackend) -> None:
         if n:
+            self.n += n
             self.bar.update(n)
             self.bar.set_postfix(
                 hits=backend.cache_hits, retries=backend.retries, errors=backend.errors, refresh=False
@@ -591,7 +593,7 @@ class OpenAIBackend(LVLMBackend):
         """Called by the LVLM stage after its last batch: closes the display and logs a summary."""
         if self._progress is None:
             return
-        n = self._progress.bar.n
+        n = self._progress.n
         seconds = self._progress.close()
         self._progress = None
         calls, hits, retries, errors = (
