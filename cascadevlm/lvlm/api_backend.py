@@ -36,7 +36,7 @@ import random
 import threading
 import time
 from collections import Counter
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from datetime import timezone
 from email.utils import parsedate_to_datetime
 from typing import Literal
@@ -449,6 +449,7 @@ class OpenAIBackend(LVLMBackend):
         )
 
     def _request_kwargs(self, prompt: Prompt) -> dict:
+        """The request's JSON body (OpenAI chat-completions fields plus ``extra_body``'s)."""
         urls = [
             image_data_url(im, self.image_format, self.image_max_side, max_pixels=self.max_pixels)
             for im in prompt.images
@@ -470,8 +471,7 @@ class OpenAIBackend(LVLMBackend):
             import re
 
             extra["regex"] = "(" + "|".join(re.escape(a) for a in prompt.answers) + ")"
-        if extra:
-            kwargs["extra_body"] = extra
+        kwargs.update(extra)  # provider fields go into the JSON body as they are (what extra_body does)
         return kwargs
 
     def _fatal(self, err: Exception) -> APIFatalError | None:
@@ -509,7 +509,10 @@ class OpenAIBackend(LVLMBackend):
             with self._lock:
                 self.attempts += 1
             try:
-                return self.client.chat.completions.create(**kwargs)
+                # The client's documented escape hatch for a raw body: the same request, errors and
+                # response type as chat.completions.create, without its per-call walk over the typed
+                # parameters (about 40% of the client's CPU time per request, see bench/api.py).
+                return self.client.post("/chat/completions", body=kwargs, cast_to=_chat_completion_type())
             except Exception as err:
                 fatal = self._fatal(err)
                 if fatal is not None:
@@ -641,12 +644,9 @@ class OpenAIBackend(LVLMBackend):
                 futures[self.pool.submit(self._fetch, key, prompts[i], halt)] = key
                 self._calls += 1
             try:
-                pending = set(futures)
-                while pending:
-                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    for fut in done:
-                        self._settle(futures[fut], fut.result, payloads, errors)
-                        self._tick(waiting[futures[fut]])
+                for fut in as_completed(futures):  # one waiter for all (wait() in a loop is quadratic)
+                    self._settle(futures[fut], fut.result, payloads, errors)
+                    self._tick(waiting[futures[fut]])
             except BaseException:  # a fatal API error or Ctrl-C: start nothing more
                 for fut in futures:
                     fut.cancel()
@@ -676,6 +676,12 @@ class OpenAIBackend(LVLMBackend):
     def _tick(self, n: int) -> None:
         if self._progress is not None:
             self._progress.update(n, self)
+
+
+def _chat_completion_type():
+    from openai.types.chat import ChatCompletion
+
+    return ChatCompletion
 
 
 class _Halted(Exception):
