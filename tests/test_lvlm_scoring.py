@@ -143,3 +143,68 @@ def test_generate_batched_equals_one_by_one_and_falls_back(tiny_lvlm_dir, photos
         assert 0 <= a.choice < len(r.candidates)
         if a.fallback == "unparseable":
             assert a.choice == r.fallback
+
+
+@torch.inference_mode()
+def _reference_scores(model, inputs, answers, pad_id):
+    """The previous implementation, kept as the reference: full-prompt logits, and a copy of each
+    prompt's cache per candidate (``reorder_cache``), all candidates in one forward."""
+    import torch.nn.functional as F
+
+    from cascadevlm.lvlm.scoring import _cache_kwarg, forward_inputs, rope_state_module
+
+    mask = inputs["attention_mask"]
+    rows = [(b, a) for b in range(mask.shape[0]) for a in answers[b]]
+    rope = rope_state_module(model)
+    out = model(**forward_inputs(model, inputs), use_cache=True)
+    cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+    first = F.log_softmax(out.logits[:, -1].float(), dim=-1)
+    owner = torch.tensor([b for b, _ in rows])
+    width = max(len(a) for _, a in rows)
+    ans = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    ans_mask = torch.zeros((len(rows), width), dtype=mask.dtype)
+    for i, (_, a) in enumerate(rows):
+        ans[i, : len(a)] = torch.tensor(a)
+        ans_mask[i, : len(a)] = 1
+    token_logp = torch.zeros((len(rows), width))
+    token_logp[:, 0] = first[owner].gather(-1, ans[:, :1]).squeeze(-1)
+    if width > 1:
+        cache.reorder_cache(owner)
+        pos = mask.long().sum(-1)[owner, None] + torch.arange(width - 1)
+        if rope is not None:
+            pos = (pos + rope.rope_deltas[owner].view(-1, 1)).unsqueeze(0).expand(3, -1, -1)
+        out2 = model(
+            input_ids=ans[:, :-1],
+            attention_mask=torch.cat([mask[owner], ans_mask[:, :-1]], 1),
+            position_ids=pos,
+            use_cache=True,
+            **{_cache_kwarg(model): cache},
+        )
+        logp = F.log_softmax(out2.logits.float(), dim=-1)
+        token_logp[:, 1:] = logp.gather(-1, ans[:, 1:].unsqueeze(-1)).squeeze(-1)
+    flat = (token_logp * ans_mask).sum(-1).tolist()
+    scores, i = [], 0
+    for b in range(mask.shape[0]):
+        scores.append(flat[i : i + len(answers[b])])
+        i += len(answers[b])
+    return scores
+
+
+@pytest.mark.parametrize("tree_mask", [True, False])
+def test_shared_cache_scores_equal_reference(tiny_lvlm_dir, photos, tree_mask):  # noqa: F811
+    """One shared prompt cache + last-position logits (tree mask, or one forward per candidate slot)
+    give the scores of the copy-the-cache-per-candidate implementation."""
+    from cascadevlm.lvlm.scoring import score_candidates
+
+    backend = TransformersBackend(str(tiny_lvlm_dir), prompt=PromptConfig(options="names"), device="cpu")
+    reqs = _requests(photos)
+    prompts = [build_prompt(r, backend.prompt) for r in reqs]
+    enc = backend.encoder
+    inputs = enc.encode(prompts)
+    ids = [[enc.answer_ids(a) for a in p.answers] for p in prompts]
+    ids[0][0] = ids[0][0][-1:]  # a one-token answer among longer ones
+    assert len({len(a) for row in ids for a in row}) > 2
+    ours = score_candidates(backend.net, inputs, ids, enc.pad_id, tree_mask=tree_mask)
+    ref = _reference_scores(backend.net, enc.encode(prompts), ids, enc.pad_id)
+    for o, r in zip(ours, ref, strict=True):
+        assert o == pytest.approx(r, abs=1e-4)

@@ -1,8 +1,18 @@
 """Candidate scoring: the log-likelihood of each candidate's answer tokens after the prompt.
 
-All candidates of a batch of prompts are scored with two forwards: the (left-padded) prompts once,
-keeping their key/value cache, then every candidate's answer tokens at once on top of a copy of its
-prompt's cache. Nothing is generated, so there is nothing to parse.
+All candidates of a batch of prompts are scored with two forwards and one key/value cache:
+
+1. the (left-padded) prompts, keeping their cache and the logits of the last position only
+   (``logits_to_keep=1``: a 7B model's full-prompt logits would be batch x length x vocabulary floats);
+2. every candidate's answer tokens (all but the last) at once, appended to their prompt's row: row ``b``
+   holds candidate 1's tokens, then candidate 2's, ..., and a 4-D attention mask lets each token see its
+   prompt (through the shared cache) and the earlier tokens of its own candidate only. The prompt's cache
+   is never copied per candidate (the earlier design copied it k times: ~77 GiB for LLaVA-1.5-7B with
+   6 images, batch 8, top-5).
+
+Attention implementations that take no 4-D mask (FlashAttention) score one candidate slot at a time
+instead, on the same cache, cropped back to the prompt after each slot. Nothing is generated, so there
+is nothing to parse.
 
 Positions: text-only rotary models (LLaVA's Llama, Idefics3, ...) get ``cumsum(mask) - 1`` so a left-
 padded prompt sees the same positions as an unpadded one. Multimodal-rope models (Qwen2-VL, Qwen2.5-VL)
@@ -100,6 +110,23 @@ def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     )
 
 
+def _attn_implementation(model: torch.nn.Module) -> str:
+    config = getattr(model, "config", None)
+    names = [getattr(config, "_attn_implementation", None)]
+    for sub in ("text_config", "language_config"):
+        names.append(getattr(getattr(config, sub, None), "_attn_implementation", None))
+    return " ".join(str(n) for n in names if n)
+
+
+def supports_tree_mask(model: torch.nn.Module) -> bool:
+    """Whether the model takes a custom 4-D attention mask (eager / sdpa / flex, not FlashAttention)."""
+    return "flash" not in _attn_implementation(model)
+
+
+def _model_dtype(model: torch.nn.Module) -> torch.dtype:
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())
+
+
 @torch.inference_mode()
 def score_candidates(
     model: torch.nn.Module,
@@ -107,8 +134,9 @@ def score_candidates(
     answers: list[list[list[int]]],
     pad_id: int,
     length_norm: bool = False,
+    tree_mask: bool | None = None,
 ) -> list[list[float]]:
-    """Log-likelihood of every answer of every prompt, sharing each prompt's forward.
+    """Log-likelihood of every answer of every prompt, sharing each prompt's forward and cache.
 
     Args:
         model: a causal image-text-to-text model.
@@ -116,56 +144,126 @@ def score_candidates(
         answers: per prompt, the token ids of each candidate's answer.
         pad_id: token id used to pad answers (masked out).
         length_norm: divide each sum by its number of tokens (mean log-probability per token).
+        tree_mask: all candidates in one forward under a 4-D mask (default: where the attention
+            implementation takes one), else one forward per candidate slot.
 
     Returns:
         ``scores[b][i]``: the summed (or mean) log-probability of ``answers[b][i]``.
     """
     mask = inputs["attention_mask"]
-    batch = mask.shape[0]
+    batch, length = mask.shape
     if len(answers) != batch:
         raise ValueError(f"{len(answers)} answer lists for {batch} prompts")
-    rows = [(b, a) for b in range(batch) for a in answers[b]]
-    if any(len(a) == 0 for _, a in rows):
+    if any(len(a) == 0 for row in answers for a in row):
         raise ValueError("every candidate answer needs at least one token")
-    rope = rope_state_module(model)
-    out = model(**forward_inputs(model, inputs), use_cache=True)
+    if any(len(row) == 0 for row in answers):
+        raise ValueError("every prompt needs at least one candidate answer")
+    out = model(**forward_inputs(model, inputs), use_cache=True, logits_to_keep=1)
     cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
     first = F.log_softmax(out.logits[:, -1].float(), dim=-1)  # next-token distribution after each prompt
+    del out
+    if tree_mask is None:
+        tree_mask = supports_tree_mask(model)
+    rest = _tree_scores if tree_mask else _slot_scores
+    sums = rest(model, cache, mask, first, answers)  # per prompt, per candidate: summed log-probability
+    if length_norm:
+        sums = [
+            [v / len(a) for v, a in zip(row, ans, strict=True)]
+            for row, ans in zip(sums, answers, strict=True)
+        ]
+    return sums
 
+
+def _continuation_positions(
+    model: torch.nn.Module, mask: torch.Tensor, offsets: torch.Tensor
+) -> torch.Tensor:
+    """Position ids of tokens ``offsets`` (``B x W``) after each left-padded prompt."""
+    pos = mask.long().sum(-1, keepdim=True) + offsets
+    rope = rope_state_module(model)
+    if rope is not None:  # 3-D multimodal rope: text continues from the prompt's stored offset
+        pos = (pos + rope.rope_deltas.to(mask.device).view(-1, 1)).unsqueeze(0).expand(3, -1, -1)
+    return pos
+
+
+def _tree_scores(model, cache, mask: torch.Tensor, first: torch.Tensor, answers) -> list[list[float]]:
+    """All candidates' tokens (but the last) in one row per prompt, each seeing only its prompt and itself."""
     device = mask.device
-    owner = torch.tensor([b for b, _ in rows], device=device)
-    width = max(len(a) for _, a in rows)
-    ans = torch.full((len(rows), width), pad_id, dtype=inputs["input_ids"].dtype, device=device)
-    ans_mask = torch.zeros((len(rows), width), dtype=mask.dtype, device=device)
-    for i, (_, a) in enumerate(rows):
-        ans[i, : len(a)] = torch.tensor(a, dtype=ans.dtype)
-        ans_mask[i, : len(a)] = 1
+    batch, length = mask.shape
+    fed = [[tok for a in row for tok in a[:-1]] for row in answers]
+    width = max(len(f) for f in fed)
+    sums = [[float(first[b, a[0]]) for a in row] for b, row in enumerate(answers)]
+    if width == 0:  # one-token answers: the prompt's last logits decide everything
+        return sums
+    ids = torch.zeros((batch, width), dtype=torch.long, device=device)
+    seg = torch.full((batch, width), -1, dtype=torch.long, device=device)  # candidate of each token
+    offset = torch.zeros((batch, width), dtype=torch.long, device=device)  # its position in the candidate
+    target = torch.full((batch, width), -1, dtype=torch.long, device=device)  # the token it predicts
+    for b, row in enumerate(answers):
+        i = 0
+        for c, a in enumerate(row):
+            n = len(a) - 1
+            if n:
+                ids[b, i : i + n] = torch.tensor(a[:-1])
+                seg[b, i : i + n] = c
+                offset[b, i : i + n] = torch.arange(n)
+                target[b, i : i + n] = torch.tensor(a[1:])
+                i += n
+    real = seg >= 0
+    same = (seg[:, :, None] == seg[:, None, :]) & real[:, :, None]
+    causal = torch.ones((width, width), dtype=torch.bool, device=device).tril()
+    own = (same & causal) | torch.eye(width, dtype=torch.bool, device=device)  # pads see themselves
+    allowed = torch.cat([mask.bool()[:, None, :].expand(-1, width, -1) & real[:, :, None], own], -1)
+    dtype = _model_dtype(model)
+    tree = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(
+        ~allowed, torch.finfo(dtype).min
+    )
+    out = model(
+        input_ids=ids,
+        attention_mask=tree[:, None],
+        position_ids=_continuation_positions(model, mask, offset),
+        use_cache=True,
+        **{_cache_kwarg(model): cache},
+    )
+    logp = F.log_softmax(out.logits.float(), dim=-1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    logp = (logp * real).cpu()
+    seg_cpu = seg.cpu()
+    for b, row in enumerate(answers):
+        for c in range(len(row)):
+            sums[b][c] += float(logp[b][seg_cpu[b] == c].sum())
+    return sums
 
-    token_logp = torch.zeros((len(rows), width), device=device)
-    token_logp[:, 0] = first[owner].gather(-1, ans[:, :1]).squeeze(-1)
-    if width > 1:
-        cache.reorder_cache(owner)  # each candidate row gets a copy of its prompt's cache
-        steps = torch.arange(width - 1, device=device)
-        pos = mask.long().sum(-1)[owner, None] + steps
-        if rope is not None:
-            pos = (pos + rope.rope_deltas.to(device)[owner].view(-1, 1)).unsqueeze(0).expand(3, -1, -1)
-        out2 = model(
-            input_ids=ans[:, :-1],
-            attention_mask=torch.cat([mask[owner], ans_mask[:, :-1]], 1),
-            position_ids=pos,
+
+def _slot_scores(model, cache, mask: torch.Tensor, first: torch.Tensor, answers) -> list[list[float]]:
+    """Candidate slot ``j`` of every prompt per forward, on the shared cache cropped back after each."""
+    device = mask.device
+    batch = mask.shape[0]
+    sums = [[float(first[b, a[0]]) for a in row] for b, row in enumerate(answers)]
+    for j in range(max(len(row) for row in answers)):
+        rows = [row[j] if j < len(row) else row[0][:1] for row in answers]
+        width = max(len(a) for a in rows) - 1
+        if width == 0:
+            continue
+        ids = torch.zeros((batch, width), dtype=torch.long, device=device)
+        target = torch.full((batch, width), -1, dtype=torch.long, device=device)
+        live = torch.zeros((batch, width), dtype=mask.dtype, device=device)
+        for b, a in enumerate(rows):
+            n = len(a) - 1
+            if n and j < len(answers[b]):
+                ids[b, :n] = torch.tensor(a[:-1])
+                target[b, :n] = torch.tensor(a[1:])
+                live[b, :n] = 1
+        steps = torch.arange(width, device=device).expand(batch, -1)
+        out = model(
+            input_ids=ids,
+            attention_mask=torch.cat([mask, torch.ones_like(live)], 1),
+            position_ids=_continuation_positions(model, mask, steps),
             use_cache=True,
             **{_cache_kwarg(model): cache},
         )
-        logp = F.log_softmax(out2.logits.float(), dim=-1)
-        token_logp[:, 1:] = logp.gather(-1, ans[:, 1:].unsqueeze(-1)).squeeze(-1)
-    token_logp = token_logp * ans_mask
-    sums = token_logp.sum(-1)
-    if length_norm:
-        sums = sums / ans_mask.sum(-1)
-    flat = sums.tolist()
-    scores: list[list[float]] = []
-    i = 0
-    for b in range(batch):
-        scores.append(flat[i : i + len(answers[b])])
-        i += len(answers[b])
-    return scores
+        cache.crop(-width)  # back to the prompt for the next slot
+        logp = F.log_softmax(out.logits.float(), -1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        totals = (logp * live).sum(-1).tolist()
+        for b in range(batch):
+            if j < len(answers[b]):
+                sums[b][j] += totals[b]
+    return sums
