@@ -292,3 +292,22 @@ def test_key_is_in_no_written_file_in_score_mode(photos, tmp_path, caplog):  # n
             assert SECRET.encode() not in path.read_bytes(), path
     restored = pickle.loads((tmp_path / "backend.pkl").read_bytes())  # a worker process's copy works
     assert restored.mode == "score" and restored.cache_hits == 0 and restored.choose(_requests(photos, 1))
+
+
+def test_vllm_score_config_against_a_loopback_server(photos, tmp_path, monkeypatch):  # noqa: F811
+    from pathlib import Path
+
+    from cascadevlm.lvlm.config import load_backend
+
+    monkeypatch.setenv("VLLM_API_KEY", SECRET)
+    config = Path(__file__).resolve().parents[1] / "configs" / "lvlm" / "api_vllm_qwen25vl_score.yaml"
+    top = [("A", -1.25), ("B", -0.5), ("C", -2.0)]
+    with ChatServer(logprobs=first_token_logprobs(top)) as server:
+        backend = load_backend(config, base_url=server.url, cache_path=str(tmp_path / "c.sqlite"))
+        (answer,) = backend.choose(_requests(photos, 1))
+        body = server.requests[0]["body"]
+    assert body["model"] == "Qwen/Qwen2.5-VL-7B-Instruct" and body["top_logprobs"] == 20
+    assert answer.scores == [-1.25, -0.5, -2.0] and answer.choice == 1
+    url = body["messages"][0]["content"][0]["image_url"]["url"]
+    w, h = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).size
+    assert w * h <= 1024 * 28 * 28
