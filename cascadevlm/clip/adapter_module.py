@@ -196,8 +196,11 @@ class AdapterModule(L.LightningModule):
     Args:
         model_name, pretrained: the frozen open_clip model (as :func:`load_clip`).
         build_tiny: offline demo only: write the seeded tiny checkpoint ``pretrained`` if missing.
-        clip_precision: open_clip precision of the frozen model (mixed precision of the training
-            itself is the Trainer's ``precision`` flag).
+        clip_precision: open_clip precision of the frozen model (``fp32``, ``bf16``, ``fp16``, ``amp``,
+            ``amp_bf16``): image features are computed in it, images cast to the model's dtype, and it is
+            part of the feature-cache key (mixed precision of the training itself is the Trainer's
+            ``precision`` flag, which does not change the features).
+        model_config: an open_clip model-config JSON named ``<model_name>.json`` (a custom architecture).
         class_names, templates: default to the data module's (the zero-shot head uses the templates).
         lr, weight_decay, optimizer (``adamw`` or ``sgd`` with momentum 0.9), warmup_steps: the
             optimiser; the learning rate follows a cosine schedule over the whole run.
@@ -221,11 +224,14 @@ class AdapterModule(L.LightningModule):
         class_batch_size: int = 64,
         log_confusion_matrix: bool = True,
         optimizer: str = "adamw",
+        model_config: str | None = None,
     ) -> None:
         super().__init__()
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer {optimizer!r} is not one of {OPTIMIZERS}")
-        self.bundle = load_clip(model_name, pretrained, precision=clip_precision, build_tiny=build_tiny)
+        self.bundle = load_clip(
+            model_name, pretrained, precision=clip_precision, build_tiny=build_tiny, model_config=model_config
+        )
         self.bundle.model.requires_grad_(False)
         self.class_names = list(class_names) if class_names else None
         self.templates = list(templates) if templates else None
@@ -418,6 +424,7 @@ class LinearProbeModule(AdapterModule):
         class_batch_size: int = 64,
         log_confusion_matrix: bool = True,
         optimizer: str = "adamw",
+        model_config: str | None = None,
     ) -> None:
         super().__init__(
             model_name,
@@ -432,6 +439,7 @@ class LinearProbeModule(AdapterModule):
             class_batch_size,
             log_confusion_matrix,
             optimizer,
+            model_config,
         )
         self.save_hyperparameters()
         if self.class_names:
@@ -475,6 +483,7 @@ class PromptTuningModule(AdapterModule):
         class_batch_size: int = 64,
         log_confusion_matrix: bool = True,
         optimizer: str = "adamw",
+        model_config: str | None = None,
     ) -> None:
         super().__init__(
             model_name,
@@ -489,6 +498,7 @@ class PromptTuningModule(AdapterModule):
             class_batch_size,
             log_confusion_matrix,
             optimizer,
+            model_config,
         )
         self.save_hyperparameters()
         self._eval_embeddings: torch.Tensor | None = None

@@ -1,7 +1,8 @@
 """On-disk cache of image features, keyed by everything that determines them.
 
-Key parts: CLIP architecture, weights (tag or checkpoint hash), dataset fingerprint, split, number of
-rows and the preprocessing transform. Any change gives a new key, so stale features are never served.
+Key parts: CLIP architecture, its model config, weights (tag or content hash of the checkpoint file or
+weights directory), precision, the preprocessing transform, dataset fingerprint, split and number of
+rows. Any change gives a new key, so stale features are never served.
 """
 
 from __future__ import annotations
@@ -15,18 +16,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
-def feature_key(
-    model_name: str, weights_id: str, dataset_fingerprint: str, split: str, num_rows: int, preprocess: str
-) -> str:
-    """A short stable hash of the parts that determine a split's image features."""
-    parts = {
-        "model": model_name,
-        "weights": weights_id,
-        "dataset": dataset_fingerprint,
-        "split": split,
-        "rows": int(num_rows),
-        "preprocess": preprocess,
-    }
+def feature_key(model: dict, dataset_fingerprint: str, split: str, num_rows: int) -> str:
+    """A short stable hash of the parts that determine a split's image features.
+
+    ``model`` is :meth:`ClipBundle.feature_identity` (architecture, config, weights, precision, preprocess).
+    """
+    parts = {**model, "dataset": dataset_fingerprint, "split": split, "rows": int(num_rows)}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -66,14 +61,7 @@ class FeatureCache:
 
 def split_feature_key(bundle, dataset, split: str) -> str:
     """The cache key of ``dataset``'s image features under ``bundle`` (a :class:`ClipBundle`)."""
-    return feature_key(
-        bundle.model_name,
-        bundle.weights_id,
-        dataset_fingerprint(dataset),
-        split,
-        len(dataset),
-        repr(bundle.preprocess),
-    )
+    return feature_key(bundle.feature_identity(), dataset_fingerprint(dataset), split, len(dataset))
 
 
 @torch.no_grad()
@@ -91,6 +79,7 @@ def image_features(
     A plain loop for small splits (k-shot train/val sets of the adapters); evaluation of large splits
     goes through the Lightning module, which can use several devices and fills the same cache.
     """
+    from cascadevlm.clip.model import encode_images
     from cascadevlm.data.loading import ImageClassificationDataset
 
     key = split_feature_key(bundle, dataset, split)
@@ -101,9 +90,9 @@ def image_features(
         batch_size=batch_size,
         num_workers=num_workers,
     )
-    model = bundle.model.to(device)
-    feats = [model.encode_image(b["pixel_values"].to(device), normalize=True).float().cpu() for b in loader]
+    bundle.model.to(device)
+    feats = [encode_images(bundle, b["pixel_values"]).cpu() for b in loader]
     out = torch.cat(feats) if feats else torch.empty(0, bundle.embed_dim)
     if cache is not None:
-        cache.save(key, out, {"model": bundle.model_name, "weights": bundle.weights_id, "split": split})
+        cache.save(key, out, {**bundle.feature_identity(), "split": split})
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -24,13 +25,19 @@ def register_model_configs() -> None:
         open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 
-_HASHES: dict[tuple[str, int, float], str] = {}
+_HASHES: dict[tuple[str, int, int], str] = {}
+
+# open_clip's precision names. "amp*" keep fp32 weights and run the image encoder under autocast.
+PRECISIONS = ("fp32", "fp16", "bf16", "amp", "amp_bf16", "amp_bfloat16", "pure_fp16", "pure_bf16")
+AUTOCAST_DTYPES = {"amp": torch.float16, "amp_bf16": torch.bfloat16, "amp_bfloat16": torch.bfloat16}
+# Files in a weights directory that do not change the model (our own provenance mark, VCS/OS clutter).
+_NOT_WEIGHTS = ("cascadevlm_provenance.json", ".DS_Store")
 
 
 def file_sha256(path: str | Path) -> str:
-    """Content hash of a file, memoised on (path, size, mtime)."""
+    """Content hash of a file, memoised on (path, size, mtime in ns)."""
     st = os.stat(path)
-    key = (str(Path(path).resolve()), st.st_size, st.st_mtime)
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
     if key not in _HASHES:
         h = hashlib.sha256()
         with open(path, "rb") as fh:
@@ -40,13 +47,84 @@ def file_sha256(path: str | Path) -> str:
     return _HASHES[key]
 
 
-def weights_id(pretrained: str | None) -> str:
-    """Identifies the weights for cache keys: the tag, or the checkpoint file's content hash."""
+def dir_sha256(path: str | Path) -> str:
+    """Content hash of every file under a directory (names and contents; symlinks followed).
+
+    A new, changed or removed file gives a new hash. The provenance mark and hidden files are left out.
+    """
+    root = Path(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = f.relative_to(root).as_posix()
+        if f.name in _NOT_WEIGHTS or any(part.startswith(".") for part in f.relative_to(root).parts):
+            continue
+        h.update(f"{rel}\0{file_sha256(f)}\n".encode())
+    return h.hexdigest()
+
+
+def hf_hub_snapshot(repo_id: str) -> Path | None:
+    """The local snapshot directory of a hub repo if it is in the HF cache (never downloads), else None."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # not cached, or huggingface_hub unavailable: the caller falls back to the name
+        return None
+
+
+def weights_id(pretrained: str | None, model_name: str | None = None) -> str:
+    """Identifies the weights for cache keys and adapters, by content wherever the files are local.
+
+    - ``local-dir:<dir>`` models: ``sha256-dir:`` hash of every file in the directory (config + weights);
+    - ``hf-hub:<org/repo>`` models: the same hash of the repo's snapshot in the local HF cache; when it
+      cannot be resolved offline, ``hf-hub:<org/repo>@unresolved`` (identified by name only);
+    - a checkpoint file: ``sha256:`` its content hash; an open_clip tag: the tag; nothing: ``random-init``.
+    """
+    if model_name and model_name.startswith("local-dir:"):
+        return "sha256-dir:" + dir_sha256(model_name.removeprefix("local-dir:"))
+    if model_name and model_name.startswith("hf-hub:"):
+        repo = model_name.removeprefix("hf-hub:")
+        snap = hf_hub_snapshot(repo)
+        return f"sha256-dir:{dir_sha256(snap)}" if snap is not None else f"hf-hub:{repo}@unresolved"
     if not pretrained:
         return "random-init"
     if os.path.isfile(pretrained):
         return "sha256:" + file_sha256(pretrained)
     return pretrained
+
+
+def config_id(model_name: str) -> str:
+    """Hash of the open_clip model config of a registered architecture ("" for hub/local-dir models,
+    whose config file is part of their weights id)."""
+    if model_name.startswith(("hf-hub:", "local-dir:")):
+        return ""
+    cfg = open_clip.get_model_config(model_name)
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16] if cfg else ""
+
+
+def input_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype images must have for ``model.encode_image``: that of the image tower's first layer."""
+    visual = getattr(model, "visual", model)
+    for m in visual.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            return m.weight.dtype
+    return next(visual.parameters()).dtype
+
+
+def encode_images(bundle: ClipBundle, pixels: torch.Tensor) -> torch.Tensor:
+    """Normalised float32 image features of preprocessed ``pixels`` [B, 3, H, W] under ``bundle``.
+
+    Images are cast to the model's dtype (bf16/fp16 models) and put on its device. The numeric precision
+    is the bundle's own (``model.precision``): an autocast opened by the caller (Lightning's
+    ``trainer.precision``) is switched off here, so the features (and the feature-cache key, which holds
+    the bundle's precision) never depend on it. ``amp``/``amp_bf16`` run the encoder under autocast.
+    """
+    model = bundle.model
+    device = next(model.parameters()).device
+    x = pixels.to(device=device, dtype=input_dtype(model))
+    amp = AUTOCAST_DTYPES.get(bundle.precision)
+    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+        return model.encode_image(x, normalize=True).float()
 
 
 def _looks_like_path(pretrained: str) -> bool:
@@ -64,6 +142,18 @@ class ClipBundle:
     pretrained: str | None
     weights_id: str
     provenance: dict | None = None  # the project's own mark ({"kind": "random", ...}) or None
+    precision: str = "fp32"  # open_clip precision the model was created with
+    config_id: str = ""  # hash of the open_clip model config (architecture)
+
+    def feature_identity(self) -> dict:
+        """Everything about the model that changes its image features (goes into feature-cache keys)."""
+        return {
+            "model": self.model_name,
+            "weights": self.weights_id,
+            "model_config": self.config_id,
+            "precision": self.precision,
+            "preprocess": repr(self.preprocess),
+        }
 
     @property
     def embed_dim(self) -> int:
@@ -96,30 +186,75 @@ def ensure_tiny_checkpoint(model_name: str, pretrained: str | None) -> None:
         build_tiny_clip(path.parent, model_name=model_name, seed=int(match["seed"]))
 
 
+def register_user_model_config(model_name: str, model_config: str | Path) -> None:
+    """Register a user's open_clip model-config JSON (a custom architecture) under ``model_name``.
+
+    open_clip names a config by its file name, so the file must be ``<model_name>.json``.
+    """
+    path = Path(model_config)
+    if not path.is_file():
+        raise ValueError(f"model config {str(path)!r} does not exist; fix --model.model_config")
+    if path.suffix != ".json" or path.stem != model_name:
+        raise ValueError(
+            f"model config {str(path)!r} defines architecture {path.stem!r} (open_clip names a config by its "
+            f"file name) but model_name is {model_name!r}; set --model.model_name {path.stem}"
+        )
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"model config {str(path)!r} is not valid JSON ({err}); fix --model.model_config"
+        ) from None
+    missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in cfg]
+    if missing:
+        raise ValueError(
+            f"model config {str(path)!r} lacks {missing} (an open_clip model config has embed_dim, vision_cfg, "
+            "text_cfg); fix --model.model_config"
+        )
+    open_clip.add_model_config(path)
+
+
 def load_clip(
     model_name: str,
     pretrained: str | None = None,
     device: str | torch.device = "cpu",
     precision: str = "fp32",
     build_tiny: bool = False,
+    model_config: str | None = None,
 ) -> ClipBundle:
     """Create an open_clip model, its eval transform and tokenizer.
 
     Args:
-        model_name: an open_clip architecture (``ViT-L-14``) or a project config (``cascadevlm-tiny-vit``).
+        model_name: an open_clip architecture (``ViT-L-14``), a project config (``cascadevlm-tiny-vit``),
+            ``local-dir:<dir>`` or ``hf-hub:<org/repo>`` (config and weights from there).
         pretrained: an open_clip tag (``openai``, ``laion2b_s32b_b82k``), a local checkpoint path, or None.
         device: where to put the model.
-        precision: open_clip precision string (fp32, fp16, bf16, amp).
+        precision: open_clip precision (fp32, fp16, bf16, amp, amp_bf16, pure_fp16, pure_bf16).
         build_tiny: first write the project's seeded tiny checkpoint at ``pretrained`` if missing (demo).
+        model_config: path of an open_clip model-config JSON named ``<model_name>.json``: a custom
+            architecture, registered before the model is created.
     """
     register_model_configs()
+    if precision not in PRECISIONS:
+        raise ValueError(
+            f"unknown CLIP precision {precision!r}; use one of {', '.join(PRECISIONS)} (--model.precision)"
+        )
+    if model_config:
+        register_user_model_config(model_name, model_config)
     if build_tiny:
         ensure_tiny_checkpoint(model_name, pretrained)
     known = open_clip.list_models()
     if model_name not in known and not model_name.startswith(("hf-hub:", "local-dir:")):
         close = [m for m in known if model_name.lower().replace("/", "-") in m.lower()][:10]
         hint = f" Similar: {close}." if close else ""
-        raise ValueError(f"unknown CLIP model {model_name!r}: not an open_clip architecture.{hint}")
+        raise ValueError(
+            f"unknown CLIP model {model_name!r}: not an open_clip architecture (a custom one needs "
+            f"--model.model_config <{model_name}.json>).{hint}"
+        )
+    if model_name.startswith("local-dir:") and not Path(model_name.removeprefix("local-dir:")).is_dir():
+        raise FileNotFoundError(
+            f"CLIP model directory {model_name.removeprefix('local-dir:')!r} does not exist"
+        )
     if pretrained and _looks_like_path(pretrained) and not os.path.isfile(pretrained):
         raise FileNotFoundError(f"CLIP checkpoint {pretrained!r} does not exist")
     model, _, preprocess = open_clip.create_model_and_transforms(
@@ -128,7 +263,14 @@ def load_clip(
     model.eval()
     tokenizer = open_clip.get_tokenizer(model_name)
     weights_dir = model_name.removeprefix("local-dir:") if model_name.startswith("local-dir:") else None
-    provenance = read_provenance(weights_dir or pretrained)
     return ClipBundle(
-        model, preprocess, tokenizer, model_name, pretrained, weights_id(pretrained), provenance=provenance
+        model,
+        preprocess,
+        tokenizer,
+        model_name,
+        pretrained,
+        weights_id(pretrained, model_name),
+        provenance=read_provenance(weights_dir or pretrained),
+        precision=precision,
+        config_id=config_id(model_name),
     )

@@ -7,10 +7,11 @@ import torch
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from cascadevlm.clip.model import load_clip
+from cascadevlm.clip.model import encode_images, load_clip
 from cascadevlm.clip.zero_shot import build_zero_shot_head, clip_logits, entropy_from_logits, topk_probs
 
 MIN_STORED_TOPK = 5  # records keep at least the top-5, so acc5 can be computed from them
+KEEP_LOGITS_MAX_CLASSES = 256  # records keep all logits up to this many classes (calibration, conformal)
 
 
 class ClipClassifier(L.LightningModule):
@@ -19,7 +20,10 @@ class ClipClassifier(L.LightningModule):
     Args:
         model_name: open_clip architecture, e.g. ``ViT-L-14`` (or a project config for offline tests).
         pretrained: open_clip tag (``openai``) or a local checkpoint path.
-        precision: open_clip precision for the frozen model (``fp32``, ``fp16``, ``bf16``).
+        precision: open_clip precision of the frozen model (``fp32``, ``fp16``, ``bf16``, ``amp``,
+            ``amp_bf16``): the CLIP stage computes in it; the Trainer's ``precision`` does not change it
+            (features and logits are the same under ``16-mixed``/``bf16-mixed``).
+        model_config: an open_clip model-config JSON named ``<model_name>.json`` (a custom architecture).
         class_names, templates: the classes and the prompt-template ensemble (linked from the data).
         class_batch_size: classes per text-encoder forward when building the zero-shot head.
         topk: candidates kept per image (at least 5 are stored in records).
@@ -38,10 +42,13 @@ class ClipClassifier(L.LightningModule):
         topk: int = 5,
         adapter: str | None = None,
         build_tiny: bool = False,
+        model_config: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.bundle = load_clip(model_name, pretrained, precision=precision, build_tiny=build_tiny)
+        self.bundle = load_clip(
+            model_name, pretrained, precision=precision, build_tiny=build_tiny, model_config=model_config
+        )
         self.clip = self.bundle.model
         self.clip.requires_grad_(False)
         self.class_names = list(class_names) if class_names else None
@@ -101,12 +108,15 @@ class ClipClassifier(L.LightningModule):
     def encode(self, batch: dict) -> torch.Tensor:
         if "features" in batch:
             return batch["features"].float()
-        return self.clip.encode_image(batch["pixel_values"], normalize=True).float()
+        # In the model's own dtype and precision (model.precision), whatever the trainer's autocast.
+        return encode_images(self.bundle, batch["pixel_values"])
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
-        if self.adapter_module is not None:
-            return self.adapter_module(features).float()
-        return clip_logits(features, self.ensure_head(), self.clip.logit_scale.exp())
+        # float32 whatever the trainer's autocast: a bf16 matmul here would change records and entropies.
+        with torch.autocast(features.device.type, enabled=False):
+            if self.adapter_module is not None:
+                return self.adapter_module(features.float()).float()
+            return clip_logits(features, self.ensure_head(), self.clip.logit_scale.exp())
 
     def forward(self, batch: dict) -> torch.Tensor:
         return self.logits(self.encode(batch))
@@ -122,8 +132,11 @@ class ClipClassifier(L.LightningModule):
             "topk_probs": probs.cpu(),
             "entropy": entropy_from_logits(logits).cpu(),
         }
+        if logits.shape[-1] <= KEEP_LOGITS_MAX_CLASSES:
+            out["logits"] = logits.cpu()
         if self.adapter_module is not None:  # zero-shot beside the adapter, for the report
-            zs = clip_logits(feats, self.ensure_head(), self.clip.logit_scale.exp())
+            with torch.autocast(feats.device.type, enabled=False):
+                zs = clip_logits(feats, self.ensure_head(), self.clip.logit_scale.exp())
             out["zero_shot_pred"] = zs.argmax(-1).cpu()
         if "features" not in batch:
             out["features"] = feats.cpu()  # freshly computed: the writer may fill the feature cache
