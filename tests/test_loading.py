@@ -1,4 +1,5 @@
 import io
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -72,3 +73,50 @@ def test_class_name_overrides_are_checked(photo_folder):
         CascadeDataModule(str(photo_folder), class_names=["cat", "dog"])
     with pytest.raises(ValueError, match="k=3 is larger than the smallest class"):
         CascadeDataModule(str(photo_folder), split="test").kshot_split(3, 1)
+
+
+# ------------------------------------------------------------------------------ class names by name
+def _tiny_folder(root, classes, split="train"):
+    from PIL import Image
+
+    for i, cls in enumerate(classes):
+        d = root / split / cls
+        d.mkdir(parents=True)
+        Image.new("RGB", (4, 4), (i % 256, 0, 0)).save(d / f"{i}.png")
+    return root
+
+
+def test_benchmark_folder_classes_get_their_names_by_name_not_position(tmp_path):
+    from cascadevlm.data.benchmarks import PETS_CLASSES, PETS_RAW_NAMES
+    from cascadevlm.data.loading import IMAGE_COLUMN
+
+    # The official folder spellings; the image folder orders them its own way (case-sensitive sort).
+    root = _tiny_folder(tmp_path / "oxford_pets", list(PETS_RAW_NAMES))
+    dm = CascadeDataModule(str(root), split="train")
+    ds = dm.eval_dataset()
+    assert sorted(dm.class_names) == sorted(PETS_CLASSES) and dm.class_names != list(PETS_CLASSES)
+    for row in ds:
+        folder = Path(row[IMAGE_COLUMN]["path"]).parent.name
+        assert dm.class_names[row["label"]] == PETS_CLASSES[PETS_RAW_NAMES.index(folder)], folder
+
+
+def test_benchmark_folder_named_by_class_ids_is_refused(tmp_path):
+    root = _tiny_folder(tmp_path / "flowers102", [str(i) for i in range(1, 103)])
+    with pytest.raises(ValueError) as err:
+        CascadeDataModule(str(root), split="train")
+    assert str(err.value) == (
+        f"dataset {str(root)!r} has class names that differ from benchmark 'flowers102''s (102 vs 102; "
+        "102 not in the registry: ['1', '10', '100', '101', '102', ...]; 102 registry classes absent: "
+        "['pink primrose', 'hard-leaved pocket orchid', 'canterbury bells', 'sweet pea', 'english marigold', "
+        "...]); pass --data.class_names with its own names in label order, or --data.benchmark for the "
+        "benchmark it is"
+    )
+    # The flag that fixes it: the folder's own names, in its label order.
+    names = [f"flower {n}" for n in sorted(str(i) for i in range(1, 103))]
+    assert CascadeDataModule(str(root), split="train", class_names=names).class_names == names
+
+
+def test_a_subset_of_a_benchmarks_classes_is_refused(tmp_path):
+    root = _tiny_folder(tmp_path / "eurosat", ["Forest", "River", "Highway"])
+    with pytest.raises(ValueError, match=r"\(3 vs 10; 7 registry classes absent: \['Annual Crop Land', "):
+        CascadeDataModule(str(root), split="train")

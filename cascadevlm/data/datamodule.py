@@ -16,7 +16,13 @@ from cascadevlm.data.loading import (
     dataset_class_names,
     load_dataset_dict,
 )
-from cascadevlm.data.registry import GENERIC_TEMPLATES, BenchmarkSpec, get_benchmark, validate_class_names
+from cascadevlm.data.registry import (
+    GENERIC_TEMPLATES,
+    BenchmarkSpec,
+    get_benchmark,
+    match_class_names,
+    validate_class_names,
+)
 
 
 class CascadeDataModule(L.LightningDataModule):
@@ -26,7 +32,9 @@ class CascadeDataModule(L.LightningDataModule):
         dataset: a directory, a hub name, or ``fashion_mnist`` (the offline demo data, built on first use).
         benchmark: registry entry for class names and templates (default: ``dataset`` when registered).
         split: the split evaluated (``test``); ``train_split`` and ``val_split`` serve k-shot training.
-        class_names: override the class names (otherwise registry, then the dataset's label feature).
+        class_names: the class names by label id (otherwise: a dataset named like a registered
+            benchmark gets the registry's names matched to its own ClassLabel names by name, in its
+            label order, and is refused when they differ; else the dataset's own names).
         templates: override the prompt templates (otherwise registry, then the generic ensemble).
         limit: evaluate only the first ``limit`` rows of ``split`` (smoke runs, demos).
         shots: k for the k-shot split of ``train_split`` (0 = zero-shot); ``seed`` picks the draw.
@@ -68,8 +76,15 @@ class CascadeDataModule(L.LightningDataModule):
         if split not in self.dsd:
             raise ValueError(f"dataset {dataset!r} has no split {split!r}; it has {list(self.dsd)}")
         self.spec = self._spec(benchmark)
-        names = class_names or (list(self.spec.class_names) if self.spec else None)
-        names = names or dataset_class_names(self.dsd[split])
+        own = dataset_class_names(self.dsd[split])
+        if class_names:
+            names = list(class_names)  # the user's names, by label id
+        elif self.spec is not None and own is not None:
+            names = match_class_names(self.spec, own, dataset)  # by name, in the dataset's label order
+        elif self.spec is not None:
+            names = list(self.spec.class_names)  # integer labels: the registry's ids
+        else:
+            names = own
         if names is None:
             raise ValueError(f"dataset {dataset!r} has no ClassLabel feature; give data.class_names")
         self.class_names = validate_class_names(names, f"dataset {self.name!r}")

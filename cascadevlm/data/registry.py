@@ -70,6 +70,21 @@ FASHION_MNIST = BenchmarkSpec(
     raw_layout="train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
     "t10k-labels-idx1-ubyte.gz (IDX files)",
     source="Debian package dataset-fashion-mnist (/usr/share/datasets/fashion-mnist) or the hub",
+    # The hub copy's ClassLabel spelling, so its labels are matched to these names by name.
+    extra={
+        "raw_names": (
+            "T - shirt / top",
+            "Trouser",
+            "Pullover",
+            "Dress",
+            "Coat",
+            "Sandal",
+            "Shirt",
+            "Sneaker",
+            "Bag",
+            "Ankle boot",
+        )  # fmt: skip
+    },
 )
 
 
@@ -91,6 +106,42 @@ def get_benchmark(name: str) -> BenchmarkSpec:
     if key not in table:
         raise KeyError(f"unknown dataset {name!r}; known benchmarks: {', '.join(sorted(table))}")
     return table[key]
+
+
+def _short(names: list[str], n: int = 5) -> str:
+    return repr(names[:n])[:-1] + (", ...]" if len(names) > n else "]")
+
+
+def match_class_names(spec: BenchmarkSpec, names: list[str], dataset: str) -> list[str]:
+    """The registry's spelling of a dataset's own class names, in the dataset's label order.
+
+    Names are matched by name (case, spaces, underscores, hyphens and the official spellings in
+    ``extra["raw_names"]`` do not matter), never by position, so a dataset whose classes are ordered
+    differently from the registry still gives every label its right name. A dataset whose classes are
+    not exactly the benchmark's (other names, class ids as names, a subset) is refused.
+    """
+    from cascadevlm.data.raw_formats._common import ClassIndex
+
+    index = ClassIndex(spec)
+    ids = [index.find(n) for n in names]
+    unmatched = [n for n, i in zip(names, ids, strict=True) if i is None]
+    found = {i for i in ids if i is not None}
+    absent = [c for i, c in enumerate(spec.class_names) if i not in found]
+    twice = [n for n, i in zip(names, ids, strict=True) if i is not None and ids.count(i) > 1]
+    if unmatched or absent or twice:
+        diff = []
+        if unmatched:
+            diff.append(f"{len(unmatched)} not in the registry: {_short(unmatched)}")
+        if absent:
+            diff.append(f"{len(absent)} registry classes absent: {_short(absent)}")
+        if twice:
+            diff.append(f"matched twice: {_short(twice)}")
+        raise ValueError(
+            f"dataset {dataset!r} has class names that differ from benchmark {spec.name!r}'s "
+            f"({len(names)} vs {spec.num_classes}; {'; '.join(diff)}); pass --data.class_names with its own "
+            "names in label order, or --data.benchmark for the benchmark it is"
+        )
+    return [spec.class_names[i] for i in ids]
 
 
 def validate_class_names(class_names: list[str] | tuple[str, ...], where: str = "dataset") -> list[str]:

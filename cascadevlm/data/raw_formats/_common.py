@@ -88,6 +88,10 @@ class ClassIndex:
                         "told apart by spelling-insensitive matching"
                     )
 
+    def find(self, name: str) -> int | None:
+        """The registry label of ``name`` in any known spelling, or None."""
+        return self._table.get(normalise(str(name)))
+
     def lookup(self, name: str, where: str) -> int:
         key = normalise(str(name))
         if key in self._table:
