@@ -1,5 +1,7 @@
 """The cascade with a hosted LVLM: evaluate.py against a chat-completions server on loopback."""
 
+from pathlib import Path
+
 import pytest
 from test_lvlm_api import KEY_ENV, SECRET, ChatServer
 
@@ -84,21 +86,22 @@ def test_bad_key_stops_the_cascade_with_no_fallback_records(tiny_clip_path, data
 def test_cascade_scores_through_the_api_land_in_records(tiny_clip_path, data_root, tmp_path, monkeypatch):
     from test_api_scoring import first_token_logprobs
 
-    monkeypatch.setenv(KEY_ENV, SECRET)
+    monkeypatch.setenv("VLLM_API_KEY", SECRET)
+    config = Path(__file__).resolve().parents[1] / "configs" / "lvlm" / "api_vllm_qwen25vl_score.yaml"
     top = [("A", -2.5), (" B", -0.25), ("C", -1.5), ("x", -0.1)]  # D, E: absent (-inf)
     with ChatServer(logprobs=first_token_logprobs(top)) as server:
         out = main([
             "--model.model_name", "cascadevlm-tiny-vit", "--model.pretrained", str(tiny_clip_path),
             "--data.dataset", "fashion_mnist", "--data.data_root", str(data_root), "--data.limit", "10",
             "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
-            "--lvlm.class_path", "cascadevlm.lvlm.api_backend.OpenAIBackend",
-            "--lvlm.init_args.model", "gpt-test-vision", "--lvlm.init_args.base_url", server.url,
-            "--lvlm.init_args.api_key_env", KEY_ENV, "--lvlm.init_args.cache_path", str(tmp_path / "c.sqlite"),
-            "--lvlm.init_args.mode", "score", "--cascade.topk", "5",
+            # the docs/scale.md command: the served-model config, pointed at this server
+            "--lvlm", str(config), "--lvlm.init_args.base_url", server.url,
+            "--lvlm.init_args.cache_path", str(tmp_path / "c.sqlite"), "--cascade.topk", "5",
             "--cascade.tau=-.inf", "--cascade.lvlm_on", "deferred",
             "--output_dir", str(tmp_path / "runs"), "--cache_dir", str(tmp_path / "features"), "--run_name", "s",
         ])  # fmt: skip
         assert len(server.requests) == 10 and all(r["body"]["max_tokens"] == 1 for r in server.requests)
+        assert server.requests[0]["body"]["model"] == "Qwen/Qwen2.5-VL-7B-Instruct"
     records = read_records(tmp_path / "runs" / "s" / "records.parquet")
     inf = float("inf")
     assert all(r.lvlm_scores == [-2.5, -0.25, -1.5, -inf, -inf] for r in records)
