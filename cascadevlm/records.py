@@ -7,8 +7,10 @@ de-duplicated by image index (a distributed sampler pads shards with repeats).
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -33,6 +35,7 @@ class PredictionRecord:
     final: int = -1  # the cascade's prediction
     fallback: str | None = None  # e.g. "unparseable": the LVLM's answer was replaced by CLIP's top-1
     clip_zero_shot_pred: int | None = None  # zero-shot CLIP's top-1 when an adapter made clip_pred
+    clip_logits: list[float] | None = None  # CLIP's logits over all classes (calibration, conformal sets)
 
     def __post_init__(self) -> None:
         if self.final == -1:
@@ -56,15 +59,69 @@ ARROW_SCHEMA = pa.schema(
         ("final", pa.int64()),
         ("fallback", pa.string()),
         ("clip_zero_shot_pred", pa.int64()),
+        ("clip_logits", pa.list_(pa.float32())),  # float32 logits: no loss; tables without it read as None
     ]
 )
 
 
-def append_json_lines(path: str | Path, rows: Iterable) -> None:
-    """Append dataclass rows (plain-valued fields) to a JSON-lines file and flush, so a crash after this
-    call loses none of them."""
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yields a temporary path beside ``path``; renamed onto ``path`` only when the block succeeds, so a
+    reader (or a resumed run) never sees a half-written output."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (temporary file, then rename)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def repair_torn_tail(path: str | Path) -> int:
+    """Cut a last line that a killed writer left without its newline; returns the bytes removed.
+
+    Appending after such a fragment would glue the next row onto it and make the file unreadable.
+    """
+    path = Path(path)
+    if not path.exists():
+        return 0
+    with path.open("rb+") as fh:
+        size = fh.seek(0, os.SEEK_END)
+        if size == 0:
+            return 0
+        fh.seek(size - 1)
+        if fh.read(1) == b"\n":
+            return 0
+        # find the last newline (read backwards in blocks)
+        end = size
+        keep = 0
+        while end > 0:
+            start = max(0, end - 65536)
+            fh.seek(start)
+            block = fh.read(end - start)
+            nl = block.rfind(b"\n")
+            if nl >= 0:
+                keep = start + nl + 1
+                break
+            end = start
+        fh.truncate(keep)
+        return size - keep
+
+
+def append_json_lines(path: str | Path, rows: Iterable) -> None:
+    """Append dataclass rows (plain-valued fields) to a JSON-lines file and flush, so a crash after this
+    call loses none of them. A torn last line from a killed run is cut first."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    repair_torn_tail(path)
     with path.open("a", encoding="utf-8") as fh:
         for row in rows:
             fh.write(json.dumps(vars(row)) + "\n")  # fields are plain values: no deep copy needed
@@ -109,12 +166,12 @@ def write_records(path: str | Path, records: list[PredictionRecord]) -> Path:
     """Write records as Parquet (``.parquet``) or JSON lines (any other suffix)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".parquet":
-        table = pa.Table.from_pylist([asdict(r) for r in records], schema=ARROW_SCHEMA)
-        pq.write_table(table, path)
-    else:
-        path.unlink(missing_ok=True)
-        append_jsonl(path, records)
+    with atomic_path(path) as tmp:  # a crash never leaves a half-written table
+        if path.suffix == ".parquet":
+            table = pa.Table.from_pylist([asdict(r) for r in records], schema=ARROW_SCHEMA)
+            pq.write_table(table, tmp)
+        else:
+            append_jsonl(tmp, records)
     return path
 
 

@@ -152,7 +152,8 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(
     count_calls.update(images=0, batches=0, crash_after=None)
     again = main(_args(tiny_clip_path, data_root, llava_dir, tmp_path, "resumed", *args))
     assert count_calls["images"] == 60 - 24  # finished images never reach the LVLM twice
-    assert again["params"]["lvlm_calls"] == 36
+    assert again["params"]["lvlm_calls_this_attempt"] == 36
+    assert again["params"]["lvlm_calls"] == 24 + 36  # the crashed attempt's calls count too
     assert read_records(tmp_path / "resumed" / "records.parquet") == whole
 
     # a different LVLM configuration cannot silently reuse those answers

@@ -8,6 +8,7 @@ Trainer, so 1..N devices (DDP) work for each; rank 0 merges the records once.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import sys
@@ -15,15 +16,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from jsonargparse.typing import register_type
 from lightning.pytorch.cli import LightningCLI
 
-from cascadevlm.cascade.gate import defer_mask, tau_for_budget
-from cascadevlm.cascade.lvlm_stage import LVLMStage, check_stage_fingerprint, read_answers, run_lvlm_stage
+from cascadevlm.cascade.gate import defer_mask, tau_for_budget, tau_grid
+from cascadevlm.cascade.lvlm_stage import (
+    LVLMStage,
+    check_stage_fingerprint,
+    read_answers,
+    read_lvlm_calls,
+    run_lvlm_stage,
+    write_stage_fingerprint,
+)
 from cascadevlm.cascade.runner import feature_cache_hit, run_clip_stage
 from cascadevlm.clip.module import ClipClassifier
 from cascadevlm.data.datamodule import CascadeDataModule
-from cascadevlm.lvlm.base import LVLMBackend
-from cascadevlm.records import PredictionRecord, read_records, write_records
+from cascadevlm.lvlm.base import LVLMBackend, needs_retry
+from cascadevlm.provenance import read_provenance
+from cascadevlm.records import PredictionRecord, atomic_write_text, read_records, write_records
 from cascadevlm.report.analysis import deferred_analysis, sweep
 from cascadevlm.report.metrics import accuracy, classification_metrics
 from cascadevlm.report.plots import save_sweep_plots
@@ -43,6 +53,49 @@ RANDOM_WEIGHTS_NOTE = {
     "LVLM": "The LVLM weights are random (a tiny offline model of a real architecture): its answers are not "
     "meaningful. For real numbers use a pretrained LVLM, e.g. --lvlm configs/lvlm/qwen2vl_7b_score.yaml.",
 }
+TRAINED_DEMO_NOTE = (
+    "Demo weights: small models trained here on Fashion-MNIST's train split, evaluated on its test split; "
+    "not pretrained CLIP/LVLM weights."
+)
+
+
+class Threshold(float):
+    """An entropy threshold; on the command line also ``inf``, ``+inf``, ``-inf`` (and YAML's ``.inf``)."""
+
+
+def parse_threshold(value) -> Threshold:
+    if isinstance(value, bool) or value is None:
+        raise ValueError(f"expected a number, inf or -inf, got {value!r}")
+    if isinstance(value, str):
+        s = value.strip().lower()
+        sign = -1.0 if s.startswith("-") else 1.0
+        if s.lstrip("+-").lstrip(".") in ("inf", "infinity"):
+            return Threshold(sign * math.inf)
+        try:
+            return Threshold(float(s))
+        except ValueError:
+            raise ValueError(f"expected a number, inf or -inf, got {value!r}") from None
+    return Threshold(float(value))
+
+
+register_type(Threshold, float, parse_threshold)
+
+
+def join_negative_values(args: list[str]) -> list[str]:
+    """``--cascade.tau -inf`` -> ``--cascade.tau=-inf``: argparse takes a value starting with ``-`` that is
+    not a plain number for an option, so the README's spelling would otherwise be refused."""
+    out: list[str] = []
+    for a in args:
+        if (
+            out
+            and out[-1].startswith("--")
+            and "=" not in out[-1]
+            and a.lower().lstrip("-").lstrip(".") in ("inf", "infinity")
+        ):
+            out[-1] = f"{out[-1]}={a}"
+        else:
+            out.append(a)
+    return out
 
 
 @dataclass
@@ -50,21 +103,23 @@ class CascadeOptions:
     """The gate and the LVLM stage.
 
     Args:
-        tau: entropy threshold (nats): images with entropy > tau go to the LVLM. inf = CLIP only.
+        tau: entropy threshold (nats): images with entropy > tau go to the LVLM. inf = CLIP only,
+            -inf = the LVLM on every image (``inf``/``-inf`` or YAML's ``.inf``/``-.inf``).
         budget: instead of tau, send at most this fraction of images to the LVLM; tau is chosen on
             ``budget_split`` (the validation split) and then applied to the evaluated split.
         budget_split: the split tau is chosen on.
-        topk: candidates shown to the LVLM (CLIP's top-k, most probable first).
+        topk: candidates shown to the LVLM (CLIP's top-k, most probable first); the CLIP stage keeps at
+            least this many (``model.topk`` follows it up).
         lvlm_on: ``all`` also asks the LVLM about confident images, so the whole accuracy-vs-calls curve
             and both baselines (CLIP only, LVLM on everything) come out of one run; ``deferred`` asks only
             about deferred images (cheapest; the sweep then covers tau >= the gate's tau).
         incontext_shots: in-context examples per candidate class from the k-shot split (``data.shots``).
         max_examples: cap on in-context examples per prompt.
         lvlm_batch_size: images per LVLM batch.
-        sweep_points: thresholds in the sweep.
+        sweep_points: thresholds in the sweep (at least 2: CLIP only and the LVLM on everything).
     """
 
-    tau: float = math.inf
+    tau: Threshold = Threshold(math.inf)
     budget: float | None = None
     budget_split: str = "val"
     topk: int = 5
@@ -86,8 +141,57 @@ class EvaluateCLI(LightningCLI):
         parser.link_arguments("data.templates", "model.templates", apply_on="instantiate")
 
 
-def uses_random_weights(model: ClipClassifier) -> bool:
-    return not model.hparams.pretrained or model.hparams.model_name.startswith("cascadevlm-")
+def check_options(opts: CascadeOptions, dm: CascadeDataModule, has_lvlm: bool) -> None:
+    """Refuse, before any stage runs, an option that cannot be honoured (one-line ValueError each)."""
+    n = len(dm.class_names)
+    if dm.batch_size < 1:
+        raise ValueError(f"data.batch_size must be >= 1, got {dm.batch_size}")
+    if dm.limit is not None and dm.limit < 1:
+        raise ValueError(f"data.limit must be >= 1 (or null for every image), got {dm.limit}")
+    if math.isnan(opts.tau):
+        raise ValueError(
+            "cascade.tau is NaN: give a number, inf (CLIP only) or -inf (the LVLM on every image)"
+        )
+    if opts.budget is not None and not 0.0 <= opts.budget <= 1.0:
+        raise ValueError(f"cascade.budget must be a fraction in [0, 1], got {opts.budget}")
+    if opts.topk < 1:
+        raise ValueError(f"cascade.topk must be between 1 and the number of classes ({n}), got {opts.topk}")
+    if opts.lvlm_batch_size < 1:
+        raise ValueError(f"cascade.lvlm_batch_size must be >= 1, got {opts.lvlm_batch_size}")
+    if opts.sweep_points < 2:
+        raise ValueError(f"cascade.sweep_points must be >= 2, got {opts.sweep_points}")
+    if opts.incontext_shots < 0:
+        raise ValueError(f"cascade.incontext_shots must be >= 0, got {opts.incontext_shots}")
+    if opts.max_examples < 0:
+        raise ValueError(f"cascade.max_examples must be >= 0, got {opts.max_examples}")
+    if not has_lvlm:
+        return
+    if opts.topk > n:  # only the LVLM is shown candidates; CLIP alone works with any class count
+        raise ValueError(f"cascade.topk must be between 1 and the number of classes ({n}), got {opts.topk}")
+    if opts.incontext_shots > 0 and dm.shots < 1:
+        raise ValueError("cascade.incontext_shots needs a k-shot split: set data.shots >= 1")
+    if opts.budget is not None and opts.budget_split not in dm.dsd:
+        raise ValueError(
+            f"dataset {dm.name!r} has no split {opts.budget_split!r} to choose tau on (cascade.budget_split); "
+            f"it has {list(dm.dsd)}: set --cascade.budget_split, or give tau: --cascade.budget null --cascade.tau X"
+        )
+
+
+def weight_notes(model: ClipClassifier, backend: LVLMBackend | None) -> list[str]:
+    """Notes from the weights' provenance marks (never guessed from a name): random or demo weights."""
+    clip_mark = getattr(model.bundle, "provenance", None) or read_provenance(model.hparams.pretrained)
+    lvlm_mark = None
+    if backend is not None:
+        path = backend.answer_fingerprint().get("model")
+        lvlm_mark = read_provenance(path) if isinstance(path, str) and Path(path).exists() else None
+    notes = []
+    if not model.hparams.pretrained or (clip_mark or {}).get("kind") == "random":
+        notes.append(RANDOM_WEIGHTS_NOTE["CLIP"])
+    if (lvlm_mark or {}).get("kind") == "random":
+        notes.append(RANDOM_WEIGHTS_NOTE["LVLM"])
+    if "trained-demo" in ((clip_mark or {}).get("kind"), (lvlm_mark or {}).get("kind")):
+        notes.append(TRAINED_DEMO_NOTE)
+    return notes
 
 
 def _lvlm_description(cfg) -> dict | None:
@@ -98,27 +202,53 @@ def _lvlm_description(cfg) -> dict | None:
     return json.loads(json.dumps(lv, default=str))
 
 
-def _lvlm_is_tiny(desc: dict | None) -> bool:
-    return bool(desc) and "tiny" in json.dumps(desc)
+def _short_hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
-def default_run_name(dm: CascadeDataModule, model: ClipClassifier, lvlm_desc: dict | None) -> str:
+def adapter_params(model: ClipClassifier) -> dict | None:
+    """The adapter's method, k and seed, read from the adapter file itself (None without an adapter)."""
+    if not model.hparams.adapter:
+        return None
+    from cascadevlm.clip.adapters import adapter_info
+
+    info = adapter_info(model.hparams.adapter)
+    return {"method": info["method"], "shots": info["shots"], "seed": info["seed"]}
+
+
+def default_run_name(
+    dm: CascadeDataModule,
+    model: ClipClassifier,
+    backend: LVLMBackend | None,
+    opts: CascadeOptions | None = None,
+    overridden: bool = False,
+    precision: str | None = None,
+) -> str:
+    """A run directory name from everything that changes the result, so runs never overwrite each other:
+    data (dataset, split, limit), CLIP (model, weights, precision, adapter method/k/seed from the adapter
+    file, a hash of overridden class names/templates), LVLM (model, mode, a hash of its other
+    answer-changing settings) and cascade (tau or budget, lvlm_on, topk, in-context shots)."""
     hp = model.hparams
-    lvlm = None
-    if lvlm_desc:
-        init = lvlm_desc.get("init_args", {})
-        lvlm = Path(str(init.get("model", lvlm_desc.get("class_path", "lvlm")))).name
-    return run_name(
-        dm.name,
-        hp.model_name,
-        short_weights(hp.pretrained),
-        dm.split,
-        f"k{dm.shots}",
-        f"s{dm.seed}" if dm.shots else None,
-        Path(hp.adapter).stem if hp.adapter else None,
-        lvlm,
-        f"n{dm.limit}" if dm.limit else None,
-    )
+    opts = opts or CascadeOptions()
+    ad = adapter_params(model)
+    if ad:
+        setting = [ad["method"], f"k{ad['shots']}" if ad["shots"] is not None else None,
+                   f"s{ad['seed']}" if ad["seed"] is not None else None]  # fmt: skip
+    else:
+        setting = [f"k{dm.shots}", f"s{dm.seed}" if dm.shots else None]
+    prec = [p for p in (hp.precision, precision) if p and p not in ("fp32", "32-true", "32")]
+    parts: list = [dm.name, hp.model_name, short_weights(hp.pretrained), *prec, dm.split, *setting]
+    if overridden:
+        parts.append(f"cls{_short_hash([dm.class_names, model.templates])}")
+    if backend is not None:
+        fp = backend.answer_fingerprint()
+        rest = {k: v for k, v in fp.items() if k not in ("model", "mode", "backend")}
+        gate = f"budget{opts.budget:g}-{opts.budget_split}" if opts.budget is not None else f"tau{opts.tau:g}"
+        parts += [Path(str(fp.get("model") or fp["backend"])).name, fp.get("mode"), f"lv{_short_hash(rest)}",
+                  gate, opts.lvlm_on, f"top{opts.topk}",
+                  f"ic{opts.incontext_shots}" if opts.incontext_shots else None]  # fmt: skip
+    parts.append(f"n{dm.limit}" if dm.limit else None)
+    return run_name(*parts)
 
 
 def _with_split(dm: CascadeDataModule, split: str) -> CascadeDataModule:
@@ -155,35 +285,61 @@ def combine(
     return out
 
 
-def evaluate(cli: EvaluateCLI) -> dict | None:
-    """Run the evaluation described by a parsed CLI; returns metrics.json's content on rank 0."""
-    cfg, model, dm, trainer = cli.config, cli.model, cli.datamodule, cli.trainer
+@dataclass
+class Run:
+    """One parsed evaluation: what the steps below share."""
+
+    cli: EvaluateCLI
+    opts: CascadeOptions
+    backend: LVLMBackend | None
+    run_dir: Path
+    notes: list[str]
+
+    @property
+    def rank0(self) -> bool:
+        return self.cli.trainer.is_global_zero
+
+
+def prepare(cli: EvaluateCLI) -> Run:
+    """Check every option, name the run and make the CLIP stage keep ``cascade.topk`` candidates."""
+    cfg, model, dm = cli.config, cli.model, cli.datamodule
     backend: LVLMBackend | None = cli.config_init.get("lvlm")
     opts = CascadeOptions(**dict(cfg.cascade))
-    lvlm_desc = _lvlm_description(cfg)
-    hp = model.hparams
-    run_dir = Path(cfg.output_dir) / (cfg.run_name or default_run_name(dm, model, lvlm_desc))
-    notes = []
-    if uses_random_weights(model):
-        notes.append(RANDOM_WEIGHTS_NOTE["CLIP"])
-    if _lvlm_is_tiny(lvlm_desc):
-        notes.append(RANDOM_WEIGHTS_NOTE["LVLM"])
-    rank0 = trainer.is_global_zero
-    if rank0:
-        for n in notes:
-            print(f"NOTE: {n}", file=sys.stderr)
-        hit = feature_cache_hit(model, dm, cfg.cache_dir)
-        print(f"image features: {'cached (image encoder skipped)' if hit else 'computing'}", file=sys.stderr)
+    check_options(opts, dm, backend is not None)
+    # The records keep model.topk ids; the LVLM is shown cascade.topk of them: keep enough.
+    model.hparams.topk = max(model.hparams.topk, opts.topk)
+    prompt = getattr(backend, "prompt", None)
+    if (
+        prompt is not None
+        and getattr(prompt, "dataset", None) is None
+        and getattr(prompt, "noun", None) == "object"
+    ):
+        prompt.noun = dm.noun  # dataset-aware wording ("aircraft variant") unless the config set one
+    data_cfg = cfg.get("data") or {}
+    overridden = bool(data_cfg.get("class_names") or data_cfg.get("templates"))
+    name = cfg.run_name or default_run_name(
+        dm,
+        model,
+        backend,
+        opts,
+        overridden,
+        str(cli.trainer.precision) if hasattr(cli.trainer, "precision") else None,
+    )
+    return Run(cli, opts, backend, Path(cfg.output_dir) / name, weight_notes(model, backend))
 
-    # 1. CLIP stage (and the budget split when tau comes from a budget)
+
+def clip_and_gate(run: Run) -> tuple[list[PredictionRecord], dict]:
+    """The CLIP stage (and the budget split when tau comes from a budget); every rank gets the records."""
+    cfg, model, dm, trainer = run.cli.config, run.cli.model, run.cli.datamodule, run.cli.trainer
+    opts, run_dir = run.opts, run.run_dir
     clip_records = run_clip_stage(trainer, model, dm, run_dir / "parts", cfg.cache_dir)
-    tau, gate = opts.tau, {"tau": opts.tau, "source": "config"}
-    if backend is None:
+    tau, gate = float(opts.tau), {"tau": float(opts.tau), "source": "config"}
+    if run.backend is None:
         tau, gate = math.inf, {"tau": math.inf, "source": "no LVLM configured: CLIP only"}
     elif opts.budget is not None:
         val_dm = _with_split(dm, opts.budget_split)
         val_records = run_clip_stage(trainer, model, val_dm, run_dir / "parts" / "budget", cfg.cache_dir)
-        if rank0:
+        if run.rank0:
             tau = tau_for_budget([r.entropy for r in val_records], opts.budget)
             frac = float(defer_mask([r.entropy for r in val_records], tau).mean())
             gate = {
@@ -191,66 +347,101 @@ def evaluate(cli: EvaluateCLI) -> dict | None:
                 "source": f"budget {opts.budget} on {opts.budget_split}",
                 "budget_split_deferral": frac,
             }
-    if rank0:
+    if run.rank0:
         write_records(run_dir / "clip_records.parquet", clip_records)
-        (run_dir / "gate.json").write_text(json.dumps(gate, default=str))
+        atomic_write_text(run_dir / "gate.json", json.dumps(gate, default=str))
     trainer.strategy.barrier()
     clip_records = read_records(run_dir / "clip_records.parquet")
     gate = json.loads((run_dir / "gate.json").read_text())
+    return clip_records, gate
+
+
+def stage_fingerprint(run: Run) -> dict:
+    """Everything that changes an LVLM answer (never connection settings): the backend's answer
+    settings, the candidates' source (CLIP identity incl. precision, adapter content, class names,
+    templates), the data rows and the cascade's prompt options."""
+    model, dm, opts = run.cli.model, run.cli.datamodule, run.opts
+    hp = model.hparams
+    bundle = model.bundle
+    identity = (
+        bundle.feature_identity()
+        if hasattr(bundle, "feature_identity")
+        else [hp.model_name, bundle.weights_id]
+    )
+    adapter = hashlib.sha256(Path(hp.adapter).read_bytes()).hexdigest() if hp.adapter else None
+    from cascadevlm.clip.features import dataset_fingerprint
+
+    return {
+        "lvlm": run.backend.answer_fingerprint(),
+        "clip": {
+            "identity": identity,
+            "precision": hp.precision,
+            "adapter": adapter,
+            "trainer_precision": str(getattr(run.cli.trainer, "precision", None)),
+            "templates": list(model.templates),
+        },  # fmt: skip
+        "data": {
+            "dataset": dm.name,
+            "split": dm.split,
+            "limit": dm.limit,
+            "rows": dataset_fingerprint(dm.eval_dataset()),
+            "class_names": list(dm.class_names),
+            "noun": dm.noun,
+            "shots": dm.shots,
+            "seed": dm.seed,
+        },  # fmt: skip
+        "cascade": {
+            "topk": opts.topk,
+            "incontext_shots": opts.incontext_shots,
+            "max_examples": opts.max_examples,
+        },
+    }
+
+
+def lvlm_stage(run: Run, clip_records: list[PredictionRecord], tau: float) -> tuple[dict, dict]:
+    """Ask the LVLM about the images without a usable answer yet (resumable); returns the answers by
+    image index and the call counts ``{"total": all ranks and attempts, "this_attempt": ...}``."""
+    dm, trainer, opts, backend = run.cli.datamodule, run.cli.trainer, run.opts, run.backend
+    parts = run.run_dir / "parts"
+    fingerprint = stage_fingerprint(run)
+    check_stage_fingerprint(parts, fingerprint)  # every rank: read-only
+    trainer.strategy.barrier()
+    answers = read_answers(parts)
+    calls_before = read_lvlm_calls(parts)
+    wanted = clip_records if opts.lvlm_on == "all" else [
+        r for r, d in zip(clip_records, defer_mask([r.entropy for r in clip_records], tau), strict=True) if d
+    ]  # fmt: skip
+    # answers that are failed API calls are asked again
+    todo = [r for r in wanted if r.index not in answers or needs_retry(answers[r.index].fallback)]
+    retried = sum(r.index in answers for r in todo)
+    if run.rank0:
+        print(f"LVLM stage: {len(wanted)} images, {len(wanted) - len(todo)} answered before, {len(todo)} to ask"
+              + (f" ({retried} failed calls asked again)" if retried else ""), file=sys.stderr)  # fmt: skip
+        if todo:
+            write_stage_fingerprint(parts, fingerprint)
+    trainer.strategy.barrier()
+    exemplars = None
+    if opts.incontext_shots > 0:
+        from cascadevlm.lvlm.incontext import ExemplarPool
+
+        exemplars = ExemplarPool(
+            dm.dsd[dm.train_split], dm.kshot_split(), dm.class_names,
+            shots_per_class=min(opts.incontext_shots, dm.shots), max_examples=opts.max_examples,
+        )  # fmt: skip
+    stage = LVLMStage(backend, dm.class_names, exemplars)
+    run_lvlm_stage(trainer, stage, dm.eval_dataset(), todo, opts.topk, dm.split, parts, opts.lvlm_batch_size,
+                   dm.num_workers)  # fmt: skip
+    trainer.strategy.barrier()
+    total = read_lvlm_calls(parts)
+    return read_answers(parts), {"total": total, "this_attempt": total - calls_before}
+
+
+def report(run: Run, clip_records: list[PredictionRecord], answers: dict, gate: dict, calls: dict) -> dict:
+    """Final records and everything computed from them: metrics, sweep, summary, plots, TensorBoard."""
+    cfg, model, dm, trainer, opts, backend = (run.cli.config, run.cli.model, run.cli.datamodule,
+                                               run.cli.trainer, run.opts, run.backend)  # fmt: skip
+    hp, run_dir, notes = model.hparams, run.run_dir, run.notes
     tau = float(gate["tau"])
-
-    # 2. LVLM stage on the images without an answer yet (resumable)
-    answers: dict = {}
-    if backend is not None:
-        parts = run_dir / "parts"
-        fingerprint = {
-            "lvlm": lvlm_desc,
-            "clip": [hp.model_name, model.bundle.weights_id, hp.adapter],
-            "data": [dm.name, dm.split, dm.limit, dm.shots, dm.seed],
-            "cascade": [opts.topk, opts.incontext_shots, opts.max_examples],
-        }
-        if rank0:
-            check_stage_fingerprint(parts, fingerprint)
-        trainer.strategy.barrier()
-        answers = read_answers(parts)
-        wanted = clip_records if opts.lvlm_on == "all" else [
-            r for r, d in zip(clip_records, defer_mask([r.entropy for r in clip_records], tau), strict=True) if d
-        ]  # fmt: skip
-        todo = [r for r in wanted if r.index not in answers]
-        if rank0:
-            print(f"LVLM stage: {len(wanted)} images, {len(wanted) - len(todo)} answered before, {len(todo)} to ask",
-                  file=sys.stderr)  # fmt: skip
-        exemplars = None
-        if opts.incontext_shots > 0:
-            from cascadevlm.lvlm.incontext import ExemplarPool
-
-            if dm.shots < 1:
-                raise ValueError("cascade.incontext_shots needs a k-shot split: set data.shots >= 1")
-            exemplars = ExemplarPool(
-                dm.dsd[dm.train_split], dm.kshot_split(), dm.class_names,
-                shots_per_class=min(opts.incontext_shots, dm.shots), max_examples=opts.max_examples,
-            )  # fmt: skip
-        prompt = getattr(backend, "prompt", None)
-        if prompt is not None and prompt.dataset is None and prompt.noun == "object":
-            prompt.noun = dm.noun  # dataset-aware wording ("aircraft variant") unless the config set one
-        stage = LVLMStage(backend, dm.class_names, exemplars)
-        run_lvlm_stage(
-            trainer,
-            stage,
-            dm.eval_dataset(),
-            todo,
-            opts.topk,
-            dm.split,
-            parts,
-            opts.lvlm_batch_size,
-            dm.num_workers,
-        )
-        trainer.strategy.barrier()
-        answers = read_answers(parts)
-    if not rank0:
-        return None
-
-    # 3. Final records and everything computed from them
     records = combine(clip_records, answers, tau, opts.topk)
     num_classes = len(dm.class_names)
     metrics = classification_metrics(records, num_classes)
@@ -270,7 +461,10 @@ def evaluate(cli: EvaluateCLI) -> dict | None:
         }
     if backend is None:
         methods.pop("cascade")
-    sweep_rows = sweep(records, num_classes) if backend is not None else []
+    taus = tau_grid([r.entropy for r in labelled], opts.sweep_points)
+    sweep_rows = sweep(records, num_classes, taus) if backend is not None else []
+    ad = adapter_params(model)
+    lvlm_fp = backend.answer_fingerprint() if backend is not None else {}
     params = {
         "dataset": dm.name,
         "split": dm.split,
@@ -278,16 +472,23 @@ def evaluate(cli: EvaluateCLI) -> dict | None:
         "classes": num_classes,
         "clip_model": hp.model_name,
         "clip_pretrained": hp.pretrained,
+        "clip_precision": hp.precision,
         "adapter": hp.adapter,
-        "shots": dm.shots,
-        "seed": dm.seed,
-        "lvlm": (lvlm_desc or {}).get("class_path"),
-        "lvlm_model": ((lvlm_desc or {}).get("init_args") or {}).get("model"),
+        "adapter_method": ad["method"] if ad else None,
+        # k and seed of the adapter file when there is one (never the data.shots default)
+        "shots": ad["shots"] if ad and ad["shots"] is not None else dm.shots,
+        "seed": ad["seed"] if ad and ad["seed"] is not None else dm.seed,
+        "lvlm": lvlm_fp.get("backend"),
+        "lvlm_model": lvlm_fp.get("model"),
+        "lvlm_mode": lvlm_fp.get("mode"),
         "tau": tau,
         "gate": gate["source"],
         "lvlm_on": opts.lvlm_on if backend is not None else None,
+        "topk": opts.topk,
         "incontext_shots": opts.incontext_shots,
-        "lvlm_calls": getattr(backend, "calls", 0) if backend is not None else 0,
+        "lvlm_calls": calls["total"],  # every rank, every attempt of this run
+        "lvlm_calls_this_attempt": calls["this_attempt"],
+        "lvlm_api_errors": sum(bool(needs_retry(r.fallback)) for r in records),
         "devices": trainer.world_size,
     }
     payload = {
@@ -298,7 +499,7 @@ def evaluate(cli: EvaluateCLI) -> dict | None:
         "config": _config_dict(cfg),
     }
     if backend is not None:
-        payload["deferred"] = deferred_analysis(records, num_classes)
+        payload["deferred"] = deferred_analysis(records, num_classes, opts.topk)
     paths = write_run_outputs(run_dir, records, payload, notes, sweep_rows)
     if sweep_rows:
         op = {"tau": tau, "deferral": methods["cascade"]["deferral"], "acc1": methods["cascade"]["acc1"]}
@@ -313,6 +514,23 @@ def evaluate(cli: EvaluateCLI) -> dict | None:
     return json.loads(paths["metrics"].read_text())
 
 
+def evaluate(cli: EvaluateCLI) -> dict | None:
+    """Run the evaluation described by a parsed CLI; returns metrics.json's content on rank 0."""
+    run = prepare(cli)
+    if run.rank0:
+        for n in run.notes:
+            print(f"NOTE: {n}", file=sys.stderr)
+        hit = feature_cache_hit(cli.model, cli.datamodule, cli.config.cache_dir)
+        print(f"image features: {'cached (image encoder skipped)' if hit else 'computing'}", file=sys.stderr)
+    clip_records, gate = clip_and_gate(run)
+    answers, calls = {}, {"total": 0, "this_attempt": 0}
+    if run.backend is not None:
+        answers, calls = lvlm_stage(run, clip_records, float(gate["tau"]))
+    if not run.rank0:
+        return None
+    return report(run, clip_records, answers, gate, calls)
+
+
 def _config_dict(cfg) -> dict:
     """The parsed config as plain data (for metrics.json); secrets never live in it (API keys come
     from environment variables read by the backend)."""
@@ -322,6 +540,7 @@ def _config_dict(cfg) -> dict:
 
 
 def main(args: list[str] | None = None) -> dict | None:
+    args = join_negative_values(sys.argv[1:] if args is None else list(args))
     cli = EvaluateCLI(
         ClipClassifier,
         CascadeDataModule,
@@ -334,4 +553,12 @@ def main(args: list[str] | None = None) -> dict | None:
     return evaluate(cli)
 
 
-__all__ = ["CascadeOptions", "EvaluateCLI", "combine", "evaluate", "main"]
+__all__ = [
+    "CascadeOptions",
+    "EvaluateCLI",
+    "check_options",
+    "combine",
+    "default_run_name",
+    "evaluate",
+    "main",
+]

@@ -1,8 +1,9 @@
 """Running an LVLM backend over the deferred images with a Lightning Trainer (1..N devices), resumably.
 
-Answers are appended to ``<parts_dir>/lvlm.rank<r>.jsonl`` batch by batch. A rerun of the same run
-reads every part file first and sends only the images without an answer, so an interrupted run loses
-nothing finished and no image reaches the LVLM twice.
+Answers are appended to ``<parts_dir>/lvlm.rank<r>.jsonl`` batch by batch, and the calls each batch
+made to ``lvlm.calls.rank<r>.jsonl``. A rerun of the same run reads every part file first and sends
+only the images without a usable answer (an answer that is a failed API call is asked again), so an
+interrupted run loses nothing finished and no answered image reaches the LVLM twice.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 from cascadevlm.cascade.runner import predict_with_writer
 from cascadevlm.data.loading import IMAGE_COLUMN, decode_image
-from cascadevlm.lvlm.base import LVLMBackend, LVLMRequest
-from cascadevlm.records import PredictionRecord, append_json_lines, read_json_lines
+from cascadevlm.lvlm.base import LVLMBackend, LVLMRequest, needs_retry
+from cascadevlm.records import PredictionRecord, append_json_lines, atomic_write_text, read_json_lines
 
 
 @dataclass
@@ -30,6 +31,13 @@ class LVLMResult:
     raw: str
     scores: list[float] | None
     fallback: str | None
+
+
+@dataclass
+class CallCount:
+    """Requests one batch sent to the model or API (cache hits excluded)."""
+
+    calls: int
 
 
 class DeferredImages(torch.utils.data.Dataset):
@@ -94,42 +102,94 @@ class LVLMStage(L.LightningModule):
 
 
 class LVLMAnswerWriter(BasePredictionWriter):
-    """Appends each finished batch's answers to this rank's part file (never truncates: resumable)."""
+    """Appends each finished batch's answers to this rank's part file (never truncates: resumable; a
+    torn last line is cut first), and the calls the batch made to this rank's call-count file."""
 
-    def __init__(self, parts_dir: str | Path) -> None:
+    def __init__(self, parts_dir: str | Path, backend: LVLMBackend | None = None) -> None:
         super().__init__(write_interval="batch")
         self.parts_dir = Path(parts_dir)
+        self.backend = backend
+        self._calls_seen = backend.calls if backend is not None else 0
 
     def write_on_batch_end(
         self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0
     ):
-        append_json_lines(self.parts_dir / f"lvlm.rank{trainer.global_rank}.jsonl", prediction)
+        rank = trainer.global_rank
+        append_json_lines(self.parts_dir / f"lvlm.rank{rank}.jsonl", prediction)
+        if self.backend is not None:
+            now = self.backend.calls
+            append_json_lines(
+                self.parts_dir / f"lvlm.calls.rank{rank}.jsonl", [CallCount(now - self._calls_seen)]
+            )
+            self._calls_seen = now
 
 
 def read_answers(parts_dir: str | Path) -> dict[int, LVLMResult]:
-    """Every answer written so far, by image index (a torn last line of a killed run is ignored)."""
+    """Every answer written so far, by image index (a torn last line of a killed run is ignored).
+
+    A real answer wins over a failed API call (``api_error``) for the same image, whichever came first.
+    """
     out: dict[int, LVLMResult] = {}
     for path in sorted(Path(parts_dir).glob("lvlm.rank*.jsonl")):
         for r in read_json_lines(path, LVLMResult, "LVLM answer"):
-            out.setdefault(r.index, r)
+            old = out.get(r.index)
+            if old is None or (needs_retry(old.fallback) and not needs_retry(r.fallback)):
+                out[r.index] = r
     return out
 
 
+def read_lvlm_calls(parts_dir: str | Path) -> int:
+    """Requests sent to the LVLM by every rank of every attempt of this run so far."""
+    return sum(
+        c.calls
+        for path in sorted(Path(parts_dir).glob("lvlm.calls.rank*.jsonl"))
+        for c in read_json_lines(path, CallCount, "LVLM call count")
+    )
+
+
+FINGERPRINT_FILE = "lvlm.config.json"
+
+
+def _digest(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _differences(a, b, f"{prefix}{k}.")
+        elif json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str):
+            keys.append(f"{prefix}{k}")
+    return keys
+
+
 def check_stage_fingerprint(parts_dir: str | Path, config: dict) -> None:
-    """Refuse to mix answers of differently configured LVLM stages in one run directory."""
+    """Refuse to mix answers of differently configured LVLM stages in one run directory.
+
+    A fingerprint without any stored answer (a run that crashed before its first answer) blocks nothing.
+    """
     parts_dir = Path(parts_dir)
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
-    path = parts_dir / "lvlm.config.json"
-    if path.exists():
-        old = json.loads(path.read_text())
-        if old.get("digest") != digest:
-            raise ValueError(
-                f"{parts_dir} holds LVLM answers from another LVLM configuration; "
-                f"use another --run_name or delete that directory to start over"
-            )
+    path = parts_dir / FINGERPRINT_FILE
+    if not path.exists() or not read_answers(parts_dir):
         return
-    parts_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"digest": digest, "config": config}, indent=1, default=str))
+    old = json.loads(path.read_text())
+    new = json.loads(json.dumps(config, default=str))
+    if old.get("digest") != _digest(config):
+        differ = _differences(old.get("config") or {}, new)
+        raise ValueError(
+            f"{parts_dir} holds LVLM answers from another LVLM configuration (differs in: "
+            f"{', '.join(differ) or 'unknown'}); use another --run_name or delete that directory to start over"
+        )
+
+
+def write_stage_fingerprint(parts_dir: str | Path, config: dict) -> None:
+    """Record (atomically) what the answers in ``parts_dir`` were given, before the first is written."""
+    atomic_write_text(
+        Path(parts_dir) / FINGERPRINT_FILE,
+        json.dumps({"digest": _digest(config), "config": config}, indent=1, default=str),
+    )
 
 
 def run_lvlm_stage(
@@ -159,7 +219,7 @@ def run_lvlm_stage(
     if hasattr(backend, "begin_stage"):  # progress display over the whole stage (this rank's share)
         backend.begin_stage(-(-len(todo) // trainer.world_size), trainer.global_rank)
     try:
-        predict_with_writer(trainer, stage, loader, LVLMAnswerWriter(parts_dir))
+        predict_with_writer(trainer, stage, loader, LVLMAnswerWriter(parts_dir, backend))
     finally:
         if hasattr(backend, "end_stage"):
             backend.end_stage()

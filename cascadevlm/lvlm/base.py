@@ -3,9 +3,39 @@
 from __future__ import annotations
 
 import abc
+import dataclasses
+import inspect
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from PIL import Image
+
+# ``LVLMAnswer.fallback`` values that mean "no answer was obtained" (the API backend's ``API_ERROR``):
+# such answers are stored (the run can finish with CLIP's top-1) but a rerun asks those images again.
+RETRY_FALLBACKS = ("api_error",)
+
+
+def needs_retry(fallback: str | None) -> bool:
+    """Whether an answer with this fallback is a failed call that a rerun should ask again."""
+    return bool(fallback) and fallback.startswith(RETRY_FALLBACKS)
+
+
+def _plain(value):
+    """A JSON-able form of an init argument (dataclasses as dicts, paths as strings)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _plain(dataclasses.asdict(value))
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    try:
+        json.dumps(value)
+        return value
+    except TypeError:
+        return repr(value)
 
 
 @dataclass
@@ -39,6 +69,30 @@ class LVLMAnswer:
 
 class LVLMBackend(abc.ABC):
     """Backends choose one candidate per request. A new model family or API is a new subclass."""
+
+    # Init arguments that change how answers are fetched, never which answer (hosts, timeouts, pools,
+    # caches): left out of :meth:`answer_fingerprint`, so a run moved to another port still resumes.
+    CONNECTION_FIELDS: tuple[str, ...] = ()
+
+    def __new__(cls, *args, **kwargs):
+        # Record the init arguments (defaults filled in) for answer_fingerprint, whatever the subclass.
+        self = super().__new__(cls)
+        try:
+            bound = inspect.signature(cls.__init__).bind(self, *args, **kwargs)
+            bound.apply_defaults()
+            self._init_config = {k: v for k, v in list(bound.arguments.items())[1:]}
+        except TypeError:  # __init__ will raise the same error with its own message
+            self._init_config = {}
+        return self
+
+    def answer_fingerprint(self) -> dict:
+        """What decides this backend's answers (for the resume fingerprint): its init arguments
+        minus :attr:`CONNECTION_FIELDS`. Override when answers depend on something else too."""
+        config = getattr(self, "_init_config", {})
+        return {
+            "backend": f"{type(self).__module__}.{type(self).__qualname__}",
+            **{k: _plain(v) for k, v in sorted(config.items()) if k not in self.CONNECTION_FIELDS},
+        }
 
     @abc.abstractmethod
     def choose(self, requests: list[LVLMRequest]) -> list[LVLMAnswer]:

@@ -60,8 +60,12 @@ def sweep(
     return rows
 
 
-def deferred_analysis(records: Sequence[PredictionRecord], num_classes: int) -> dict:
-    """On the images the gate deferred: CLIP's accuracy against the LVLM's, top-k coverage, fallbacks."""
+def deferred_analysis(records: Sequence[PredictionRecord], num_classes: int, topk: int | None = None) -> dict:
+    """On the images the gate deferred: CLIP's accuracy against the LVLM's, top-k coverage, fallbacks.
+
+    ``topk`` is the number of candidates the LVLM was shown (``cascade.topk``); coverage is the fraction
+    of images whose true class was among them (all stored ids when None).
+    """
     recs = [r for r in records if r.label >= 0]
     d = [r for r in recs if r.deferred]
     labels = [r.label for r in d]
@@ -69,8 +73,12 @@ def deferred_analysis(records: Sequence[PredictionRecord], num_classes: int) -> 
         "images": len(recs),
         "deferred": len(d),
         "deferral": len(d) / len(recs) if recs else 0.0,
-        "topk_coverage_all": float(np.mean([r.label in r.clip_topk for r in recs])) if recs else float("nan"),
-        "topk_coverage_deferred": float(np.mean([r.label in r.clip_topk for r in d])) if d else float("nan"),
+        "topk_coverage_all": float(np.mean([r.label in r.clip_topk[:topk] for r in recs]))
+        if recs
+        else float("nan"),
+        "topk_coverage_deferred": float(np.mean([r.label in r.clip_topk[:topk] for r in d]))
+        if d
+        else float("nan"),
         "deferred_clip_acc1": accuracy([r.clip_pred for r in d], labels, num_classes),
         "deferred_lvlm_acc1": accuracy([r.lvlm_choice for r in d], labels, num_classes)
         if d and all(r.lvlm_choice is not None for r in d)

@@ -10,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from cascadevlm.records import atomic_path
+
 
 def _finite_taus(rows: list[dict]) -> list[dict]:
     return [r for r in rows if math.isfinite(r["tau"])]
@@ -58,7 +60,8 @@ def save_sweep_plots(
         ("accuracy_vs_deferral.png", accuracy_vs_deferral_figure(rows, title, operating_point)),
         ("accuracy_vs_tau.png", accuracy_vs_tau_figure(rows, title)),
     ):
-        fig.savefig(out_dir / name, dpi=120)
+        with atomic_path(out_dir / name) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
         plt.close(fig)
         paths.append(out_dir / name)
     return paths

@@ -8,7 +8,7 @@ import math
 import re
 from pathlib import Path
 
-from cascadevlm.records import PredictionRecord, write_records
+from cascadevlm.records import PredictionRecord, atomic_path, atomic_write_text, write_records
 
 
 def run_name(*parts: object) -> str:
@@ -66,18 +66,20 @@ def write_run_outputs(
     notes: list[str],
     sweep_rows: list[dict] | None = None,
 ) -> dict[str, Path]:
-    """Write ``records.parquet``, ``metrics.json``, ``summary.md`` and ``sweep.csv`` into ``run_dir``."""
+    """Write ``records.parquet``, ``metrics.json``, ``summary.md`` and ``sweep.csv`` into ``run_dir``,
+    each atomically (a crash leaves the previous file or none, never half a file)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     paths = {"records": write_records(run_dir / "records.parquet", records)}
     paths["metrics"] = run_dir / "metrics.json"
-    paths["metrics"].write_text(json.dumps({**payload, "notes": notes}, indent=2, default=str))
     paths["summary"] = run_dir / "summary.md"
-    paths["summary"].write_text(summary_markdown(run_dir.name, payload, notes, sweep_rows))
+    atomic_write_text(paths["summary"], summary_markdown(run_dir.name, payload, notes, sweep_rows))
     if sweep_rows:
         paths["sweep"] = run_dir / "sweep.csv"
-        with paths["sweep"].open("w", newline="") as fh:
+        with atomic_path(paths["sweep"]) as tmp, tmp.open("w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=list(sweep_rows[0]))
             w.writeheader()
             w.writerows(sweep_rows)
+    # metrics.json last: its presence means the run finished (the settings sweep skips such runs)
+    atomic_write_text(paths["metrics"], json.dumps({**payload, "notes": notes}, indent=2, default=str))
     return paths
