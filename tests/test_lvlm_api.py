@@ -410,3 +410,21 @@ def test_connection_settings_are_init_arguments_and_answer_settings_are_not_amon
     assert answer_changing <= params and not answer_changing & set(OpenAIBackend.CONNECTION_FIELDS)
     assert {"base_url", "timeout_s", "max_retries", "max_concurrency", "cache_path", "api_key_env",
             "requests_per_minute"} <= set(OpenAIBackend.CONNECTION_FIELDS)  # fmt: skip
+
+
+def test_answer_fingerprint_ignores_connection_settings():
+    from cascadevlm.lvlm.base import LVLMBackend
+
+    if not hasattr(LVLMBackend, "answer_fingerprint"):  # added by the resume-fingerprint work (issue 9)
+        pytest.skip("LVLMBackend.answer_fingerprint not available")
+    base = dict(model="m", cache_path=None)
+    first = OpenAIBackend(
+        **base, base_url="http://a:8000/v1", timeout_s=5, max_concurrency=2
+    ).answer_fingerprint()
+    moved = OpenAIBackend(
+        **base, base_url="http://b:9000/v1", timeout_s=50, max_concurrency=64, max_retries=1,
+        requests_per_minute=100, stage_batch_size=8, api_key_env="OTHER_API_KEY", progress=False,
+    ).answer_fingerprint()  # fmt: skip
+    assert first == moved
+    for change in ({"mode": "score"}, {"max_pixels": 4096}, {"temperature": 0.5}, {"model": "m2"}):
+        assert OpenAIBackend(**{**base, **change}).answer_fingerprint() != first, change
