@@ -208,3 +208,96 @@ def test_shared_cache_scores_equal_reference(tiny_lvlm_dir, photos, tree_mask): 
     ref = _reference_scores(backend.net, enc.encode(prompts), ids, enc.pad_id)
     for o, r in zip(ours, ref, strict=True):
         assert o == pytest.approx(r, abs=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["score", "generate"])
+def test_out_of_memory_halves_the_batch_with_the_same_answers(qwen2vl_dir, photos, caplog, mode):  # noqa: F811
+    """A forward that fails on more than 2 prompts (as a GPU out of memory would): the backend goes on
+    with batches of 2, says so once, and answers as a batch-2 backend does."""
+    reqs = _requests(photos) * 2
+    backend = TransformersBackend(str(qwen2vl_dir), mode=mode, device="cpu", batch_size=8, max_new_tokens=4)
+    sizes = []
+
+    def fail_on_large(module, args, kwargs):
+        ids = kwargs.get("input_ids")
+        images = kwargs.get("pixel_values", kwargs.get("mm_encoder_outputs"))  # generate encodes first
+        if ids is not None and images is not None:  # a prompt forward
+            sizes.append(ids.shape[0])
+            if ids.shape[0] > 2:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected)")
+
+    handle = backend.net.register_forward_pre_hook(fail_on_large, with_kwargs=True)
+    try:
+        with caplog.at_level("WARNING", logger="cascadevlm.lvlm.transformers_backend"):
+            answers = backend.choose(reqs)
+    finally:
+        handle.remove()
+    small = TransformersBackend(str(qwen2vl_dir), mode=mode, device="cpu", batch_size=2, max_new_tokens=4)
+    expected = small.choose(reqs)
+    assert [a.choice for a in answers] == [a.choice for a in expected]
+    assert [a.raw for a in answers] == [a.raw for a in expected]
+    if mode == "score":
+        for a, e in zip(answers, expected, strict=True):
+            assert a.scores == pytest.approx(e.scores, abs=1e-4)
+    assert backend.fitted_batch_size == 2 and backend.calls == len(reqs)
+    assert sizes[:3] == [8, 4, 2] and max(sizes[3:]) == 2  # halved twice, then batches of 2 throughout
+    messages = [r.getMessage() for r in caplog.records if "did not fit" in r.getMessage()]
+    assert messages == [
+        "LVLM batch of 8 did not fit in cpu memory; going on with batches of 4",
+        "LVLM batch of 4 did not fit in cpu memory; going on with batches of 2",
+    ]
+
+
+def test_out_of_memory_at_batch_one_names_the_options(qwen2vl_dir, photos):  # noqa: F811
+    backend = TransformersBackend(str(qwen2vl_dir), device="cpu", batch_size=2)
+
+    def always(module, args, kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    handle = backend.net.register_forward_pre_hook(always, with_kwargs=True)
+    try:
+        with pytest.raises(RuntimeError, match="lower max_pixels or prompt.max_images"):
+            backend.choose(_requests(photos)[:2])
+    finally:
+        handle.remove()
+
+
+def test_prompt_longer_than_the_window_is_refused_before_the_model_runs(llava_dir, photos):  # noqa: F811
+    backend = TransformersBackend(str(llava_dir), device="cpu", prompt=PromptConfig(max_images=3))
+    calls = []
+    handle = backend.net.register_forward_pre_hook(lambda *a: calls.append(1))
+    backend.net.config.text_config.max_position_embeddings = 40  # a window shorter than any prompt here
+    try:
+        with pytest.raises(ValueError) as err:
+            backend.choose(_requests(photos)[:2])
+    finally:
+        handle.remove()
+        backend.net.config.text_config.max_position_embeddings = 1024
+    message = str(err.value)
+    assert "\n" not in message and "context window of 40" in message
+    assert "prompt.max_images (now 3)" in message and "max_pixels" in message
+    assert calls == []
+
+
+def test_max_pixels_bounds_qwen2vl_image_tokens_and_is_refused_for_llava(qwen2vl_dir, llava_dir, photos):  # noqa: F811
+    from cascadevlm.lvlm.transformers_backend import image_token_count
+
+    small = TransformersBackend(str(qwen2vl_dir), device="cpu", max_pixels=28 * 28).load()
+    big = TransformersBackend(str(qwen2vl_dir), device="cpu").load()
+    image = photos["cat"].resize((56, 56))
+    assert image_token_count(big.encoder.processor, image) == 4  # (56 / 14) ** 2 / 4
+    assert image_token_count(small.encoder.processor, image) == 1  # (28 / 14) ** 2 / 4
+    with pytest.raises(ValueError, match="remove min_pixels / max_pixels"):
+        TransformersBackend(str(llava_dir), device="cpu", max_pixels=28 * 28).load()
+
+
+def test_preprocessing_in_dataloader_workers_gives_the_same_scores(tiny_lvlm_dir, photos):  # noqa: F811
+    """``backend.prepare`` as a DataLoader collate_fn in 2 worker processes: same scores as choose()."""
+    backend = TransformersBackend(str(tiny_lvlm_dir), device="cpu", batch_size=3)
+    reqs = _requests(photos)
+    direct = backend.choose(reqs)
+    loader = torch.utils.data.DataLoader(reqs, batch_size=3, collate_fn=backend.prepare, num_workers=2)
+    from_workers = [a for batch in loader for a in backend.choose(batch)]
+    assert [a.choice for a in from_workers] == [a.choice for a in direct]
+    for a, d in zip(from_workers, direct, strict=True):
+        assert a.scores == pytest.approx(d.scores, abs=1e-5)

@@ -28,10 +28,17 @@ from cascadevlm.data.loading import IMAGE_COLUMN, LABEL_COLUMN, decode_image, lo
 from cascadevlm.lvlm.base import LVLMRequest
 from cascadevlm.lvlm.prompts import PromptConfig, build_prompt
 from cascadevlm.lvlm.scoring import answer_loss, append_answers, forward_inputs, score_candidates
-from cascadevlm.lvlm.transformers_backend import ChatEncoder, ensure_tiny_model, load_model_and_processor
+from cascadevlm.lvlm.transformers_backend import (
+    ChatEncoder,
+    ensure_tiny_model,
+    load_model_and_processor,
+    resolve_device,
+    resolve_dtype,
+)
 
-# Attention and MLP projections of the language model only (LLaVA, Qwen2-VL, Idefics3 module names).
-DEFAULT_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+# Attention and MLP projections of the language model only: ``language_model`` in LLaVA and Qwen2-VL,
+# ``text_model`` in Idefics3 / SmolVLM (whose vision tower's ``vision_model`` projections stay frozen).
+DEFAULT_TARGETS = r".*(language_model|text_model).*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
 def training_candidates(
@@ -248,7 +255,10 @@ class LoRAModule(L.LightningModule):
             ensure_tiny_model(model, build_tiny)
 
         self.prompt = prompt or PromptConfig()
-        base, processor = load_model_and_processor(model, dtype=dtype, device="cpu")
+        # dtype auto: bfloat16 when training will run on a bf16 GPU, created so on the CPU (no float32
+        # copy: 14 GB, not 28 GB, for a 7B); Lightning then moves it to each rank's device.
+        train_dtype = resolve_dtype(dtype, resolve_device("auto"))
+        base, processor = load_model_and_processor(model, dtype=train_dtype, device="cpu")
         if gradient_checkpointing:
             base.gradient_checkpointing_enable()
             base.enable_input_require_grads()

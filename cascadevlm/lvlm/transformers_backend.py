@@ -12,6 +12,10 @@ Two answer modes:
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -22,6 +26,7 @@ from cascadevlm.lvlm.prompts import Prompt, PromptConfig, build_prompt
 from cascadevlm.lvlm.scoring import forward_inputs, score_candidates
 
 _SENTINEL = "\u2063ANSWER\u2063"
+log = logging.getLogger(__name__)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -30,8 +35,10 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto``: bfloat16 on a GPU that supports it, float32 otherwise; or a torch dtype name."""
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """``auto``: bfloat16 on a GPU that supports it, float32 otherwise; or a torch dtype (name)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
     if dtype == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
@@ -44,20 +51,35 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 def load_model_and_processor(
     model: str,
-    dtype: str = "auto",
+    dtype: str | torch.dtype = "auto",
     device: str = "auto",
     lora_path: str | None = None,
     merge_lora: bool = True,
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
+    device_map: str | dict | None = None,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
 ):
-    """The model (eval mode, on ``device``, with the LoRA adapter if given) and its processor."""
+    """The model (eval mode, with the LoRA adapter if given) and its processor.
+
+    The weights are created directly in ``dtype`` on ``device`` (no float32 copy first), or spread over
+    the visible GPUs by ``device_map`` (``auto``, ``balanced``, ... as accelerate reads it) for models
+    larger than one GPU. ``min_pixels`` / ``max_pixels`` bound the image area of dynamic-resolution
+    processors (Qwen2-VL, Qwen2.5-VL): the image-token count, and so memory, grows with it.
+    """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    dev = resolve_device(device)
+    dev = resolve_device("auto" if device_map is not None else device)
     kwargs = {"dtype": resolve_dtype(dtype, dev), "trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    elif dev.type != "cpu":
+        kwargs["device_map"] = str(dev)  # load straight onto the device
+    processor = AutoProcessor.from_pretrained(model, trust_remote_code=trust_remote_code)
+    set_pixel_limits(processor, min_pixels, max_pixels)  # refused before the weights load
     net = AutoModelForImageTextToText.from_pretrained(model, **kwargs)
     if lora_path:
         from peft import PeftModel
@@ -65,7 +87,6 @@ def load_model_and_processor(
         net = PeftModel.from_pretrained(net, lora_path)
         if merge_lora:
             net = net.merge_and_unload()
-    processor = AutoProcessor.from_pretrained(model, trust_remote_code=trust_remote_code)
     if getattr(processor, "chat_template", None) is None and getattr(
         processor.tokenizer, "chat_template", None
     ):
@@ -75,7 +96,36 @@ def load_model_and_processor(
     processor.tokenizer.padding_side = "left"
     if processor.tokenizer.pad_token is None:
         processor.tokenizer.pad_token = processor.tokenizer.eos_token
-    return net.to(dev).eval(), processor
+    if device_map is None:
+        net = net.to(dev)
+    return net.eval(), processor
+
+
+def set_pixel_limits(processor, min_pixels: int | None, max_pixels: int | None) -> None:
+    """Bound a dynamic-resolution image processor's image area (pixels); refuse other processors."""
+    if min_pixels is None and max_pixels is None:
+        return
+    image = getattr(processor, "image_processor", None)
+    size = getattr(image, "size", None)
+    if image is None or getattr(image, "merge_size", None) is None or size is None:
+        raise ValueError(
+            f"min_pixels / max_pixels need a dynamic-resolution image processor (Qwen2-VL, Qwen2.5-VL); "
+            f"{type(image).__name__} resizes to a fixed size: remove min_pixels / max_pixels"
+        )
+    lo = min_pixels if min_pixels is not None else size["shortest_edge"]
+    hi = max_pixels if max_pixels is not None else size["longest_edge"]
+    if not 0 < lo <= hi:
+        raise ValueError(f"need 0 < min_pixels <= max_pixels, got min_pixels={lo}, max_pixels={hi}")
+    image.size = {"shortest_edge": lo, "longest_edge": hi}
+
+
+def image_token_count(processor, image) -> int:
+    """How many image tokens the processor gives ``image`` (they dominate a prompt's length and memory)."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = processor(text=[text], images=[image], return_tensors="pt")["input_ids"][0]
+    token = getattr(processor, "image_token", None) or "<image>"
+    return int((ids == processor.tokenizer.convert_tokens_to_ids(token)).sum())
 
 
 def ensure_tiny_model(path: str, kind: str) -> None:
@@ -172,6 +222,46 @@ class ChatEncoder:
         return self.tokenizer.pad_token_id
 
 
+@dataclass
+class PreparedBatch:
+    """A batch preprocessed for the model (what :class:`BatchPreparer` returns, e.g. in DataLoader
+    workers): the requests, their prompts without images, the processor outputs and the answers' ids."""
+
+    requests: list[LVLMRequest]
+    prompts: list[Prompt]
+    inputs: Mapping[str, torch.Tensor]
+    answer_ids: list[list[list[int]]] | None  # score mode only
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+
+class BatchPreparer:
+    """Renders prompts and runs the processor for a list of requests: the CPU side of a batch.
+
+    Holds the processor and the prompt settings, never the model, so a DataLoader can run it in its
+    workers (``collate_fn``) while the model computes the previous batch.
+    """
+
+    def __init__(self, encoder: ChatEncoder, prompt: PromptConfig, mode: str) -> None:
+        self.encoder = encoder
+        self.prompt = prompt
+        self.mode = mode
+
+    def __call__(self, requests: list[LVLMRequest]) -> PreparedBatch:
+        prompts = [build_prompt(r, self.prompt) for r in requests]
+        inputs = self.encoder.encode(prompts)
+        ids = None
+        if self.mode == "score":
+            ids = [[self.encoder.answer_ids(a) for a in p.answers] for p in prompts]
+        light = [dataclasses.replace(p, messages=[], images=[], examples=[]) for p in prompts]
+        return PreparedBatch(list(requests), light, inputs, ids)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
 class TransformersBackend(LVLMBackend):
     """A local LVLM choosing among candidates.
 
@@ -181,13 +271,20 @@ class TransformersBackend(LVLMBackend):
         prompt: prompt wording and options (see :class:`PromptConfig`).
         dtype: ``auto`` (bfloat16 on GPUs that have it, else float32), ``float32``, ``bfloat16``, ...
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``, ...
-        batch_size: requests per forward.
+        device_map: spread the model over several GPUs (``auto``, ``balanced``, or a module -> device
+            dict), for models larger than one GPU; ``device`` is then ignored.
+        batch_size: requests per forward. A batch that does not fit in device memory is halved (said
+            once) and the run goes on with the smaller size; answers are those of the smaller batches.
         max_new_tokens: generation length in ``generate`` mode.
         length_norm: in ``score`` mode, rank by mean instead of summed log-probability per token
             (fairer between names of different lengths).
         lora_path: a peft LoRA adapter directory to apply on top of ``model``.
         merge_lora: merge the adapter into the weights after loading (faster inference).
-        attn_implementation: e.g. ``sdpa`` or ``flash_attention_2``; the model's default when None.
+        attn_implementation: ``sdpa`` (default), ``eager``, ``flash_attention_2``, ...
+        min_pixels / max_pixels: image area bounds for dynamic-resolution processors (Qwen2-VL,
+            Qwen2.5-VL; refused for others). Image tokens = pixels / (14 * 14 * 4): the real processor's
+            default maximum (12845056 pixels) allows 16384 tokens per image, so set ``max_pixels`` (e.g.
+            ``448 * 448`` = 256 tokens) to bound memory.
         trust_remote_code: passed to ``from_pretrained``.
         build_tiny: ``llava`` or ``qwen2vl``: write that tiny random-weight model at ``model`` first when
             it is missing (offline demos and tests only).
@@ -205,9 +302,12 @@ class TransformersBackend(LVLMBackend):
         length_norm: bool = False,
         lora_path: str | None = None,
         merge_lora: bool = True,
-        attn_implementation: str | None = None,
+        attn_implementation: str | None = "sdpa",
         trust_remote_code: bool = False,
         build_tiny: Literal["llava", "qwen2vl"] | None = None,
+        device_map: str | dict | None = None,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
     ) -> None:
         if mode not in ("score", "generate"):
             raise ValueError(f"mode must be 'score' or 'generate', got {mode!r}")
@@ -226,9 +326,13 @@ class TransformersBackend(LVLMBackend):
         self.attn_implementation = attn_implementation
         self.trust_remote_code = trust_remote_code
         self.build_tiny = build_tiny
+        self.device_map = device_map
+        self.min_pixels = min_pixels
+        self.max_pixels = max_pixels
         self._net = None
         self._encoder: ChatEncoder | None = None
         self._calls = 0
+        self._fit = batch_size  # the largest batch known to fit (halved on out-of-memory)
 
     # ------------------------------------------------------------------------------------------ loading
     def load(self) -> TransformersBackend:
@@ -244,6 +348,9 @@ class TransformersBackend(LVLMBackend):
                 merge_lora=self.merge_lora,
                 attn_implementation=self.attn_implementation,
                 trust_remote_code=self.trust_remote_code,
+                device_map=self.device_map,
+                min_pixels=self.min_pixels,
+                max_pixels=self.max_pixels,
             )
             self._encoder = ChatEncoder(processor)
         return self
@@ -258,36 +365,98 @@ class TransformersBackend(LVLMBackend):
 
     @property
     def torch_device(self) -> torch.device:
-        return next(self.net.parameters()).device
+        """Where inputs go: the device of the input embeddings (the first one under a device_map)."""
+        return self.net.get_input_embeddings().weight.device
+
+    @property
+    def context_window(self) -> int | None:
+        config = self.net.config
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        return getattr(text, "max_position_embeddings", None)
+
+    @property
+    def prepare(self) -> BatchPreparer:
+        """The CPU side of a batch as a picklable callable (no model inside): ``prepare(requests)``
+        gives a :class:`PreparedBatch` that :meth:`choose` takes in place of the requests. Use it as a
+        DataLoader's ``collate_fn`` so workers render prompts and process images ahead of the model."""
+        return BatchPreparer(self.encoder, self.prompt, self.mode)
+
+    @property
+    def fitted_batch_size(self) -> int:
+        """The batch size in use: ``batch_size``, or less after an out-of-memory fallback."""
+        return self._fit
 
     # ------------------------------------------------------------------------------------------ choosing
-    def choose(self, requests: list[LVLMRequest]) -> list[LVLMAnswer]:
+    def choose(self, requests: list[LVLMRequest] | PreparedBatch) -> list[LVLMAnswer]:
+        """Answers for ``requests`` (or a batch :attr:`prepare` made), ``batch_size`` at a time."""
+        if isinstance(requests, PreparedBatch) and len(requests) <= self._fit:
+            return self._answer(requests)
+        reqs = requests.requests if isinstance(requests, PreparedBatch) else list(requests)
         answers: list[LVLMAnswer] = []
-        for start in range(0, len(requests), self.batch_size):
-            chunk = requests[start : start + self.batch_size]
-            prompts = [build_prompt(r, self.prompt) for r in chunk]
-            if self.mode == "score":
-                answers += self._score(chunk, prompts)
-            else:
-                answers += self._generate(chunk, prompts)
-            self._calls += len(chunk)
+        while len(answers) < len(reqs):
+            chunk = reqs[len(answers) : len(answers) + self._fit]
+            answers += self._answer(self.prepare(chunk))
         return answers
 
     def score(self, requests: list[LVLMRequest]) -> list[list[float]]:
         """Per-candidate log-likelihoods (in each request's candidate order), whatever ``mode`` is."""
         out = []
-        for start in range(0, len(requests), self.batch_size):
-            chunk = requests[start : start + self.batch_size]
-            out += [a.scores for a in self._score(chunk, [build_prompt(r, self.prompt) for r in chunk])]
+        preparer = BatchPreparer(self.encoder, self.prompt, "score")
+        for start in range(0, len(requests), self._fit):
+            out += [a.scores for a in self._score(preparer(requests[start : start + self._fit]))]
         return out
 
-    def _score(self, requests: list[LVLMRequest], prompts: list[Prompt]) -> list[LVLMAnswer]:
-        enc = self.encoder
-        inputs = enc.encode(prompts, self.torch_device)
-        answer_ids = [[enc.answer_ids(a) for a in p.answers] for p in prompts]
-        shown = score_candidates(self.net, inputs, answer_ids, enc.pad_id, length_norm=self.length_norm)
+    def _answer(self, batch: PreparedBatch) -> list[LVLMAnswer]:
+        """One batch; on out-of-memory, halve the batch size (said once per halving) and redo it."""
+        self.check_context(batch)
+        try:
+            answers = self._score(batch) if self.mode == "score" else self._generate(batch)
+        except (torch.OutOfMemoryError, RuntimeError) as error:
+            if not is_out_of_memory(error):
+                raise
+            if len(batch) == 1:
+                raise RuntimeError(
+                    f"one request does not fit in {self.torch_device} memory with {self.model_name!r}; "
+                    "lower max_pixels or prompt.max_images, use dtype bfloat16, or device_map: auto"
+                ) from None
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            self._fit = max(1, min(self._fit, len(batch)) // 2)
+            log.warning(
+                "LVLM batch of %d did not fit in %s memory; going on with batches of %d",
+                len(batch),
+                self.torch_device,
+                self._fit,
+            )
+            return self.choose(batch.requests)
+        self._calls += len(batch)
+        return answers
+
+    def check_context(self, batch: PreparedBatch) -> None:
+        """Refuse a prompt (plus its longest answer) longer than the model's context window."""
+        window = self.context_window
+        if not window:
+            return
+        length = batch.inputs["input_ids"].shape[1]
+        extra = (
+            self.max_new_tokens
+            if self.mode == "generate"
+            else max(len(a) for row in batch.answer_ids for a in row)
+        )
+        if length + extra > window:
+            raise ValueError(
+                f"a prompt of {length} tokens (+{extra} answer tokens) exceeds {self.model_name!r}'s context "
+                f"window of {window}; lower prompt.max_images (now {self.prompt.max_images}) or max_pixels "
+                f"(now {self.max_pixels}), or pass fewer candidates"
+            )
+
+    def _score(self, batch: PreparedBatch) -> list[LVLMAnswer]:
+        inputs = batch.inputs.to(self.torch_device)
+        shown = score_candidates(
+            self.net, inputs, batch.answer_ids, self.encoder.pad_id, length_norm=self.length_norm
+        )
         out = []
-        for p, s in zip(prompts, shown, strict=True):
+        for p, s in zip(batch.prompts, shown, strict=True):
             scores = [0.0] * len(s)
             for d, value in enumerate(s):
                 scores[p.candidate_of(d)] = value
@@ -296,9 +465,9 @@ class TransformersBackend(LVLMBackend):
         return out
 
     @torch.inference_mode()
-    def _generate(self, requests: list[LVLMRequest], prompts: list[Prompt]) -> list[LVLMAnswer]:
+    def _generate(self, batch: PreparedBatch) -> list[LVLMAnswer]:
         enc = self.encoder
-        inputs = enc.encode(prompts, self.torch_device)
+        inputs = batch.inputs.to(self.torch_device)
         kwargs = forward_inputs(self.net, inputs)
         kwargs.pop("position_ids", None)  # generate derives positions from the attention mask itself
         generated = self.net.generate(
@@ -311,7 +480,7 @@ class TransformersBackend(LVLMBackend):
             generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True
         )
         out = []
-        for req, p, text in zip(requests, prompts, texts, strict=True):
+        for req, p, text in zip(batch.requests, batch.prompts, texts, strict=True):
             shown = parse_answer(text, p.options, p.style)
             if shown is None:
                 out.append(LVLMAnswer(choice=req.fallback, raw=text, fallback=UNPARSEABLE))
