@@ -5,13 +5,25 @@ from __future__ import annotations
 import lightning as L
 import torch
 from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassRecall
 
 from cascadevlm.clip.model import encode_images, load_clip
 from cascadevlm.clip.zero_shot import build_zero_shot_head, clip_logits, entropy_from_logits, topk_probs
 
 MIN_STORED_TOPK = 5  # records keep at least the top-5, so acc5 can be computed from them
 KEEP_LOGITS_MAX_CLASSES = 256  # records keep all logits up to this many classes (calibration, conformal)
+
+
+class PresentClassRecall(MulticlassRecall):
+    """Mean per-class recall over the classes present in the targets seen (absent classes are not 0s)."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__(num_classes, average="none")
+
+    def compute(self) -> torch.Tensor:
+        tp, _, _, fn = self._final_state()
+        present = (tp + fn) > 0
+        return (tp[present].float() / (tp + fn)[present].float()).mean()
 
 
 class ClipClassifier(L.LightningModule):
@@ -64,7 +76,7 @@ class ClipClassifier(L.LightningModule):
                     "acc5": MulticlassAccuracy(
                         self.num_classes, top_k=min(5, self.num_classes), average="micro"
                     ),
-                    "mean_per_class_recall": MulticlassAccuracy(self.num_classes, average="macro"),
+                    "mean_per_class_recall": PresentClassRecall(self.num_classes),
                 },
                 prefix="test/",
             )

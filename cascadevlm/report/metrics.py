@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torchmetrics.functional.classification import multiclass_accuracy
+from torchmetrics.functional.classification import multiclass_accuracy, multiclass_recall
 
 from cascadevlm.records import PredictionRecord
 
@@ -30,6 +30,20 @@ def accuracy(preds: Sequence[int], labels: Sequence[int], num_classes: int, aver
     )
 
 
+def mean_per_class_recall(preds: Sequence[int], labels: Sequence[int], num_classes: int) -> float:
+    """Recall averaged over the classes present in ``labels`` (a class with no image is not a 0).
+
+    torchmetrics' macro average counts a class that is predicted but absent from the labels as recall 0;
+    this equals ``sklearn.metrics.recall_score(labels, preds, average="macro", labels=present)``.
+    """
+    if len(preds) == 0:
+        return float("nan")
+    target = torch.tensor(list(labels))
+    recall = multiclass_recall(torch.tensor(list(preds)), target, num_classes, average="none")
+    present = torch.bincount(target, minlength=num_classes) > 0
+    return float(recall[present].mean())
+
+
 def classification_metrics(records: Sequence[PredictionRecord], num_classes: int) -> dict:
     """acc1 / mean per-class recall of the final predictions, and CLIP's own acc1 / acc5.
 
@@ -48,8 +62,8 @@ def classification_metrics(records: Sequence[PredictionRecord], num_classes: int
     return {
         "n": len(recs),
         "acc1": accuracy([r.final for r in recs], labels, num_classes),
-        "mean_per_class_recall": accuracy([r.final for r in recs], labels, num_classes, "macro"),
+        "mean_per_class_recall": mean_per_class_recall([r.final for r in recs], labels, num_classes),
         "clip_acc1": accuracy([r.clip_pred for r in recs], labels, num_classes),
         f"clip_acc{k}": clip_acc5,
-        "clip_mean_per_class_recall": accuracy([r.clip_pred for r in recs], labels, num_classes, "macro"),
+        "clip_mean_per_class_recall": mean_per_class_recall([r.clip_pred for r in recs], labels, num_classes),
     }
