@@ -79,3 +79,22 @@ def evaluate_main(args: list[str] | None = None) -> dict | None:
     from cascadevlm.cascade.evaluate import main
 
     return main(args)
+
+
+COMMANDS = {"evaluate": evaluate_main, "train": train_main}
+
+
+def main(argv: list[str] | None = None):
+    """``python -m cascadevlm.cli evaluate ...`` / ``python -m cascadevlm.cli train fit ...``: the installed
+    entry points (the same as the ``cascadevlm-evaluate`` / ``cascadevlm-train`` scripts)."""
+    import sys
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] not in COMMANDS:
+        print(f"usage: python -m cascadevlm.cli {{{','.join(COMMANDS)}}} [options]", file=sys.stderr)
+        raise SystemExit(2)
+    return COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    main()
