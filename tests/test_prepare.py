@@ -377,3 +377,30 @@ def test_cli_prepares_and_reports_errors_on_stderr(tmp_path, capsys):
     listed = capsys.readouterr().out
     assert "fgvc_aircraft (100 classes): fgvc-aircraft-2013b/data/" in listed
     assert listed.count(" classes): ") == 8
+
+
+def test_the_same_image_in_train_and_test_is_refused_naming_both_rows(tmp_path, capsys):
+    tree = write_raw_tree("oxford_pets", tmp_path / "raw")
+    test_rel = tree.expected["test"][0][0]
+    train_rel = tree.expected["train"][1][0]  # a trainval image whose bytes become those of a test image
+    (tree.raw / train_rel).write_bytes((tree.raw / test_rel).read_bytes())
+    # With --allow-overlap the pair is kept and listed in the card, by prepared split and row.
+    card = prepare("oxford_pets", tree.raw, tmp_path / "kept", PrepareOptions(allow_overlap=True), **QUIET)
+    [pair] = card["images_in_two_splits"]
+    assert (pair["path"], pair["other_split"], pair["other_row"], pair["other_path"]) == (
+        train_rel,
+        "test",
+        0,
+        test_rel,
+    )
+    assert datasets.load_from_disk(str(tmp_path / "kept"))[pair["split"]]["path"][pair["row"]] == train_rel
+    with pytest.raises(PrepareError) as err:
+        prepare("oxford_pets", tree.raw, tmp_path / "out", **QUIET)
+    split, row = pair["split"], pair["row"]
+    assert str(err.value) == (
+        f"the same image is in {split} and test: {split} row {row} ({train_rel}) and test row 0 ({test_rel}) "
+        "have identical bytes; remove the duplicates, or pass --allow-overlap to keep them"
+    )
+    assert not (tmp_path / "out").exists()
+    assert main(["oxford_pets", "--raw", str(tree.raw), "--out", str(tmp_path / "o2")]) == 1
+    assert capsys.readouterr().err.strip().endswith("pass --allow-overlap to keep them")

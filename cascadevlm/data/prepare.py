@@ -7,7 +7,8 @@ Labels are the registry's class names in registry order (``ClassLabel``). Splits
 ones; where the official release has no val split, a seeded class-stratified fraction of train
 becomes val. A CoOp-style split file (``{"train"|"val"|"test": [[path, label, classname], ...]}``)
 replaces the official splits exactly. Every image is decoded once (in ``--workers`` processes):
-unreadable ones stop the run with their list, or are left out with ``--skip-bad``. The output
+unreadable ones stop the run with their list, or are left out with ``--skip-bad``. The same image
+(identical stored bytes) in two splits stops the run naming both rows, unless ``--allow-overlap``. The output
 directory also holds ``card.md`` and ``card.json``.
 """
 
@@ -70,6 +71,7 @@ class PrepareOptions:
     seed: int = 0
     fold: int = 1
     overwrite: bool = False
+    allow_overlap: bool = False
 
 
 # --- locating the download ------------------------------------------------------------------------
@@ -177,12 +179,16 @@ class _Shard:
     class_names: tuple[str, ...]
 
 
-def _write_shard(shard: _Shard) -> tuple[list[tuple[str, str]], Counter]:
-    """Worker: decode each image once, write the good ones; returns (bad (path, reason) pairs, formats)."""
+def _write_shard(shard: _Shard) -> tuple[list[tuple[str, str]], Counter, list[tuple[str, str]]]:
+    """Worker: decode each image once, write the good ones.
+
+    Returns (bad (path, reason) pairs, formats, (sha256 of the stored bytes, relative path) per row).
+    """
     from datasets.arrow_writer import ArrowWriter
 
     bad: list[tuple[str, str]] = []
     formats: Counter = Counter()
+    digests: list[tuple[str, str]] = []
     writer = ArrowWriter(features=_features(shard.class_names), path=shard.file, writer_batch_size=128)
     try:
         for path, label, rel in shard.rows:
@@ -195,11 +201,12 @@ def _write_shard(shard: _Shard) -> tuple[list[tuple[str, str]], Counter]:
                 bad.append((path, f"{type(err).__name__}: {err}"))
                 continue
             formats[fmt] += 1
+            digests.append((hashlib.sha256(data).hexdigest(), rel))
             writer.write({"image": {"bytes": data, "path": None}, "label": label, "path": rel})
         writer.finalize()
     finally:
         writer.close()
-    return bad, formats
+    return bad, formats, digests
 
 
 def _relative(path: Path, raw: Path) -> str:
@@ -236,19 +243,24 @@ def _shards(listing: Listing, spec: BenchmarkSpec, raw: Path, tmp: Path, workers
 
 def _write_splits(
     listing: Listing, spec: BenchmarkSpec, raw: Path, tmp: Path, options: PrepareOptions, log: Callable
-) -> tuple[dict[str, list[str]], list[tuple[str, str]], Counter]:
-    """Decode every image once (in ``options.workers`` processes); Arrow shard files per split, in order."""
+) -> tuple[dict[str, list[str]], list[tuple[str, str]], Counter, dict[str, list[tuple[str, str]]]]:
+    """Decode every image once (in ``options.workers`` processes); Arrow shard files per split, in order.
+
+    Also returns, per split, (content hash, relative path) of every stored image, in row order.
+    """
     shards = _shards(listing, spec, raw, tmp, options.workers)
     total = sum(len(s.rows) for s in shards)
     files: dict[str, list[str]] = {s: [] for s in SPLITS}
     bad: list[tuple[str, str]] = []
     formats: Counter = Counter()
+    digests: dict[str, list[tuple[str, str]]] = {s: [] for s in SPLITS}
     done, next_report = 0, max(1000, total // 10)
     pool = get_context().Pool(options.workers) if options.workers > 1 else None
     try:
         results = pool.imap(_write_shard, shards) if pool else map(_write_shard, shards)
-        for shard, (shard_bad, shard_formats) in zip(shards, results, strict=True):
+        for shard, (shard_bad, shard_formats, shard_digests) in zip(shards, results, strict=True):
             files[shard.split].append(shard.file)
+            digests[shard.split] += shard_digests
             bad += shard_bad
             formats += shard_formats
             done += len(shard.rows)
@@ -259,7 +271,25 @@ def _write_splits(
         if pool:
             pool.terminate()
             pool.join()
-    return files, bad, formats
+    return files, bad, formats, digests
+
+
+def cross_split_duplicates(
+    digests: dict[str, list[tuple[str, str]]],
+) -> list[tuple[str, int, str, str, int, str]]:
+    """Images stored in two splits with identical bytes: (split, row, path, other split, row, path).
+
+    Duplicates within one split are left alone (some official releases have them); only an image in
+    two splits leaks test data into training or validation.
+    """
+    first: dict[str, tuple[str, int, str]] = {}
+    pairs = []
+    for split in SPLITS:
+        for row, (digest, rel) in enumerate(digests.get(split, [])):
+            seen = first.setdefault(digest, (split, row, rel))
+            if seen[0] != split:
+                pairs.append((*seen, split, row, rel))
+    return pairs
 
 
 # --- the card ---------------------------------------------------------------------------------------
@@ -374,7 +404,18 @@ def prepare(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        files, bad, formats = _write_splits(listing, spec, raw, tmp, options, log)
+        files, bad, formats, digests = _write_splits(listing, spec, raw, tmp, options, log)
+        overlap = cross_split_duplicates(digests)
+        if overlap and not options.allow_overlap:
+            a_split, a_row, a_path, b_split, b_row, b_path = overlap[0]
+            more = f" (and {len(overlap) - 1} more)" if len(overlap) > 1 else ""
+            raise PrepareError(
+                f"the same image is in {a_split} and {b_split}: {a_split} row {a_row} ({a_path}) and {b_split} "
+                f"row {b_row} ({b_path}) have identical bytes{more}; remove the duplicates, or pass "
+                "--allow-overlap to keep them"
+            )
+        if overlap:
+            log(f"kept {len(overlap)} image(s) that are in two splits (--allow-overlap)")
         good = total - len(bad)
         if bad and not options.skip_bad:
             listing_file = None
@@ -403,6 +444,10 @@ def prepare(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     card = _card(spec, raw, root, listing, labels, bad, formats, options, time.perf_counter() - started)
+    card["images_in_two_splits"] = [
+        {"split": a, "row": ra, "path": pa, "other_split": b, "other_row": rb, "other_path": pb}
+        for a, ra, pa, b, rb, pb in overlap
+    ]
     (out / "card.json").write_text(json.dumps(card, indent=1))
     (out / "card.md").write_text(_card_markdown(card))
     summary = ", ".join(f"{s} {c['images']}" for s, c in card["splits"].items())
@@ -429,6 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the carved val split and EuroSAT's split")
     p.add_argument("--fold", type=int, default=1, help="DTD fold 1..10")
     p.add_argument("--overwrite", action="store_true", help="replace an existing prepared dataset at --out")
+    p.add_argument(
+        "--allow-overlap", action="store_true", help="keep images that are in two splits (refused by default)"
+    )
     p.add_argument("--list", action="store_true", help="list the benchmarks with their expected raw layout")
     return p
 
@@ -453,6 +501,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         fold=args.fold,
         overwrite=args.overwrite,
+        allow_overlap=args.allow_overlap,
     )
     try:
         prepare(args.name, args.raw, args.out, options, log=lambda m: print(m, file=sys.stderr))

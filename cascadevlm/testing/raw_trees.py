@@ -51,7 +51,13 @@ class _Writer:
 
     def image(self, path: Path) -> str:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _photo(self.n, self.size, self.rng).save(path, format="JPEG", quality=90)
+        img = _photo(self.n, self.size, self.rng).copy()
+        # The top row's first pixels spell the image's number in black and white: every file is distinct
+        # (prepare refuses the same image in two splits), however few sample photos there are.
+        for bit in range(16):
+            on = (self.n >> bit) & 1
+            img.putpixel((bit, 0), (255 * on,) * len(img.getbands()) if len(img.getbands()) > 1 else 255 * on)
+        img.save(path, format="JPEG", quality=90)
         self.n += 1
         return path.relative_to(self.raw).as_posix()
 
