@@ -1,11 +1,13 @@
-"""LoRA fine-tuning of an LVLM on the k-shot split, formatted as cascade prompts.
+"""LoRA (or full) fine-tuning of an LVLM on the k-shot split, formatted as cascade prompts.
 
 Each training example is a cascade prompt (image + candidate classes as options) and the target is the
 true class's answer (its letter or name, then the chat template's end of turn); the loss covers the
 answer tokens only. Candidates come from CLIP's top-k in a records file when one is given (the true
 class put in at a random position when CLIP missed it), else the true class plus deterministic random
 distractors, shuffled. The adapter is saved in peft's format (best validation loss when a validation
-split is given, else the last) and loaded by ``TransformersBackend(lora_path=...)``.
+split is given, else the last) and loaded by ``TransformersBackend(lora_path=...)``. With
+``finetune: full`` every weight is trained and the whole model directory (weights, config, processor)
+is saved with ``save_pretrained`` instead, loaded as ``TransformersBackend(model=<that directory>)``.
 
 Used through ``train.py`` (``LightningCLI``)::
 
@@ -215,15 +217,18 @@ class LoRADataModule(L.LightningDataModule):
 
 
 class LoRAModule(L.LightningModule):
-    """An LVLM with a peft LoRA adapter, trained to answer cascade prompts with the true class.
+    """An LVLM with a peft LoRA adapter (or all weights), trained to answer cascade prompts with the true class.
 
     Args:
         model: base model directory or hub id (``AutoModelForImageTextToText``).
         prompt: the prompt wording used at evaluation (train as you test).
+        finetune: ``lora`` (a peft adapter on ``target_modules``) or ``full`` (every weight, vision tower
+            included; for small LVLMs); ``r``, ``alpha``, ``dropout``, ``target_modules`` are LoRA's only.
         r, alpha, dropout: LoRA rank, scaling and dropout.
         target_modules: a regex or module-name list for peft (default: language-model projections).
         lr, weight_decay: AdamW settings.
-        adapter_dir: where the adapter is saved (default: ``<log dir>/lora_adapter``).
+        adapter_dir: where the adapter is saved (default: ``<log dir>/lora_adapter``); with ``full``, where
+            the model directory is saved (default: ``<log dir>/finetuned_model``).
         dtype: weights' dtype (``auto``: bfloat16 on GPUs that support it, else float32).
         gradient_checkpointing: trade compute for memory on large models.
         build_tiny: ``llava`` or ``qwen2vl``: write that tiny random-weight model at ``model`` first when
@@ -236,6 +241,7 @@ class LoRAModule(L.LightningModule):
         self,
         model: str,
         prompt: PromptConfig | None = None,
+        finetune: Literal["lora", "full"] = "lora",
         r: int = 8,
         alpha: int = 16,
         dropout: float = 0.05,
@@ -251,6 +257,9 @@ class LoRAModule(L.LightningModule):
         self.save_hyperparameters()
         from peft import LoraConfig, get_peft_model
 
+        if finetune not in ("lora", "full"):
+            raise ValueError(f"finetune must be 'lora' or 'full', got {finetune!r} (--model.init_args.finetune)")
+        self.finetune = finetune
         if build_tiny:
             ensure_tiny_model(model, build_tiny)
 
@@ -262,8 +271,13 @@ class LoRAModule(L.LightningModule):
         if gradient_checkpointing:
             base.gradient_checkpointing_enable()
             base.enable_input_require_grads()
-        config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules)
-        self.net = get_peft_model(base, config).train()  # from_pretrained returns eval mode
+        if finetune == "full":
+            base.requires_grad_(True)
+            self.net = base.train()  # from_pretrained returns eval mode
+        else:
+            config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules)
+            self.net = get_peft_model(base, config).train()
+        self.processor = processor
         self.encoder = ChatEncoder(processor)
         self.adapter_dir = adapter_dir
         self.best_val: float | None = None
@@ -328,12 +342,15 @@ class LoRAModule(L.LightningModule):
             return Path(self.adapter_dir)
         trainer = getattr(self, "_trainer", None)
         root = (trainer.log_dir or trainer.default_root_dir) if trainer is not None else "."
-        return Path(root) / "lora_adapter"
+        return Path(root) / ("finetuned_model" if self.finetune == "full" else "lora_adapter")
 
     def save_adapter(self, path: str | Path | None = None) -> Path:
-        """Write the adapter in peft's format (``adapter_config.json`` + ``adapter_model.safetensors``)."""
+        """Write the adapter in peft's format (``adapter_config.json`` + ``adapter_model.safetensors``), or
+        with ``finetune: full`` the whole model directory (weights, config, processor and chat template)."""
         path = Path(path) if path is not None else self.resolved_adapter_dir()
         self.net.save_pretrained(str(path))
+        if self.finetune == "full":
+            self.processor.save_pretrained(str(path))
         return path
 
     def on_validation_epoch_end(self) -> None:
