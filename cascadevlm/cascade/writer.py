@@ -24,6 +24,7 @@ def outputs_to_records(out: dict) -> list[PredictionRecord]:
                 entropy=float(out["entropy"][i]),
                 clip_pred=ids[0],
                 clip_zero_shot_pred=int(out["zero_shot_pred"][i]) if "zero_shot_pred" in out else None,
+                clip_logits=out["logits"][i].tolist() if "logits" in out else None,
             )
         )
     return recs
