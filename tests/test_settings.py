@@ -27,7 +27,7 @@ def test_settings_sweep_trains_evaluates_and_tabulates(tiny_clip_path, data_root
     ])  # fmt: skip
     printed = capsys.readouterr().out
     assert (
-        "| fashion_mnist | 2-shot | clip | 1 |" in printed
+        "| fashion_mnist | 2-shot | clip (linear_probe) | 1 |" in printed
         and "| fashion_mnist | 0-shot | cascade | 1 |" in printed
     )
 

@@ -17,14 +17,20 @@ def collect_results(run_dirs: list[str | Path]) -> list[dict]:
     for d in run_dirs:
         payload = json.loads((Path(d) / "metrics.json").read_text())
         p = payload["params"]
+        # k, seed and the adapter's method come from the adapter file (evaluate.py writes them into
+        # params), so a 16-shot CoOp run is never listed under data.shots' default of 0
+        shots = int(p.get("shots") or 0)
+        adapter_method = p.get("adapter_method")
         for method, acc in payload.get("methods", {}).items():
             if acc is None:
                 continue
+            if adapter_method and method != "clip_zero_shot":
+                method = f"{method} ({adapter_method})"  # runs of different adapters never mix
             rows.append(
                 {
                     "dataset": p["dataset"],
-                    "setting": f"{p.get('shots', 0)}-shot",
-                    "shots": int(p.get("shots", 0)),
+                    "setting": f"{shots}-shot",
+                    "shots": shots,
                     "seed": p.get("seed"),
                     "method": method,
                     "acc1": float(acc["acc1"]),
