@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import pickle
+import time
 
 import pytest
 from lvlm_fixtures import photos  # noqa: F401
@@ -241,10 +242,13 @@ def test_requests_per_minute_is_honoured_on_the_wire(photos, tmp_path):  # noqa:
     reqs = [LVLMRequest(image=photos["cat"], candidates=["cat", f"dog {i}"]) for i in range(5)]
     with ChatServer() as server:
         backend = _backend(server, tmp_path, max_concurrency=5, requests_per_minute=600, cache_path=None)
+        t0 = time.perf_counter()
         backend.choose(reqs)
+        elapsed = time.perf_counter() - t0
         times = sorted(r["t"] for r in server.requests)
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
-    assert len(times) == 5 and min(gaps) >= 0.09, gaps  # 600/min: one start per 0.1 s
+    # 600/min: starts 0.1 s apart, so the 5th starts >= 0.4 s after the 1st (unlimited: ~0.05 s in all);
+    # arrival times at the server carry scheduling noise, hence the looser bound on their span
+    assert len(times) == 5 and elapsed >= 0.4 and times[-1] - times[0] >= 0.3, (elapsed, times)
 
 
 def test_stage_hands_the_backend_large_batches_and_reports_progress(photos, tmp_path, caplog):  # noqa: F811

@@ -428,3 +428,38 @@ def test_answer_fingerprint_ignores_connection_settings():
     assert first == moved
     for change in ({"mode": "score"}, {"max_pixels": 4096}, {"temperature": 0.5}, {"model": "m2"}):
         assert OpenAIBackend(**{**base, **change}).answer_fingerprint() != first, change
+
+
+def test_unreachable_server_stops_at_the_first_request(photos, tmp_path):  # noqa: F811
+    import socket
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    backend = OpenAIBackend(model="m", base_url=f"http://127.0.0.1:{port}/v1", api_key_env=KEY_ENV,
+                            cache_path=None, max_retries=1, backoff_s=0.01)  # fmt: skip
+    with pytest.raises(APIFatalError) as err:
+        backend.choose(_requests(photos, 3))
+    assert str(err.value) == (
+        f"cannot reach http://127.0.0.1:{port}/v1 (model 'm') after 2 attempts: APIConnectionError: "
+        "Connection error.; is the server running? check lvlm.init_args.base_url"
+    )
+    assert backend.attempts == 2 and backend.calls == 1
+
+
+def test_a_server_that_goes_away_stops_the_run(photos, tmp_path):  # noqa: F811
+    reqs = [LVLMRequest(image=photos["cat"], candidates=["cat", f"dog {i}"]) for i in range(8)]
+    with ChatServer(script=["ok"] + ["500"] * 20) as server:
+        backend = _backend(server, tmp_path, max_retries=0, max_consecutive_failures=3, max_concurrency=1)
+        with pytest.raises(APIFatalError) as err:
+            backend.choose(reqs)
+        assert len(server.requests) == 4  # one answer, then three failures in a row
+    assert str(err.value).startswith(
+        f"the last 3 requests to {server.url} (model 'gpt-test-vision') all failed, the last with "
+        "InternalServerError (HTTP 500): server error; answers received so far are cached"
+    )
+    assert len(backend.cache) == 1  # the one answer is kept for the rerun
+    with ChatServer(script=["500"] * 3) as server:  # below the limit: fallbacks, the run goes on
+        backend = _backend(server, tmp_path, max_retries=0, max_consecutive_failures=4, cache_path=None)
+        answers = backend.choose(reqs[:3])
+    assert [a.fallback for a in answers] == [API_ERROR] * 3

@@ -17,7 +17,8 @@ Requests run on one persistent thread pool that keeps ``max_concurrency`` reques
 whole stage batch (``stage_batch_size`` images: the LVLM stage hands this backend large batches), with
 an optional ``requests_per_minute`` limit. 429, 5xx, timeouts and connection errors are retried with
 exponential backoff; ``Retry-After`` (seconds or an HTTP date) is honoured. 401, 403 and 404 stop the
-run at the first request (the first request of a backend runs alone, so a bad key costs one request).
+run at the first request (the first request of a backend runs alone, so a bad key costs one request),
+and so do a server that cannot be reached at all and ``max_consecutive_failures`` failures in a row.
 Any other failure gives CLIP's top-1 with ``fallback == API_ERROR`` exactly and is never cached, so a
 rerun asks again. Every answer is written to a SQLite cache as soon as it arrives, keyed by model,
 image content, candidates, prompt and the parameters that change an answer. The API key is read from
@@ -237,6 +238,9 @@ class OpenAIBackend(LVLMBackend):
             within a batch; answers are written to the run's part file after each batch).
         requests_per_minute: optional limit on request starts (retries included), for hosted APIs.
         max_retries: retries per request on 429, 5xx, timeouts and connection errors.
+        max_consecutive_failures: stop the run when this many requests in a row failed after their
+            retries (a server that went away), rather than give every remaining image CLIP's answer;
+            0 never stops. A first request that cannot reach the server at all always stops the run.
         timeout_s: per-attempt timeout.
         backoff_s / backoff_max_s: first retry delay, doubled each retry up to the maximum (a server's
             ``Retry-After`` is honoured up to the maximum).
@@ -259,6 +263,7 @@ class OpenAIBackend(LVLMBackend):
         "stage_batch_size",
         "requests_per_minute",
         "max_retries",
+        "max_consecutive_failures",
         "timeout_s",
         "backoff_s",
         "backoff_max_s",
@@ -280,6 +285,7 @@ class OpenAIBackend(LVLMBackend):
         stage_batch_size: int = 256,
         requests_per_minute: float | None = None,
         max_retries: int = 5,
+        max_consecutive_failures: int = 32,
         timeout_s: float = 60.0,
         backoff_s: float = 1.0,
         backoff_max_s: float = 60.0,
@@ -297,6 +303,10 @@ class OpenAIBackend(LVLMBackend):
                             ("top_logprobs", top_logprobs)):  # fmt: skip
             if value < 1:
                 raise ValueError(f"lvlm.init_args.{name} must be >= 1, got {value}")
+        if max_consecutive_failures < 0:
+            raise ValueError(
+                f"lvlm.init_args.max_consecutive_failures must be >= 0, got {max_consecutive_failures}"
+            )
         if requests_per_minute is not None and not requests_per_minute > 0:
             raise ValueError(
                 f"lvlm.init_args.requests_per_minute must be > 0 or null, got {requests_per_minute}"
@@ -334,6 +344,7 @@ class OpenAIBackend(LVLMBackend):
         self.stage_batch_size = stage_batch_size
         self.requests_per_minute = requests_per_minute
         self.max_retries = max_retries
+        self.max_consecutive_failures = max_consecutive_failures
         self.timeout_s = timeout_s
         self.backoff_s = backoff_s
         self.backoff_max_s = backoff_max_s
@@ -359,13 +370,24 @@ class OpenAIBackend(LVLMBackend):
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._probed = False  # the first request of a backend runs alone (a bad key costs one)
+        self._consecutive_failures = 0
         self._sleep = time.sleep  # tests replace it to observe waits without waiting
         self._limiter = RateLimiter(self.requests_per_minute) if self.requests_per_minute else None
         self._progress: _Progress | None = None
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        for k in ("_client", "_cache", "_pool", "_lock", "_sleep", "_limiter", "_progress", "_probed"):
+        for k in (
+            "_client",
+            "_cache",
+            "_pool",
+            "_lock",
+            "_sleep",
+            "_limiter",
+            "_progress",
+            "_probed",
+            "_consecutive_failures",
+        ):
             state.pop(k, None)
         return state
 
@@ -635,7 +657,9 @@ class OpenAIBackend(LVLMBackend):
             if not self._probed:  # alone, so a bad key or model stops the run after one request
                 key, i = items.pop(0)
                 self._calls += 1
-                self._settle(key, lambda key=key, i=i: self._fetch(key, prompts[i]), payloads, errors)
+                self._settle(
+                    key, lambda key=key, i=i: self._fetch(key, prompts[i]), payloads, errors, probe=True
+                )
                 self._probed = True
                 self._tick(waiting[key])
             futures: dict[Future, str] = {}
@@ -659,19 +683,40 @@ class OpenAIBackend(LVLMBackend):
                 out.append(self._answer(r, p, payloads[key]))
         return out
 
-    def _settle(self, key: str, result, payloads: dict, errors: set) -> None:
-        """Store one request's payload, or note its (non-fatal) failure: logged, never cached."""
+    def _settle(self, key: str, result, payloads: dict, errors: set, probe: bool = False) -> None:
+        """Store one request's payload, or note its (non-fatal) failure: logged, never cached.
+
+        Stops the run instead when the server cannot be reached at all (the first request of a
+        backend), or when ``max_consecutive_failures`` requests in a row failed (a server that went
+        away): answers already received are cached, so the rerun pays for none of them again."""
+        import openai
+
         try:
             payloads[key] = result()
+            self._consecutive_failures = 0
         except APIFatalError:
             raise
         except _Halted:  # not sent: the fatal error that stopped it is raised from its own future
             errors.add(key)
         except Exception as err:  # out of retries, another 4xx, no choices: CLIP's top-1 for this image
+            if probe and isinstance(err, openai.APIConnectionError):
+                raise APIFatalError(
+                    f"cannot reach {self.url} (model {self.model!r}) after {self.max_retries + 1} attempts: "
+                    f"{_describe(err)}; is the server running? check lvlm.init_args.base_url"
+                ) from None
             errors.add(key)
             self.errors += 1
+            self._consecutive_failures += 1
             log.error("%s: request failed, CLIP's top-1 used (fallback %r): %s", self.model, API_ERROR,
                       _describe(err))  # fmt: skip
+            limit = self.max_consecutive_failures
+            if limit and self._consecutive_failures >= limit:
+                raise APIFatalError(
+                    f"the last {self._consecutive_failures} requests to {self.url} (model {self.model!r}) "
+                    f"all failed, the last with {_describe(err)}; answers received so far are cached: "
+                    "rerun the same command once the server answers again "
+                    "(lvlm.init_args.max_consecutive_failures sets this limit, 0 turns it off)"
+                ) from None
 
     def _tick(self, n: int) -> None:
         if self._progress is not None:
