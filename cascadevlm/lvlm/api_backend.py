@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import random
+import sys
 import threading
 import time
 from collections import Counter
@@ -627,10 +628,13 @@ class OpenAIBackend(LVLMBackend):
                 (self._calls, self.cache_hits, self.retries, self.errors), self._stage_start, strict=True
             )
         )
-        log.info(
-            "%s: %d images in %.1fs (%.1f images/s): %d requests, %d cache hits, %d retries, %d API errors",
-            self.model, n, seconds, n / max(seconds, 1e-9), calls, hits, retries, errors,
-        )  # fmt: skip
+        summary = (
+            f"{self.model}: {n} images in {seconds:.1f}s ({n / max(seconds, 1e-9):.1f} images/s): {calls} "
+            f"requests, {hits} cache hits, {retries} retries, {errors} API errors"
+        )
+        log.info(summary)
+        if self.progress:  # also where the bar is hidden (not a terminal): one line per stage and rank
+            print(f"LVLM stage: {summary}", file=sys.stderr)
 
     # ------------------------------------------------------------------------------------------ choosing
     def choose(self, requests: list[LVLMRequest]) -> list[LVLMAnswer]:
