@@ -89,10 +89,14 @@ def main(argv: list[str] | None = None):
     entry points (the same as the ``cascadevlm-evaluate`` / ``cascadevlm-train`` scripts)."""
     import sys
 
+    from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] not in COMMANDS:
         print(f"usage: python -m cascadevlm.cli {{{','.join(COMMANDS)}}} [options]", file=sys.stderr)
         raise SystemExit(2)
+    if from_command_line:  # LightningCLI reads sys.argv itself: leave it only the command's arguments
+        sys.argv = [f"cascadevlm-{argv[0]}", *argv[1:]]
+        return COMMANDS[argv[0]](None)
     return COMMANDS[argv[0]](argv[1:])
 
 

@@ -60,3 +60,46 @@ def test_settings_sweep_trains_evaluates_and_tabulates(tiny_clip_path, data_root
         ]
     )
     assert "k0: done before" in capsys.readouterr().out
+
+
+def test_settings_runs_the_installed_entry_points_not_repository_scripts(tmp_path, capsys):
+    import sys
+
+    from cascadevlm.cascade.settings import build_parser, plan
+
+    cfg = build_parser().parse_args(
+        [
+            "--evaluate",
+            "e.yaml",
+            "--adapter",
+            "t.yaml",
+            "--shots",
+            "[0, 2]",
+            "--seeds",
+            "[1]",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    steps = plan(cfg)
+    cmds = [s["evaluate"] for s in steps] + [s["train"] for s in steps if s["train"]]
+    assert len(cmds) == 3
+    for cmd in cmds:
+        assert cmd[:3] == [sys.executable, "-m", "cascadevlm.cli"]
+        assert not any(a.endswith(("evaluate.py", "train.py")) for a in cmd), cmd
+    assert steps[1]["train"][3:5] == ["train", "fit"] and steps[0]["evaluate"][3] == "evaluate"
+    main(
+        [
+            "--evaluate",
+            "e.yaml",
+            "--shots",
+            "[0]",
+            "--seeds",
+            "[1]",
+            "--out",
+            str(tmp_path),
+            "--dry_run",
+            "true",
+        ]
+    )
+    assert capsys.readouterr().out.startswith("$ python -m cascadevlm.cli evaluate --config e.yaml")

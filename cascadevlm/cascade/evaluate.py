@@ -540,7 +540,10 @@ def _config_dict(cfg) -> dict:
 
 
 def main(args: list[str] | None = None) -> dict | None:
-    args = join_negative_values(sys.argv[1:] if args is None else list(args))
+    if args is None:  # LightningCLI reads sys.argv itself (and warns when given both)
+        sys.argv[1:] = join_negative_values(sys.argv[1:])
+    else:
+        args = join_negative_values(list(args))
     cli = EvaluateCLI(
         ClipClassifier,
         CascadeDataModule,

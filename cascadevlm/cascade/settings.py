@@ -3,8 +3,10 @@ by the CLIP adapter and the LVLM's in-context examples, then a mean +/- std tabl
 
     python -m cascadevlm.cascade.settings --config configs/experiments/demo_settings.yaml [--dry_run true]
 
-Each step is the same command a user would type (``train.py fit ...``, ``evaluate.py ...``), run as its
-own process, so DDP trainer flags work; finished steps are skipped on a rerun (a resumable sweep).
+Each step runs the installed entry points (``python -m cascadevlm.cli train fit ...`` and
+``python -m cascadevlm.cli evaluate ...``, the same as the ``cascadevlm-train`` / ``cascadevlm-evaluate``
+scripts) as its own process, so DDP trainer flags work and no repository checkout is needed; finished
+steps are skipped on a rerun (a resumable sweep).
 Paths in the experiment file are relative to the working directory.
 """
 
@@ -19,7 +21,9 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 
 from cascadevlm.report.tables import write_results_tables
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+# The installed entry points, run with this interpreter (never the repository's scripts by path).
+EVALUATE_CMD = [sys.executable, "-m", "cascadevlm.cli", "evaluate"]
+TRAIN_CMD = [sys.executable, "-m", "cascadevlm.cli", "train"]
 
 
 def build_parser() -> ArgumentParser:
@@ -47,7 +51,7 @@ def plan(cfg) -> list[dict]:
     for k in cfg.shots:
         for seed in cfg.seeds if k > 0 else cfg.seeds[:1]:  # zero-shot has nothing to draw
             name = f"k{k}_s{seed}" if k > 0 else "k0"
-            ev = [sys.executable, str(REPO_ROOT / "evaluate.py"), "--config", cfg.evaluate, *cfg.evaluate_overrides,
+            ev = [*EVALUATE_CMD, "--config", cfg.evaluate, *cfg.evaluate_overrides,
                   "--data.shots", str(k), "--data.seed", str(seed), "--data.splits_dir", splits,
                   "--output_dir", str(out / "eval"), "--run_name", name]  # fmt: skip
             adapter = None
@@ -56,7 +60,7 @@ def plan(cfg) -> list[dict]:
                 ev += ["--cascade.incontext_shots", str(cfg.incontext_shots)]
                 if cfg.adapter:
                     train_root = out / "train" / name
-                    train = [sys.executable, str(REPO_ROOT / "train.py"), "fit", "--config", cfg.adapter,
+                    train = [*TRAIN_CMD, "fit", "--config", cfg.adapter,
                              *cfg.train_overrides, "--data.init_args.shots", str(k), "--data.init_args.seed",
                              str(seed), "--data.init_args.splits_dir", splits,
                              "--trainer.default_root_dir", str(train_root)]  # fmt: skip
@@ -73,7 +77,7 @@ def _adapter_file(root: Path) -> Path | None:
 
 def _run(cmd: list[str], log: Path) -> None:
     log.parent.mkdir(parents=True, exist_ok=True)
-    print("$ " + " ".join(cmd[1:]), flush=True)
+    print("$ python " + " ".join(cmd[1:]), flush=True)
     with log.open("w") as fh:
         proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
@@ -90,7 +94,7 @@ def run(cfg) -> list[Path]:
             adapter = _adapter_file(step["adapter_root"])
             if adapter is None:
                 if cfg.dry_run:
-                    print("$ " + " ".join(step["train"][1:]))
+                    print("$ python " + " ".join(step["train"][1:]))
                     adapter = step["adapter_root"] / "<experiment>/<version>/adapter.safetensors"
                 else:
                     _run(step["train"], Path(cfg.out) / "logs" / f"train_{step['name']}.log")
@@ -101,7 +105,7 @@ def run(cfg) -> list[Path]:
         if (run_dir / "metrics.json").exists():
             print(f"{step['name']}: done before ({run_dir})")
         elif cfg.dry_run:
-            print("$ " + " ".join(step["evaluate"][1:]))
+            print("$ python " + " ".join(step["evaluate"][1:]))
             continue
         else:
             _run(step["evaluate"], Path(cfg.out) / "logs" / f"evaluate_{step['name']}.log")
