@@ -112,6 +112,11 @@ class KShotFeatureDataModule(L.LightningDataModule):
     def templates(self) -> list[str]:
         return self.source.templates
 
+    @property
+    def kshot_fingerprint(self) -> str | None:
+        """The identity of the data the k-shot split was drawn from (recorded in the adapter file)."""
+        return self.source.kshot_split().fingerprint
+
     def run_name(self, method: str) -> tuple[str, str]:
         """(experiment, version) naming a training run: ``<dataset>_<method>``, ``k<shots>_seed<seed>``."""
         return f"{self.name}_{method}", f"k{self.shots}_seed{self.seed}"

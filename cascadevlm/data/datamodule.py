@@ -8,7 +8,7 @@ import datasets
 import lightning as L
 import torch
 
-from cascadevlm.data.kshot import KShotSplit, load_or_create_kshot
+from cascadevlm.data.kshot import KShotSplit, dataset_kshot_split
 from cascadevlm.data.loading import (
     LABEL_COLUMN,
     FeatureDataset,
@@ -75,6 +75,7 @@ class CascadeDataModule(L.LightningDataModule):
         self.dsd = self._load()
         if split not in self.dsd:
             raise ValueError(f"dataset {dataset!r} has no split {split!r}; it has {list(self.dsd)}")
+        self.benchmark = benchmark
         self.spec = self._spec(benchmark)
         own = dataset_class_names(self.dsd[split])
         if class_names:
@@ -142,8 +143,14 @@ class CascadeDataModule(L.LightningDataModule):
             raise ValueError(
                 f"dataset {self.name!r} has no split {self.train_split!r} to draw k-shot images from"
             )
-        return load_or_create_kshot(
-            self.splits_dir, self.labels(self.train_split), k, s, self.name, len(self.class_names)
+        return dataset_kshot_split(
+            self.splits_dir,
+            self.dataset,
+            self.dsd[self.train_split],
+            k,
+            s,
+            len(self.class_names),
+            self.benchmark,
         )
 
     def kshot_dataset(self, shots: int | None = None, seed: int | None = None) -> datasets.Dataset:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torchmetrics
 
-from cascadevlm.data.kshot import KShotSplit, load_or_create_kshot
+from cascadevlm.data.kshot import KShotSplit, dataset_kshot_split, kshot_dataset_name
 from cascadevlm.data.loading import IMAGE_COLUMN, LABEL_COLUMN, decode_image, load_dataset_dict
 from cascadevlm.lvlm.base import LVLMRequest
 from cascadevlm.lvlm.prompts import PromptConfig, build_prompt
@@ -162,13 +162,13 @@ class LoRADataModule(L.LightningDataModule):
             if s is not None and s not in self.dsd:
                 raise ValueError(f"dataset {dataset!r} has no split {s!r}; it has {list(self.dsd)}")
         self.class_names = list(class_names or self.dsd[train_split].features[LABEL_COLUMN].names)
-        self.name = Path(dataset.rstrip("/")).name
+        # The same split file (name, draw, fingerprint check) as the CLIP adapters of (dataset, k, seed).
+        self.name = kshot_dataset_name(dataset, self.dsd[train_split])
         if kshot_path is not None:
             self.split = KShotSplit.load(kshot_path)
         else:
-            labels = [int(x) for x in self.dsd[train_split][LABEL_COLUMN]]
-            self.split = load_or_create_kshot(
-                splits_dir, labels, shots, seed, self.name, len(self.class_names)
+            self.split = dataset_kshot_split(
+                splits_dir, dataset, self.dsd[train_split], shots, seed, len(self.class_names)
             )
 
     def run_name(self, method: str) -> tuple[str, str]:
