@@ -2,6 +2,7 @@ import io
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from cascadevlm.data.datamodule import CascadeDataModule
@@ -120,3 +121,98 @@ def test_a_subset_of_a_benchmarks_classes_is_refused(tmp_path):
     root = _tiny_folder(tmp_path / "eurosat", ["Forest", "River", "Highway"])
     with pytest.raises(ValueError, match=r"\(3 vs 10; 7 registry classes absent: \['Annual Crop Land', "):
         CascadeDataModule(str(root), split="train")
+
+
+# ------------------------------------------------------------------------------ options refused up front
+@pytest.mark.parametrize("limit", [0, -3])
+def test_limit_below_one_is_refused(photo_folder, limit):
+    with pytest.raises(ValueError) as err:
+        CascadeDataModule(str(photo_folder), limit=limit)
+    assert (
+        str(err.value) == f"data.limit must be >= 1 (or null for every image), got {limit}; set --data.limit"
+    )
+
+
+def test_labels_outside_the_class_count_are_refused(tmp_path):
+    import datasets
+
+    from cascadevlm.testing.images import sample_photos
+
+    img = next(iter(sample_photos().values()))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    rows = {"image": [{"bytes": buf.getvalue(), "path": None}] * 3, "label": [0, 1, 3]}
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+    datasets.DatasetDict({"test": datasets.Dataset.from_dict(rows, features=feats)}).save_to_disk(
+        str(tmp_path / "d")
+    )
+    with pytest.raises(ValueError) as err:
+        CascadeDataModule(str(tmp_path / "d"), class_names=["a", "b", "c"])
+    assert str(err.value) == (
+        "dataset 'd' split 'test' has labels from 0 to 3 but 3 class names (ids 0..2; -1 marks an unknown "
+        "label): give one name per label id with --data.class_names"
+    )
+    assert CascadeDataModule(str(tmp_path / "d"), class_names=["a", "b", "c", "d"]).labels() == [0, 1, 3]
+
+
+def test_missing_splits_name_the_flag(photo_folder, data_root):
+    from cascadevlm.clip.adapter_module import KShotFeatureDataModule
+
+    with pytest.raises(ValueError) as err:
+        CascadeDataModule(str(photo_folder), split="val")
+    assert (
+        str(err.value)
+        == f"dataset {str(photo_folder)!r} has no split 'val'; it has ['train', 'test']: set --data.split"
+    )
+    with pytest.raises(ValueError) as err:
+        CascadeDataModule(str(photo_folder), train_split="trainval").kshot_split(1, 1)
+    assert str(err.value) == (
+        f"dataset {str(photo_folder)!r} has no split 'trainval' to draw k-shot images from; it has "
+        "['train', 'test']: set --data.train_split"
+    )
+    with pytest.raises(ValueError) as err:
+        KShotFeatureDataModule(str(photo_folder), shots=1, cache_dir=None)
+    assert str(err.value) == (
+        f"dataset {str(photo_folder)!r} has no split 'val'; it has ['train', 'test']: set --data.val_split"
+    )
+    with pytest.raises(ValueError) as err:
+        KShotFeatureDataModule(
+            "fashion_mnist", shots=1, test_split="holdout", cache_dir=None, data_root=str(data_root)
+        )
+    assert str(err.value) == (
+        "dataset 'fashion_mnist' has no split 'holdout'; it has ['train', 'val', 'test']: set --data.test_split "
+        "(or null for none)"
+    )
+    with pytest.raises(
+        ValueError, match=r"^data.val_limit must be >= 1 \(or null for every image\), got 0; set"
+    ):
+        KShotFeatureDataModule(str(photo_folder), shots=1, val_limit=0, cache_dir=None)
+
+
+def test_skip_bad_leaves_undecodable_images_out_and_reports_them(photo_folder, tmp_path, capsys):
+    import shutil
+
+    from cascadevlm.data.loading import ImageDecodeError
+
+    root = tmp_path / "photos"
+    shutil.copytree(photo_folder, root)
+    victim = sorted((root / "test" / "object").glob("*.jpg"))[0]
+    victim.write_bytes(victim.read_bytes()[:200])  # truncated
+    dm = CascadeDataModule(str(root))
+    dm.transform = lambda img: torch.zeros(1)
+    with pytest.raises(
+        ImageDecodeError, match=r"; pass --data\.skip_bad true to leave undecodable images out$"
+    ):
+        list(dm.image_dataloader())
+    full = dm.eval_dataset()
+    bad_row = [i for i, v in enumerate(full["image"]) if v["path"] == str(victim)]
+    skipping = CascadeDataModule(str(root), skip_bad=True)
+    skipping.transform = lambda img: torch.zeros(1)
+    ds = skipping.eval_dataset()
+    assert len(ds) == len(full) - 1 and str(victim) not in [v["path"] for v in ds["image"]]
+    assert skipping.skipped_rows == {"test": bad_row}
+    assert (
+        f"data.skip_bad: left out 1 undecodable image(s) of {len(full)} in split 'test' (rows {bad_row})"
+        in (capsys.readouterr().err)
+    )
+    assert sum(len(b["label"]) for b in skipping.image_dataloader()) == len(full) - 1

@@ -29,6 +29,12 @@ OPTIMIZERS = ("adamw", "sgd")
 
 
 # ------------------------------------------------------------------------------------------- data
+class _ValidationSource(CascadeDataModule):
+    """The adapters' view of a dataset: its evaluated split is the validation split."""
+
+    split_flag = "--data.val_split"
+
+
 class KShotFeatureDataModule(L.LightningDataModule):
     """The k-shot train split and the val (and test) splits of a dataset, as cached CLIP image features.
 
@@ -73,7 +79,12 @@ class KShotFeatureDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         if shots < 1:
             raise ValueError(f"shots must be >= 1 for adapter training, got {shots}")
-        self.source = CascadeDataModule(
+        for flag, limit in (("val_limit", val_limit), ("test_limit", test_limit)):
+            if limit is not None and limit < 1:
+                raise ValueError(
+                    f"data.{flag} must be >= 1 (or null for every image), got {limit}; set --data.{flag}"
+                )
+        self.source = _ValidationSource(
             dataset=dataset,
             benchmark=benchmark,
             split=val_split,
@@ -86,10 +97,9 @@ class KShotFeatureDataModule(L.LightningDataModule):
             splits_dir=splits_dir,
             data_root=data_root,
         )
-        if test_split is not None and test_split not in self.source.dsd:
-            raise ValueError(
-                f"dataset {self.name!r} has no split {test_split!r}; it has {list(self.source.dsd)}"
-            )
+        self.source.require_split(train_split, "--data.train_split", " to draw k-shot images from")
+        if test_split is not None:
+            self.source.require_split(test_split, "--data.test_split (or null for none)")
         self.shots = shots
         self.seed = seed
         self.batch_size = batch_size

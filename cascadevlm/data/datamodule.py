@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import datasets
 import lightning as L
+import pyarrow.compute as pc
 import torch
 
 from cascadevlm.data.kshot import KShotSplit, dataset_kshot_split
 from cascadevlm.data.loading import (
+    IMAGE_COLUMN,
     LABEL_COLUMN,
     FeatureDataset,
     ImageClassificationDataset,
+    ImageDecodeError,
     dataset_class_names,
+    decode_image,
     load_dataset_dict,
 )
 from cascadevlm.data.registry import (
@@ -36,7 +41,9 @@ class CascadeDataModule(L.LightningDataModule):
             benchmark gets the registry's names matched to its own ClassLabel names by name, in its
             label order, and is refused when they differ; else the dataset's own names).
         templates: override the prompt templates (otherwise registry, then the generic ensemble).
-        limit: evaluate only the first ``limit`` rows of ``split`` (smoke runs, demos).
+        limit: evaluate only the first ``limit`` rows of ``split`` (smoke runs, demos); >= 1 or None.
+        skip_bad: leave undecodable images of the evaluated split out (their count is reported). Costs
+            one extra decode pass over the evaluated rows, done once, before the CLIP stage.
         shots: k for the k-shot split of ``train_split`` (0 = zero-shot); ``seed`` picks the draw.
         splits_dir: where k-shot split files are written and read.
         data_root: where the demo dataset is built.
@@ -58,8 +65,16 @@ class CascadeDataModule(L.LightningDataModule):
         seed: int = 1,
         splits_dir: str = "artifacts/splits",
         data_root: str = "data",
+        skip_bad: bool = False,
     ) -> None:
         super().__init__()
+        if limit is not None and limit < 1:
+            raise ValueError(
+                f"data.limit must be >= 1 (or null for every image), got {limit}; set --data.limit"
+            )
+        self.skip_bad = skip_bad
+        self.skipped_rows: dict[str, list[int]] = {}  # split -> rows of its evaluated set left out by skip_bad
+        self._decodable: dict[str, datasets.Dataset] = {}
         self.dataset = dataset
         self.split = split
         self.train_split = train_split
@@ -73,8 +88,7 @@ class CascadeDataModule(L.LightningDataModule):
         self.data_root = data_root
         self.transform = None  # set by the CLIP stage: its own preprocessing
         self.dsd = self._load()
-        if split not in self.dsd:
-            raise ValueError(f"dataset {dataset!r} has no split {split!r}; it has {list(self.dsd)}")
+        self.require_split(split, self.split_flag)
         self.benchmark = benchmark
         self.spec = self._spec(benchmark)
         own = dataset_class_names(self.dsd[split])
@@ -108,12 +122,32 @@ class CascadeDataModule(L.LightningDataModule):
         except KeyError:
             return None
 
+    split_flag = "--data.split"  # the option that names ``split`` (a subclass serving another split says so)
+
+    def require_split(self, split: str, flag: str, purpose: str = "") -> None:
+        """Refuse, in one line naming ``flag``, a split the dataset does not have."""
+        if split not in self.dsd:
+            raise ValueError(
+                f"dataset {self.dataset!r} has no split {split!r}{purpose}; it has {list(self.dsd)}: set {flag}"
+            )
+
     def _check_labels(self) -> None:
-        feat = self.dsd[self.split].features.get(LABEL_COLUMN)
+        """Label feature and label values agree with the class list (one cheap pass over the label column)."""
+        ds = self.dsd[self.split]
+        feat = ds.features.get(LABEL_COLUMN)
         n = len(feat.names) if isinstance(feat, datasets.ClassLabel) else None
         if n is not None and n != len(self.class_names):
             raise ValueError(
                 f"dataset {self.name!r} has {n} classes in its label feature but {len(self.class_names)} class names"
+            )
+        if len(ds) == 0:
+            return
+        bounds = pc.min_max(ds.data.column(LABEL_COLUMN))
+        low, high, n = bounds["min"].as_py(), bounds["max"].as_py(), len(self.class_names)
+        if low < -1 or high >= n:
+            raise ValueError(
+                f"dataset {self.name!r} split {self.split!r} has labels from {low} to {high} but {n} class names "
+                f"(ids 0..{n - 1}; -1 marks an unknown label): give one name per label id with --data.class_names"
             )
 
     @property
@@ -129,7 +163,30 @@ class CascadeDataModule(L.LightningDataModule):
         ds = self.dsd[self.split]
         if self.limit is not None and self.limit < len(ds):
             ds = ds.select(range(self.limit))
+        if self.skip_bad:
+            ds = self._without_undecodable(ds)
         return ds
+
+    def _without_undecodable(self, ds: datasets.Dataset) -> datasets.Dataset:
+        """``ds`` less the rows whose image cannot be decoded (one decode pass, once per dataset)."""
+        key = f"{ds._fingerprint}/{len(ds)}"
+        if key not in self._decodable:
+            bad = []
+            for row, value in enumerate(ds[IMAGE_COLUMN]):
+                try:
+                    decode_image(value, f"{self.split} row {row}")
+                except ImageDecodeError:
+                    bad.append(row)
+            self.skipped_rows[self.split] = bad
+            if bad:
+                print(
+                    f"data.skip_bad: left out {len(bad)} undecodable image(s) of {len(ds)} in split "
+                    f"{self.split!r} (rows {bad[:10]}{' ...' if len(bad) > 10 else ''})",
+                    file=sys.stderr,
+                )
+            bad_set = set(bad)
+            self._decodable[key] = ds.select([i for i in range(len(ds)) if i not in bad_set]) if bad else ds
+        return self._decodable[key]
 
     def labels(self, split: str | None = None) -> list[int]:
         ds = self.eval_dataset() if split is None else self.dsd[split]
@@ -139,10 +196,7 @@ class CascadeDataModule(L.LightningDataModule):
         """The (dataset, k, seed) k-shot split of the train split, written once and reused."""
         k = self.shots if shots is None else shots
         s = self.seed if seed is None else seed
-        if self.train_split not in self.dsd:
-            raise ValueError(
-                f"dataset {self.name!r} has no split {self.train_split!r} to draw k-shot images from"
-            )
+        self.require_split(self.train_split, "--data.train_split", " to draw k-shot images from")
         return dataset_kshot_split(
             self.splits_dir,
             self.dataset,
@@ -162,7 +216,8 @@ class CascadeDataModule(L.LightningDataModule):
             raise RuntimeError(
                 "no image transform set: the CLIP stage sets data.transform to its preprocessing"
             )
-        ds = ImageClassificationDataset(self.eval_dataset(), self.transform, self.split, indices)
+        hint = "" if self.skip_bad else "; pass --data.skip_bad true to leave undecodable images out"
+        ds = ImageClassificationDataset(self.eval_dataset(), self.transform, self.split, indices, hint)
         return self._loader(ds)
 
     def feature_dataloader(self, features: torch.Tensor, indices: list[int] | None = None):

@@ -110,11 +110,14 @@ def dataset_class_names(ds: datasets.Dataset) -> list[str] | None:
 class ImageClassificationDataset(torch.utils.data.Dataset):
     """Rows of a HF dataset as ``{"index", "label", "pixel_values"}`` with a CLIP preprocess transform."""
 
-    def __init__(self, ds: datasets.Dataset, transform, split: str, indices: list[int] | None = None) -> None:
+    def __init__(
+        self, ds: datasets.Dataset, transform, split: str, indices: list[int] | None = None, hint: str = ""
+    ) -> None:
         self.ds = ds
         self.transform = transform
         self.split = split
         self.indices = list(range(len(ds))) if indices is None else list(indices)
+        self.hint = hint  # appended to decoding errors: the option that gets past them
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -122,7 +125,12 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         row = self.indices[i]
         item = self.ds[row]
-        img = decode_image(item[IMAGE_COLUMN], f"{self.split} row {row}")
+        try:
+            img = decode_image(item[IMAGE_COLUMN], f"{self.split} row {row}")
+        except ImageDecodeError as err:
+            if not self.hint:
+                raise
+            raise ImageDecodeError(f"{err}{self.hint}") from None
         return {"index": row, "label": int(item[LABEL_COLUMN]), "pixel_values": self.transform(img)}
 
 
