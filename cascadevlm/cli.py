@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+
+from cascadevlm.errors import PARSER_KWARGS, one_line_errors
 
 DEFAULT_RUNS_DIR = "runs/train"
 # What a training run writes into its directory; cleared when the same run is started again.
@@ -62,18 +65,22 @@ def clear_run_dir(run_dir: Path) -> None:
         rank_zero_info(f"replacing the previous run in {run_dir}")
 
 
+@one_line_errors
 def train_main(args: list[str] | None = None) -> TrainCLI:
     """``train.py``: ``python train.py fit --config configs/train/<file>.yaml [--data.shots 4 ...]``."""
+    subcommands = ("fit", "validate", "test", "predict")
     return TrainCLI(
         L.LightningModule,
         L.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={**PARSER_KWARGS, **{c: PARSER_KWARGS for c in subcommands}},
         args=args,
     )
 
 
+@one_line_errors
 def evaluate_main(args: list[str] | None = None) -> dict | None:
     """``evaluate.py``: the cascade evaluation (see :mod:`cascadevlm.cascade.evaluate`)."""
     from cascadevlm.cascade.evaluate import main
@@ -87,8 +94,6 @@ COMMANDS = {"evaluate": evaluate_main, "train": train_main}
 def main(argv: list[str] | None = None):
     """``python -m cascadevlm.cli evaluate ...`` / ``python -m cascadevlm.cli train fit ...``: the installed
     entry points (the same as the ``cascadevlm-evaluate`` / ``cascadevlm-train`` scripts)."""
-    import sys
-
     from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] not in COMMANDS:

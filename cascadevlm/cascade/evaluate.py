@@ -552,6 +552,7 @@ def main(args: list[str] | None = None) -> dict | None:
         trainer_defaults=EVAL_TRAINER_DEFAULTS,
         save_config_callback=None,
         seed_everything_default=0,
+        parser_kwargs={"exit_on_error": False},  # entry points print parse errors as one line
     )
     return evaluate(cli)
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
+from cascadevlm.errors import PARSER_KWARGS, one_line_errors
 from cascadevlm.report.tables import write_results_tables
 
 # The installed entry points, run with this interpreter (never the repository's scripts by path).
@@ -27,7 +28,9 @@ TRAIN_CMD = [sys.executable, "-m", "cascadevlm.cli", "train"]
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="python -m cascadevlm.cascade.settings", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(
+        prog="python -m cascadevlm.cascade.settings", description=__doc__.split("\n\n")[0], **PARSER_KWARGS
+    )
     p.add_argument("--config", action=ActionConfigFile)
     p.add_argument("--evaluate", type=str, required=True, help="evaluate.py config of the cascade")
     p.add_argument("--adapter", type=str | None, default=None, help="train.py config of the CLIP adapter")
@@ -113,6 +116,7 @@ def run(cfg) -> list[Path]:
     return done
 
 
+@one_line_errors
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     cfg = parser.parse_args(argv)

@@ -1,0 +1,65 @@
+"""How entry points report the project's own errors: one line, ``error: <message>``, exit status 2.
+
+``--debug`` (or the environment variable ``CASCADEVLM_DEBUG=1``) shows the traceback instead.
+Unexpected exceptions (bugs) always show their traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import re
+import sys
+from collections.abc import Callable
+
+DEBUG_FLAG = "--debug"
+DEBUG_ENV = "CASCADEVLM_DEBUG"
+# The project's own errors: a message meant for the user, printed as one line (exit status 2).
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
+# Parse errors raise instead of printing usage (the entry points print them as one line).
+PARSER_KWARGS = {"exit_on_error": False}
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """A command-line parse error, an exception class of this package, or a ValueError /
+    FileNotFoundError / KeyError raised by this package's own code (anything else is a bug: traceback)."""
+    if isinstance(exc, argparse.ArgumentError):
+        return True
+    if type(exc).__module__.startswith("cascadevlm."):
+        return True
+    if not isinstance(exc, USER_ERRORS):
+        return False
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and str(tb.tb_frame.f_globals.get("__name__", "")).startswith("cascadevlm.")
+
+
+def one_line(exc: BaseException) -> str:
+    """The exception's message on one line (KeyError's repr quotes removed)."""
+    msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    return re.sub(r"\s*\n\s*", " ", str(msg)).strip() or type(exc).__name__
+
+
+def one_line_errors(entry: Callable) -> Callable:
+    """Wrap an entry point: the project's own errors print as ``error: <message>`` on stderr and exit 2,
+    without a traceback; ``--debug`` (removed from the arguments) or ``CASCADEVLM_DEBUG=1`` re-raises."""
+
+    @functools.wraps(entry)
+    def run(args: list[str] | None = None):
+        argv = sys.argv[1:] if args is None else list(args)
+        debug = DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+        if DEBUG_FLAG in argv:
+            argv = [a for a in argv if a != DEBUG_FLAG]
+            if args is None:
+                sys.argv[1:] = argv
+        try:
+            return entry(None if args is None else argv)
+        except Exception as exc:
+            if debug or not is_user_error(exc):
+                raise
+            print(f"error: {one_line(exc)}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return run
