@@ -15,7 +15,10 @@ def collect_results(run_dirs: list[str | Path]) -> list[dict]:
     """One row per (run, method) from each run's ``metrics.json`` ``methods`` block."""
     rows = []
     for d in run_dirs:
-        payload = json.loads((Path(d) / "metrics.json").read_text())
+        path = Path(d) / "metrics.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{d} has no metrics.json (the run did not finish): rerun it or leave it out")
+        payload = json.loads(path.read_text())
         p = payload["params"]
         # k, seed and the adapter's method come from the adapter file (evaluate.py writes them into
         # params), so a 16-shot CoOp run is never listed under data.shots' default of 0
@@ -96,11 +99,20 @@ def write_results_tables(run_dirs: list[str | Path], out_dir: str | Path) -> dic
 
     with SummaryWriter(str(out_dir / "tensorboard")) as tb:  # the same table in TensorBoard's text tab
         tb.add_text("results", to_markdown(agg), 0)
-    return {
+    paths = {
         "markdown": out_dir / "results.md",
         "csv": out_dir / "results.csv",
         "tensorboard": out_dir / "tensorboard",
     }
+    if len({r["setting"] for r in agg}) > 1:  # a k-shot sweep: accuracy against k
+        from cascadevlm.report.kshot import plot_accuracy_vs_k
+
+        series: dict[str, list[tuple[int, float, float]]] = defaultdict(list)
+        for r in agg:
+            series[r["method"]].append((int(r["setting"].split("-")[0]), r["acc1_mean"], r["acc1_std"]))
+        title = f"{', '.join(sorted({r['dataset'] for r in agg}))}: accuracy vs k (mean ± std over seeds)"
+        paths["plot"] = plot_accuracy_vs_k(series, out_dir / "accuracy_vs_k.png", title)
+    return paths
 
 
 def main(argv: list[str] | None = None) -> None:

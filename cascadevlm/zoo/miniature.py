@@ -1,0 +1,129 @@
+"""The trained miniature of the paper: where its committed models live, and its claims read off records.
+
+The models are made by :mod:`cascadevlm.zoo.pretrain` and loaded through the user's route (a CLIP
+checkpoint path for ``--model.pretrained``, an LLaVA directory for the LVLM config's ``model``); this
+module only names them and measures what the issue asks of them, from prediction records alone.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from cascadevlm.records import PredictionRecord
+
+CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
+CLIP_MODEL = "cascadevlm-tiny-vit"
+CLIP_CHECKPOINT = CHECKPOINTS / "clip.safetensors"
+LLAVA_DIR = CHECKPOINTS / "llava"
+MANIFEST = CHECKPOINTS / "manifest.json"
+# Never seen by the CLIP (images nor names); the LVLM saw every class.
+LEFT_OUT = ("trouser", "sandal", "bag")
+
+
+def manifest() -> dict:
+    return json.loads(MANIFEST.read_text())
+
+
+def _acc(pred: np.ndarray, label: np.ndarray, mask: np.ndarray) -> float:
+    return float((pred[mask] == label[mask]).mean()) if mask.any() else float("nan")
+
+
+def cascade_claims(records: Sequence[PredictionRecord]) -> dict:
+    """The issue's numbers from one run's records (``lvlm_on: all`` or ``deferred``).
+
+    ``clip``: CLIP alone; ``cascade``: the final predictions; ``deferred_fraction``; on the deferred
+    images, ``clip_on_deferred`` and ``lvlm_on_deferred``.
+    """
+    label = np.array([r.label for r in records])
+    clip = np.array([r.clip_pred for r in records])
+    final = np.array([r.final for r in records])
+    deferred = np.array([r.deferred for r in records])
+    lvlm = np.array([-1 if r.lvlm_choice is None else r.lvlm_choice for r in records])
+    every = np.ones(len(records), dtype=bool)
+    return {
+        "images": len(records),
+        "clip": _acc(clip, label, every),
+        "cascade": _acc(final, label, every),
+        "deferred_fraction": float(deferred.mean()),
+        "clip_on_deferred": _acc(clip, label, deferred),
+        "lvlm_on_deferred": _acc(lvlm, label, deferred),
+    }
+
+
+def claim_failures(
+    numbers: dict, lvlm_gain: float = 0.10, cascade_gain: float = 0.03, max_deferred: float = 0.30
+) -> list[str]:
+    """Which of the issue's claims the numbers break (empty: all hold). Gains are in accuracy units."""
+    bad = []
+    if not numbers["lvlm_on_deferred"] >= numbers["clip_on_deferred"] + lvlm_gain:
+        bad.append(
+            f"LVLM {numbers['lvlm_on_deferred']:.3f} on deferred images is not {lvlm_gain:.2f} above "
+            f"CLIP's {numbers['clip_on_deferred']:.3f}"
+        )
+    if not numbers["cascade"] >= numbers["clip"] + cascade_gain:
+        bad.append(
+            f"cascade {numbers['cascade']:.3f} is not {cascade_gain:.2f} above CLIP's {numbers['clip']:.3f}"
+        )
+    if not numbers["deferred_fraction"] <= max_deferred:
+        bad.append(f"{numbers['deferred_fraction']:.3f} of images deferred, more than {max_deferred}")
+    return bad
+
+
+def group_accuracy(
+    records: Sequence[PredictionRecord], class_ids: Sequence[int], field: str = "clip_pred"
+) -> float:
+    """Accuracy of ``field`` (``clip_pred``, ``final``, ...) on the images whose label is in ``class_ids``."""
+    label = np.array([r.label for r in records])
+    pred = np.array([getattr(r, field) for r in records])
+    return _acc(pred, label, np.isin(label, list(class_ids)))
+
+
+def kshot_group_table(settings_out: str | Path, class_ids: Sequence[int]) -> dict[int, dict]:
+    """Per k, the CLIP stage's accuracy (adapter's top-1 at k > 0) on images of ``class_ids``, mean and
+    sample std over seeds, from a settings sweep's evaluation records (``<out>/eval/*/records.parquet``)."""
+    from cascadevlm.records import read_records
+    from cascadevlm.report.kshot import mean_std
+
+    by_k: dict[int, list[float]] = {}
+    for run in sorted(Path(settings_out, "eval").glob("*/metrics.json")):
+        shots = int(json.loads(run.read_text())["params"].get("shots") or 0)
+        records = read_records(run.parent / "records.parquet")
+        by_k.setdefault(shots, []).append(group_accuracy(records, class_ids))
+    return {
+        k: dict(zip(("mean", "std"), mean_std(v), strict=True), seeds=len(v)) for k, v in sorted(by_k.items())
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m cascadevlm.zoo.miniature RUN_DIR [SETTINGS_OUT...]``: the issue's numbers for a demo run
+    (claims on its records) and, per settings sweep, the accuracy on the left-out classes against k."""
+    import argparse
+
+    from cascadevlm.data.registry import FASHION_MNIST
+    from cascadevlm.records import read_records
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("run_dir")
+    p.add_argument("settings", nargs="*")
+    args = p.parse_args(argv)
+    names = list(FASHION_MNIST.class_names)
+    left = [names.index(n) for n in LEFT_OUT]
+    seen = [c for c in range(len(names)) if c not in left]
+    records = read_records(Path(args.run_dir) / "records.parquet")
+    numbers = cascade_claims(records)
+    numbers["clip_seen_classes"] = group_accuracy(records, seen)
+    numbers["clip_left_out_classes"] = group_accuracy(records, left)
+    print(json.dumps(numbers, indent=1))
+    print("claims that do not hold:", claim_failures(numbers) or "none")
+    for out in args.settings:
+        print(f"{out}: CLIP-stage accuracy on the left-out classes {', '.join(LEFT_OUT)} (%), by k")
+        for k, row in kshot_group_table(out, left).items():
+            print(f"  k={k:>2}: {100 * row['mean']:.1f} ± {100 * row['std']:.1f} ({row['seeds']} seeds)")
+
+
+if __name__ == "__main__":
+    main()
