@@ -147,7 +147,9 @@ def check_options(opts: CascadeOptions, dm: CascadeDataModule, has_lvlm: bool) -
     if dm.batch_size < 1:
         raise ValueError(f"data.batch_size must be >= 1, got {dm.batch_size}")
     if dm.limit is not None and dm.limit < 1:
-        raise ValueError(f"data.limit must be >= 1 (or null for every image), got {dm.limit}")
+        raise ValueError(
+            f"data.limit must be >= 1 (or null for every image), got {dm.limit}; set --data.limit"
+        )
     if math.isnan(opts.tau):
         raise ValueError(
             "cascade.tau is NaN: give a number, inf (CLIP only) or -inf (the LVLM on every image)"
@@ -170,6 +172,12 @@ def check_options(opts: CascadeOptions, dm: CascadeDataModule, has_lvlm: bool) -
         raise ValueError(f"cascade.topk must be between 1 and the number of classes ({n}), got {opts.topk}")
     if opts.incontext_shots > 0 and dm.shots < 1:
         raise ValueError("cascade.incontext_shots needs a k-shot split: set data.shots >= 1")
+    train_split = getattr(dm, "train_split", "train")
+    if opts.incontext_shots > 0 and train_split not in dm.dsd:
+        raise ValueError(
+            f"dataset {dm.name!r} has no split {train_split!r} to draw k-shot images from (cascade.incontext_shots); "
+            f"it has {list(dm.dsd)}: set --data.train_split"
+        )
     if opts.budget is not None and opts.budget_split not in dm.dsd:
         raise ValueError(
             f"dataset {dm.name!r} has no split {opts.budget_split!r} to choose tau on (cascade.budget_split); "

@@ -17,7 +17,9 @@ def collect_results(run_dirs: list[str | Path]) -> list[dict]:
     for d in run_dirs:
         path = Path(d) / "metrics.json"
         if not path.is_file():
-            raise FileNotFoundError(f"{d} has no metrics.json (the run did not finish): rerun it or leave it out")
+            raise FileNotFoundError(
+                f"{d} has no metrics.json (the run did not finish): rerun it or leave it out"
+            )
         payload = json.loads(path.read_text())
         p = payload["params"]
         # k, seed and the adapter's method come from the adapter file (evaluate.py writes them into

@@ -1,0 +1,329 @@
+"""A table of bad inputs, each with its exact one-line message.
+
+Objects are built directly where no process is needed (options, gate, records, stage bookkeeping, data
+module, CLIP loading, API backend, provenance, tables); a few go through the evaluate entry point
+in-process to pin the ``error: ...`` line. ``{tmp}`` and ``{photos}`` in a message stand for the test's
+temporary directory and the photo-folder dataset. Messages of the data layer and the API backend come
+from /work/notes/errors_data.md and errors_api.md (their owners' lists), near the end of the table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from types import SimpleNamespace
+
+import pytest
+
+from cascadevlm.cascade.evaluate import CascadeOptions, Threshold, check_options, combine, parse_threshold
+from cascadevlm.cascade.gate import tau_for_budget
+from cascadevlm.cascade.lvlm_stage import (
+    LVLMResult,
+    LVLMStage,
+    check_stage_fingerprint,
+    write_stage_fingerprint,
+)
+from cascadevlm.cli import evaluate_main
+from cascadevlm.lvlm.base import LVLMAnswer, LVLMBackend, LVLMRequest
+from cascadevlm.records import PredictionRecord, append_json_lines, read_json_lines, read_records
+from cascadevlm.report.analysis import final_at_tau
+
+TEN = [f"c{i}" for i in range(10)]
+
+
+def _dm(**kw):
+    base = dict(name="fashion_mnist", class_names=TEN, batch_size=32, limit=None, shots=0,
+                dsd={"train": 0, "val": 0, "test": 0})  # fmt: skip
+    return SimpleNamespace(**{**base, **kw})
+
+
+def _opts(**kw):
+    if "tau" in kw:
+        kw["tau"] = Threshold(kw["tau"])
+    return CascadeOptions(**kw)
+
+
+def _rec(i=0, topk=(1, 2, 3), entropy=1.0, **kw):
+    return PredictionRecord(index=i, label=1, clip_topk=list(topk), clip_topk_probs=[0.3] * len(topk),
+                            entropy=entropy, clip_pred=topk[0], **kw)  # fmt: skip
+
+
+class _Backend(LVLMBackend):
+    def __init__(self, answers):
+        self.answers = answers
+
+    def choose(self, requests):
+        return self.answers
+
+
+def _stage(answers):
+    stage = LVLMStage(_Backend(answers), TEN)
+    batch = [{"index": 0, "image": None, "candidate_ids": [1, 2, 3], "key": "test/0"}]
+    stage.predict_step(batch)
+
+
+def _fingerprint_mismatch(ctx):
+    parts = ctx.tmp / "parts"
+    write_stage_fingerprint(parts, {"lvlm": {"model": "a"}, "data": {"templates": ["x {}"]}})
+    append_json_lines(parts / "lvlm.rank0.jsonl", [LVLMResult(0, [1, 2], 1, "", None, None)])
+    check_stage_fingerprint(parts, {"lvlm": {"model": "b"}, "data": {"templates": ["y {}"]}})
+
+
+def _bad_json_lines(ctx):
+    p = ctx.tmp / "a.jsonl"
+    p.write_text('{"index": 0}\nnot json\n{"index": 1}\n')
+    read_json_lines(p, dict, "LVLM answer")
+
+
+def _write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def _api(**kw):
+    from cascadevlm.lvlm.api_backend import OpenAIBackend
+
+    return OpenAIBackend("m", base_url="http://127.0.0.1:1/v1", api_key_env=None, cache_path=None, **kw)
+
+
+def _data(ctx, **kw):
+    from cascadevlm.data.datamodule import CascadeDataModule
+
+    return CascadeDataModule(dataset=str(ctx.photos), **kw)
+
+
+def _clip(ctx, name="cascadevlm-tiny-vit", **kw):
+    from cascadevlm.clip.model import load_clip
+
+    return load_clip(name, None, **kw)
+
+
+def _mark(ctx, target, info):
+    from cascadevlm.provenance import write_provenance
+
+    return write_provenance(target, info)
+
+
+def _prompts():
+    import cascadevlm.lvlm.prompts as prompts
+
+    return prompts
+
+
+def _registry():
+    import cascadevlm.data.registry as registry
+
+    return registry
+
+
+def _tables(ctx):
+    from cascadevlm.report.tables import collect_results
+
+    (ctx.tmp / "unfinished").mkdir()
+    collect_results([ctx.tmp / "unfinished"])
+
+
+def _kshot_dups(ctx):
+    from cascadevlm.report.kshot import aggregate
+
+    rows = [{"dataset": "d", "method": "m", "shots": 1, "seed": 1, "path": "a/metrics.json", "acc1": 0.5},
+            {"dataset": "d", "method": "m", "shots": 1, "seed": 1, "path": "b/metrics.json", "acc1": 0.6}]  # fmt: skip
+    aggregate(rows)
+
+
+NAN = float("nan")
+# (id, call(ctx), exception type, exact message)
+CASES = [
+    # ---- cascade options (checked before any stage)
+    ("budget>1", lambda c: check_options(_opts(budget=1.5), _dm(), True), ValueError,
+     "cascade.budget must be a fraction in [0, 1], got 1.5"),
+    ("budget<0", lambda c: check_options(_opts(budget=-0.1), _dm(), True), ValueError,
+     "cascade.budget must be a fraction in [0, 1], got -0.1"),
+    ("budget split missing", lambda c: check_options(_opts(budget=0.2), _dm(dsd={"train": 0, "test": 0}), True),
+     ValueError, "dataset 'fashion_mnist' has no split 'val' to choose tau on (cascade.budget_split); it has "
+     "['train', 'test']: set --cascade.budget_split, or give tau: --cascade.budget null --cascade.tau X"),
+    ("topk 0", lambda c: check_options(_opts(topk=0), _dm(), True), ValueError,
+     "cascade.topk must be between 1 and the number of classes (10), got 0"),
+    ("topk -1", lambda c: check_options(_opts(topk=-1), _dm(), False), ValueError,
+     "cascade.topk must be between 1 and the number of classes (10), got -1"),
+    ("topk > classes", lambda c: check_options(_opts(topk=11), _dm(), True), ValueError,
+     "cascade.topk must be between 1 and the number of classes (10), got 11"),
+    ("lvlm_batch_size 0", lambda c: check_options(_opts(lvlm_batch_size=0), _dm(), True), ValueError,
+     "cascade.lvlm_batch_size must be >= 1, got 0"),
+    ("data.batch_size 0", lambda c: check_options(_opts(), _dm(batch_size=0), True), ValueError,
+     "data.batch_size must be >= 1, got 0"),
+    ("data.limit 0", lambda c: check_options(_opts(), _dm(limit=0), True), ValueError,
+     "data.limit must be >= 1 (or null for every image), got 0; set --data.limit"),
+    ("data.limit -3", lambda c: check_options(_opts(), _dm(limit=-3), False), ValueError,
+     "data.limit must be >= 1 (or null for every image), got -3; set --data.limit"),
+    ("tau NaN", lambda c: check_options(_opts(tau=NAN), _dm(), True), ValueError,
+     "cascade.tau is NaN: give a number, inf (CLIP only) or -inf (the LVLM on every image)"),
+    ("sweep_points 1", lambda c: check_options(_opts(sweep_points=1), _dm(), True), ValueError,
+     "cascade.sweep_points must be >= 2, got 1"),
+    ("incontext without shots", lambda c: check_options(_opts(incontext_shots=2), _dm(), True), ValueError,
+     "cascade.incontext_shots needs a k-shot split: set data.shots >= 1"),
+    ("incontext < 0", lambda c: check_options(_opts(incontext_shots=-1), _dm(), True), ValueError,
+     "cascade.incontext_shots must be >= 0, got -1"),
+    ("max_examples < 0", lambda c: check_options(_opts(max_examples=-2), _dm(), True), ValueError,
+     "cascade.max_examples must be >= 0, got -2"),
+    ("tau text", lambda c: parse_threshold("high"), ValueError, "expected a number, inf or -inf, got 'high'"),
+    ("tau null", lambda c: parse_threshold(None), ValueError, "expected a number, inf or -inf, got None"),
+    ("tau bool", lambda c: parse_threshold(True), ValueError, "expected a number, inf or -inf, got True"),
+    # ---- gate
+    ("budget on empty split", lambda c: tau_for_budget([], 0.5), ValueError,
+     "cannot choose tau for a budget from an empty set of images"),
+    ("gate budget 2", lambda c: tau_for_budget([0.1], 2.0), ValueError,
+     "deferral budget must be a fraction in [0, 1], got 2.0"),
+    # ---- records and stage bookkeeping
+    ("records file missing", lambda c: read_records(c.tmp / "none.parquet"), FileNotFoundError,
+     "records file '{tmp}/none.parquet' does not exist"),
+    ("bad JSON line", _bad_json_lines, ValueError, "{tmp}/a.jsonl: line 2 is not a JSON LVLM answer"),
+    ("fingerprint mismatch", _fingerprint_mismatch, ValueError,
+     "{tmp}/parts holds LVLM answers from another LVLM configuration (differs in: data.templates, lvlm.model); "
+     "use another --run_name or delete that directory to start over"),
+    ("answer for other candidates", lambda c: combine([_rec()], {0: LVLMResult(0, [2, 1, 3], 2, "", None, None)},
+     -math.inf, 3), RuntimeError, "stored LVLM answer for image 0 was given other candidates"),
+    ("deferred without answer", lambda c: combine([_rec()], {}, -math.inf, 3), RuntimeError,
+     "image 0 was deferred but has no LVLM answer"),
+    ("sweep past the answers", lambda c: final_at_tau([_rec(entropy=2.0)], 1.0), ValueError,
+     "image 0 would be deferred at tau=1.0 but has no LVLM answer"),
+    ("backend answer count", lambda c: _stage([]), RuntimeError, "backend returned 0 answers for 1 requests"),
+    ("backend choice out of range", lambda c: _stage([LVLMAnswer(choice=3, raw="")]), RuntimeError,
+     "backend chose position 3 among 3 candidates"),
+    ("no candidates", lambda c: _prompts().build_prompt(LVLMRequest(image=None, candidates=[]), _prompts().PromptConfig()),
+     ValueError, "an LVLM request needs at least one candidate class name"),
+    ("in-context without a train split", lambda c: check_options(_opts(incontext_shots=1), _dm(shots=2,
+     dsd={"test": 0}), True), ValueError, "dataset 'fashion_mnist' has no split 'train' to draw k-shot images from "
+     "(cascade.incontext_shots); it has ['test']: set --data.train_split"),
+    # ---- report tables
+    ("unfinished run in a table", _tables, FileNotFoundError,
+     "{tmp}/unfinished has no metrics.json (the run did not finish): rerun it or leave it out"),
+    ("duplicate seeds in k-shot table", _kshot_dups, ValueError,
+     "d m k=1: seed(s) [1] appear in more than one run: ['a', 'b']"),
+    # ---- provenance marks
+    ("mark kind", lambda c: _mark(c, c.tmp, {"kind": "pretrained", "description": "x"}), ValueError,
+     "provenance kind must be one of ('random', 'trained-demo'), got 'pretrained'"),
+    ("mark description", lambda c: _mark(c, c.tmp, {"kind": "random"}), ValueError,
+     "provenance needs a 'description' string"),
+    ("mark missing file", lambda c: _mark(c, c.tmp / "w.safetensors", {"kind": "random", "description": "x"}),
+     FileNotFoundError, "cannot mark '{tmp}/w.safetensors': no such file or directory"),
+    ("mark other format", lambda c: _mark(c, _write(c.tmp / "w.bin", "x"), {"kind": "random", "description": "x"}),
+     ValueError, "provenance marks go into .safetensors files or model directories, not '{tmp}/w.bin'"),
+    # ---- CLIP loading (errors_data.md)
+    ("precision", lambda c: _clip(c, precision="bf32"), ValueError,
+     "unknown CLIP precision 'bf32'; use one of fp32, fp16, bf16, amp, amp_bf16, amp_bfloat16, pure_fp16, pure_bf16 "
+     "(--model.precision)"),
+    ("unknown architecture", lambda c: _clip(c, "ViT-Q-99"), ValueError,
+     "unknown CLIP model 'ViT-Q-99': not an open_clip architecture (a custom one needs --model.model_config "
+     "<ViT-Q-99.json>)."),
+    ("model config missing", lambda c: _clip(c, "my-arch", model_config=str(c.tmp / "x.json")), ValueError,
+     "model config '{tmp}/x.json' does not exist; fix --model.model_config"),
+    ("model config name", lambda c: _clip(c, "other-arch", model_config=str(_write(c.tmp / "my-arch.json", "{}"))),
+     ValueError, "model config '{tmp}/my-arch.json' defines architecture 'my-arch' (open_clip names a config by its "
+     "file name) but model_name is 'other-arch'; set --model.model_name my-arch"),
+    ("model config keys", lambda c: _clip(c, "bad", model_config=str(_write(c.tmp / "bad.json", "{}"))), ValueError,
+     "model config '{tmp}/bad.json' lacks ['embed_dim', 'vision_cfg', 'text_cfg'] (an open_clip model config has "
+     "embed_dim, vision_cfg, text_cfg); fix --model.model_config"),
+    ("local-dir missing", lambda c: _clip(c, "local-dir:/nope"), FileNotFoundError,
+     "CLIP model directory '/nope' does not exist"),
+    # ---- data module (errors_data.md)
+    ("eval split missing", lambda c: _data(c, split="val"), ValueError,
+     "dataset '{photos}' has no split 'val'; it has ['train', 'test']: set --data.split"),
+    ("train split missing", lambda c: _data(c, train_split="trainval").kshot_split(1, 1), ValueError,
+     "dataset '{photos}' has no split 'trainval' to draw k-shot images from; it has ['train', 'test']: "
+     "set --data.train_split"),
+    ("data limit 0", lambda c: _data(c, limit=0), ValueError,
+     "data.limit must be >= 1 (or null for every image), got 0; set --data.limit"),
+    ("fewer class names than labels", lambda c: _data(c, class_names=["a", "b"]), ValueError,
+     "dataset 'photos' has 3 classes in its label feature but 2 class names"),
+    ("duplicate class names", lambda c: _data(c, class_names=["a", "a", "b"]), ValueError,
+     "dataset 'photos' has duplicate class names: ['a']"),
+    ("empty class list", lambda c: _registry().validate_class_names([], "dataset 'x'"), ValueError,
+     "dataset 'x' has an empty class list; at least one class name is needed"),
+    ("not a dataset dir", lambda c: _data(SimpleNamespace(photos=_write(c.tmp / "empty" / "x.txt", "x").parent)),
+     ValueError, "dataset directory '{tmp}/empty' is not an image folder: "),
+    # ---- API backend construction (errors_api.md)
+    ("api max_concurrency", lambda c: _api(max_concurrency=0), ValueError,
+     "lvlm.init_args.max_concurrency must be >= 1, got 0"),
+    ("api stage_batch_size", lambda c: _api(stage_batch_size=0), ValueError,
+     "lvlm.init_args.stage_batch_size must be >= 1, got 0"),
+    ("api top_logprobs", lambda c: _api(top_logprobs=0), ValueError, "lvlm.init_args.top_logprobs must be >= 1, got 0"),
+    ("api requests_per_minute", lambda c: _api(requests_per_minute=0), ValueError,
+     "lvlm.init_args.requests_per_minute must be > 0 or null, got 0"),
+    ("api max_pixels", lambda c: _api(max_pixels=0), ValueError, "lvlm.init_args.max_pixels must be >= 1 or null, got 0"),
+    ("api mode", lambda c: _api(mode="chat"), ValueError, "lvlm.init_args.mode must be generate or score, got 'chat'"),
+    ("api guided_choice", lambda c: _api(guided_choice="json"), ValueError,
+     "lvlm.init_args.guided_choice must be false, true, structured_outputs, guided_choice or regex, got 'json'"),
+    ("api score with names", lambda c: _api(mode="score", prompt=__import__("cascadevlm.lvlm.prompts", fromlist=["x"])
+     .PromptConfig(options="names")), ValueError,
+     "lvlm.init_args.mode score reads the log-probabilities of the answer letter and needs lettered options: set "
+     "lvlm.init_args.prompt.options letters (got 'names') or lvlm.init_args.mode generate"),
+    ("api score with guided", lambda c: _api(mode="score", guided_choice=True), ValueError,
+     "lvlm.init_args.guided_choice constrains generated answers (mode generate); score mode already reads every "
+     "letter's log-probability: set guided_choice false"),
+    ("api max_consecutive_failures", lambda c: _api(max_consecutive_failures=-1), ValueError,
+     "lvlm.init_args.max_consecutive_failures must be >= 0, got -1"),
+]  # fmt: skip
+
+
+@pytest.fixture
+def ctx(tmp_path, photo_folder):
+    photos = tmp_path / "photos"
+    shutil.copytree(photo_folder, photos)
+    return SimpleNamespace(tmp=tmp_path, photos=photos)
+
+
+@pytest.mark.parametrize(("call", "exc", "message"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_gives_its_one_line_message(ctx, call, exc, message):
+    with pytest.raises(exc) as err:
+        call(ctx)
+    expected = message.format(tmp=ctx.tmp, photos=ctx.photos)
+    got = err.value.args[0] if isinstance(err.value, KeyError) else str(err.value)
+    assert "\n" not in got
+    if expected.endswith(": "):  # the tail is another library's wording
+        assert got.startswith(expected)
+    else:
+        assert got == expected
+
+
+# A handful through the entry point, for the ``error: ...`` line itself (parse errors included).
+CLI_CASES = [
+    (["--model.modle_name", "x"], "error: unrecognized arguments: --model.modle_name x"),
+    (["--cascade.lvlm_on", "some"], 'error: Parser key "cascade.lvlm_on": Expected a typing.Literal[\'deferred\', \'all\']. '
+     "Got value: some"),
+    (["--cascade.topk", "five"], 'error: Parser key "cascade.topk": Expected a <class \'int\'>. Got value: five'),
+    (["--cascade.tau", "high"], 'error: Parser key "cascade.tau": Not of type Threshold: expected a number, inf or '
+     "-inf, got 'high'"),
+    (["--config", "{tmp}/missing.yaml"], None),
+    (["--data.limit", "0"], "error: data.limit must be >= 1 (or null for every image), got 0; set --data.limit"),
+    (["--cascade.budget", "7"], "error: cascade.budget must be a fraction in [0, 1], got 7.0"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("args", "line"), CLI_CASES, ids=[" ".join(a) for a, _ in CLI_CASES])
+def test_entry_point_prints_one_error_line(
+    tiny_clip_path, photo_folder, tmp_path, capsys, monkeypatch, args, line
+):
+    monkeypatch.delenv("CASCADEVLM_DEBUG", raising=False)
+    base = ["--model.model_name", "cascadevlm-tiny-vit", "--model.pretrained", str(tiny_clip_path),
+            "--data.dataset", str(photo_folder), "--trainer.accelerator", "cpu",
+            "--lvlm.class_path", "cascadevlm.testing.fake_lvlm.FakeLVLM", "--cascade.topk", "3",
+            "--output_dir", str(tmp_path / "runs"), "--cache_dir", str(tmp_path / "cache")]  # fmt: skip
+    with pytest.raises(SystemExit) as done:
+        evaluate_main([*base, *[a.format(tmp=tmp_path) for a in args]])
+    assert done.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err)
+    if line is None:
+        assert err[-1].startswith("error: ") and "missing.yaml" in err[-1]
+    else:
+        assert err[-1] == line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_table_is_large_enough():
+    assert len(CASES) + len(CLI_CASES) >= 60
+    assert len({c[0] for c in CASES}) == len(CASES)
+    json.dumps([c[3] for c in CASES])  # plain strings
