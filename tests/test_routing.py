@@ -26,6 +26,7 @@ from cascadevlm.cascade.routing import (
     expected_calibration_error,
     fit_routing,
     fit_temperature,
+    fused_choice,
     gate_score,
     log_softmax,
     nll,
@@ -289,3 +290,15 @@ def test_records_without_logits_fall_back_to_the_stored_topk(real, tmp_path):
         rtol=1e-5,
     )
     assert isinstance(pa.__version__, str)
+
+
+def test_fusion_with_a_partly_scored_candidate_list():
+    """A candidate without a score never wins for w > 0 and w = 0 is CLIP's top-1 (no NaN argmax)."""
+    r = PredictionRecord(0, 1, [0, 1, 2, 3, 4], [0.5, 0.2, 0.1, 0.1, 0.1], 1.0, 0, lvlm_choice=1,
+                         lvlm_scores=[-3.0, -0.1, float("nan"), -2.0, -2.0])  # fmt: skip
+    a = record_arrays([r], num_classes=5)
+    logp = np.log(np.array([[0.5, 0.2, 0.1, 0.1, 0.1]]))
+    sizes = np.array([5])
+    assert fused_choice(a, logp, sizes, 0.0).tolist() == [0]
+    assert fused_choice(a, logp, sizes, 1.0).tolist() == [1]
+    assert fused_choice(a, logp, sizes, 0.5).tolist() == [1]

@@ -16,7 +16,6 @@ otherwise. A run that shows the LVLM the sets themselves can differ (prompts cha
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+from scipy.optimize import minimize, minimize_scalar
 from torchmetrics.functional.classification import multiclass_calibration_error
 
 from cascadevlm.cascade.gate import tau_for_budget
@@ -153,20 +153,28 @@ def record_arrays(records: Sequence[PredictionRecord], num_classes: int | None =
         )
     n = len(records)
     k = min(len(r.clip_topk) for r in records)
-    logits = np.empty((n, num_classes))
-    exact = True
-    scores = np.full((n, k), np.nan)
-    for i, r in enumerate(records):
-        if r.clip_logits is not None:
-            if len(r.clip_logits) != num_classes:
-                raise ValueError(f"image {r.index} has {len(r.clip_logits)} logits for {num_classes} classes")
-            logits[i] = r.clip_logits
-        else:
-            logits[i] = _rebuilt_log_probs(r, num_classes)
-            exact = False
-        if r.lvlm_scores is not None:
-            s = r.lvlm_scores[:k]
-            scores[i, : len(s)] = s
+    exact = all(r.clip_logits is not None and len(r.clip_logits) == num_classes for r in records)
+    if exact:  # the common case, in one conversion
+        logits = np.array([r.clip_logits for r in records], dtype=np.float64)
+    else:
+        logits = np.empty((n, num_classes))
+        for i, r in enumerate(records):
+            if r.clip_logits is not None:
+                if len(r.clip_logits) != num_classes:
+                    raise ValueError(
+                        f"image {r.index} has {len(r.clip_logits)} logits for {num_classes} classes"
+                    )
+                logits[i] = r.clip_logits
+            else:
+                logits[i] = _rebuilt_log_probs(r, num_classes)
+    if all(r.lvlm_scores is not None and len(r.lvlm_scores) >= k for r in records):
+        scores = np.array([r.lvlm_scores[:k] for r in records], dtype=np.float64)
+    else:
+        scores = np.full((n, k), np.nan)
+        for i, r in enumerate(records):
+            if r.lvlm_scores is not None:
+                s = r.lvlm_scores[:k]
+                scores[i, : len(s)] = s
     return RecordArrays(
         label=np.array([r.label for r in records], dtype=np.int64),
         clip_pred=np.array([r.clip_pred for r in records], dtype=np.int64),
@@ -193,23 +201,21 @@ def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> flo
     return float(-log_softmax(logits, temperature)[np.arange(len(labels)), labels].mean())
 
 
-def fit_temperature(logits: np.ndarray, labels: np.ndarray, max_iter: int = 100) -> float:
-    """The temperature minimising the validation NLL (LBFGS over log T; top-1 never changes)."""
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The temperature minimising the validation NLL; top-1 never changes.
+
+    The NLL is convex in 1/T (log-sum-exp of a linear function minus a linear term), so a bounded
+    scalar search over 1/T in [0.01, 100] finds the global minimum.
+    """
     if len(labels) == 0:
         raise ValueError("temperature scaling needs labelled validation records")
-    z = torch.as_tensor(logits, dtype=torch.float64)
-    y = torch.as_tensor(labels, dtype=torch.long)
-    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(z / log_t.exp(), y)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    t = float(log_t.detach().exp())
+    res = minimize_scalar(
+        lambda beta: nll(logits, labels, 1.0 / beta),
+        bounds=(0.01, 100.0),
+        method="bounded",
+        options={"xatol": 1e-7},
+    )
+    t = 1.0 / float(res.x)
     return t if math.isfinite(t) and t > 0 else 1.0
 
 
@@ -285,7 +291,8 @@ def gate_features(logp: np.ndarray) -> np.ndarray:
 @dataclass
 class LearnedGate:
     """Multinomial logistic regression over {LVLM breaks it, no change, LVLM fixes it}; its score is
-    the expected accuracy gain of sending, P(fix) - P(break). Fitted with LBFGS on standardised features."""
+    the expected accuracy gain of sending, P(fix) - P(break). Fitted by L-BFGS (scipy) with an analytic
+    gradient on standardised features."""
 
     mean: np.ndarray
     std: np.ndarray
@@ -293,24 +300,28 @@ class LearnedGate:
     bias: np.ndarray  # [3]
 
     @classmethod
-    def fit(cls, features: np.ndarray, gain: np.ndarray, l2: float = 1e-3, max_iter: int = 50) -> LearnedGate:
+    def fit(cls, features: np.ndarray, gain: np.ndarray, l2: float = 1e-3) -> LearnedGate:
         if len(gain) == 0:
             raise ValueError("the learned gate needs validation records with LVLM answers")
         mean, std = features.mean(0), features.std(0) + 1e-9
-        x = torch.as_tensor((features - mean) / std, dtype=torch.float64)
-        y = torch.as_tensor(np.asarray(gain) + 1, dtype=torch.long)  # -1/0/1 -> 0/1/2
-        w = torch.zeros(x.shape[1], 3, dtype=torch.float64, requires_grad=True)
-        b = torch.zeros(3, dtype=torch.float64, requires_grad=True)
-        opt = torch.optim.LBFGS([w, b], max_iter=max_iter, line_search_fn="strong_wolfe")
+        x = np.column_stack([(features - mean) / std, np.ones(len(features))])
+        y = np.eye(3)[np.asarray(gain) + 1]  # -1/0/1 -> one-hot over 3 outcomes
+        n, d = x.shape
+        reg = np.ones((d, 1))
+        reg[-1] = 0.0  # no penalty on the bias
 
-        def closure():
-            opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(x @ w + b, y) + l2 * (w**2).sum()
-            loss.backward()
-            return loss
+        def loss_grad(flat):
+            w = flat.reshape(d, 3)
+            z = x @ w
+            z -= z.max(1, keepdims=True)
+            logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+            loss = -(y * logp).sum() / n + l2 * (reg * w**2).sum()
+            grad = x.T @ (np.exp(logp) - y) / n + 2 * l2 * reg * w
+            return loss, grad.ravel()
 
-        opt.step(closure)
-        return cls(mean, std, w.detach().numpy(), b.detach().numpy())
+        res = minimize(loss_grad, np.zeros(d * 3), jac=True, method="L-BFGS-B")
+        w = res.x.reshape(d, 3)
+        return cls(mean, std, w[:-1], w[-1])
 
     def score(self, features: np.ndarray) -> np.ndarray:
         z = ((features - self.mean) / self.std) @ self.weight + self.bias
@@ -440,8 +451,10 @@ def fused_choice(a: RecordArrays, clip_logp: np.ndarray, sizes: np.ndarray, weig
     z = np.where(in_set & ~np.isnan(s), s - s_max, -np.inf)
     lse = np.log(np.exp(z).sum(axis=1, keepdims=True).clip(min=1e-300))
     lvlm_ls = np.where(has_scores[:, None], z - lse, (a.topk == a.lvlm_choice[:, None]) - 1.0)
-    fused = (1.0 - weight) * clip_c + weight * np.where(in_set, lvlm_ls, -np.inf)
-    fused = np.where(in_set, fused, -np.inf)
+    lvlm_ls = np.where(
+        np.isfinite(lvlm_ls), lvlm_ls, -1e9
+    )  # a candidate without a score: finite, so w = 0 works
+    fused = np.where(in_set, (1.0 - weight) * clip_c + weight * lvlm_ls, -np.inf)
     pick = a.topk[np.arange(n), fused.argmax(axis=1)]
     return np.where(a.has_answers, pick, a.clip_pred)
 
@@ -459,6 +472,13 @@ def choose_fusion_weight(
 
 
 # ------------------------------------------------------------------------------------ the router
+def _clone(rec: PredictionRecord) -> PredictionRecord:
+    """A shallow copy, as ``copy.copy`` makes it but ~10x faster (10,000 records per setting)."""
+    out = object.__new__(PredictionRecord)
+    out.__dict__.update(rec.__dict__)
+    return out
+
+
 @dataclass
 class FittedRouting:
     """Everything fitted on validation records; :meth:`decide` and :meth:`finalize` apply it."""
@@ -524,7 +544,7 @@ class FittedRouting:
             lvlm = restricted_choice(a, sizes, o.topk)
         out = []
         for r, s, c in zip(records, sent, lvlm, strict=True):
-            r = copy.copy(r)
+            r = _clone(r)
             r.deferred = bool(s)
             if s:
                 # the hard cascade with top-k keeps the recorded answer object as it is
