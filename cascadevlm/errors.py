@@ -12,6 +12,9 @@ import os
 import re
 import sys
 from collections.abc import Callable
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
 
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "CASCADEVLM_DEBUG"
@@ -33,7 +36,8 @@ def is_user_error(exc: BaseException) -> bool:
     tb = exc.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
-    return tb is not None and str(tb.tb_frame.f_globals.get("__name__", "")).startswith("cascadevlm.")
+    # by file, not module name: a module run with ``python -m`` is called __main__
+    return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(PACKAGE_DIR)
 
 
 def one_line(exc: BaseException) -> str:

@@ -125,6 +125,12 @@ def _tables(ctx):
     collect_results([ctx.tmp / "unfinished"])
 
 
+def _tables_main(argv):
+    from cascadevlm.report.tables import main
+
+    main.__wrapped__(argv)  # the function itself, without the one-line wrapper of the entry point
+
+
 def _kshot_dups(ctx):
     from cascadevlm.report.kshot import aggregate
 
@@ -200,6 +206,8 @@ CASES = [
     # ---- report tables
     ("unfinished run in a table", _tables, FileNotFoundError,
      "{tmp}/unfinished has no metrics.json (the run did not finish): rerun it or leave it out"),
+    ("no finished run for a table", lambda c: _tables_main([str(c.tmp)]), FileNotFoundError,
+     "no finished run (a directory with metrics.json) in {tmp}"),
     ("duplicate seeds in k-shot table", _kshot_dups, ValueError,
      "d m k=1: seed(s) [1] appear in more than one run: ['a', 'b']"),
     # ---- provenance marks

@@ -8,6 +8,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from cascadevlm.errors import one_line_errors
 from cascadevlm.report.kshot import mean_std  # one mean / sample-std for every seed table
 
 
@@ -117,6 +118,7 @@ def write_results_tables(run_dirs: list[str | Path], out_dir: str | Path) -> dic
     return paths
 
 
+@one_line_errors
 def main(argv: list[str] | None = None) -> None:
     """``python -m cascadevlm.report.tables RUN_DIR... --out DIR``: aggregate finished runs."""
     import argparse
@@ -128,6 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     dirs = []
     for r in map(Path, args.runs):
         dirs += [r] if (r / "metrics.json").exists() else sorted(p.parent for p in r.glob("*/metrics.json"))
+    if not dirs:
+        raise FileNotFoundError(f"no finished run (a directory with metrics.json) in {', '.join(args.runs)}")
     paths = write_results_tables(dirs, args.out)
     print(paths["markdown"].read_text())
 
