@@ -21,7 +21,8 @@ $(FASHION_MNIST):
 
 setup: $(STAMP) $(FASHION_MNIST)
 
-# The offline demo: tiny random-weight models of real architectures, real Fashion-MNIST photos.
+# The offline demo: small CLIP and LLaVA trained here on Fashion-MNIST's train split (committed under
+# cascadevlm/zoo/checkpoints; `python -m cascadevlm.zoo.pretrain` remakes them), its test split evaluated.
 demo: setup
 	$(PY) evaluate.py --config configs/demo.yaml
 

@@ -1,0 +1,241 @@
+"""The trained miniature (cascadevlm/zoo/checkpoints): the paper's claims on a fixed subset of Fashion-MNIST's
+TEST split, canaries proving those checks catch wiring bugs, DDP and resume, and the pretraining script.
+
+The models are loaded through the user's route (configs/demo.yaml: ``--model.pretrained`` and the LVLM
+config's ``model`` directory). Thresholds are the issue's, on the first 400 test images.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cascadevlm.cascade.evaluate import main
+from cascadevlm.cascade.lvlm_stage import DeferredImages
+from cascadevlm.data.registry import FASHION_MNIST
+from cascadevlm.lvlm.transformers_backend import TransformersBackend
+from cascadevlm.provenance import read_provenance
+from cascadevlm.records import read_records
+from cascadevlm.zoo.miniature import (
+    CHECKPOINTS,
+    CLIP_CHECKPOINT,
+    CLIP_MODEL,
+    LEFT_OUT,
+    LLAVA_DIR,
+    cascade_claims,
+    claim_failures,
+    group_accuracy,
+    manifest,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+NAMES = list(FASHION_MNIST.class_names)
+LEFT_IDS = [NAMES.index(n) for n in LEFT_OUT]
+SEEN_IDS = [c for c in range(len(NAMES)) if c not in LEFT_IDS]
+LIMIT = 400  # the first 400 test images (all ten classes, about 40 each)
+
+
+def _args(data_root: Path, out: Path, name: str, *extra: str) -> list[str]:
+    return [
+        "--config", str(REPO / "configs" / "demo.yaml"),
+        "--model.pretrained", str(CLIP_CHECKPOINT), "--lvlm.init_args.model", str(LLAVA_DIR),
+        "--lvlm.init_args.device", "cpu", "--data.data_root", str(data_root), "--data.limit", str(LIMIT),
+        "--output_dir", str(out), "--cache_dir", str(out / "cache"), "--run_name", name,
+        "--trainer.enable_progress_bar", "false", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def demo_run(data_root, tmp_path_factory):
+    """configs/demo.yaml on the test subset; records and metrics.json's content."""
+    out = tmp_path_factory.mktemp("miniature")
+    metrics = main(_args(data_root, out, "demo", "--cascade.lvlm_on", "deferred"))
+    return read_records(out / "demo" / "records.parquet"), metrics, out
+
+
+# ------------------------------------------------------------------------------------------ the models
+def test_committed_models_match_their_manifest_and_say_what_they_are():
+    m = manifest()
+    files = {p.relative_to(CHECKPOINTS).as_posix(): p for p in CHECKPOINTS.rglob("*") if p.is_file()}
+    assert set(files) - {"manifest.json"} == set(m["files"])
+    import hashlib
+
+    for rel, digest in m["files"].items():
+        assert hashlib.sha256(files[rel].read_bytes()).hexdigest() == digest, rel
+    assert sum(p.stat().st_size for p in files.values()) < 30 * 2**20
+    assert m["data"]["test_split"] == "never read" and m["left_out_classes"] == list(LEFT_OUT)
+    for path in (CLIP_CHECKPOINT, LLAVA_DIR):
+        mark = read_provenance(path)
+        assert mark is not None and mark["kind"] == "trained-demo", path
+        assert "Fashion-MNIST's train split" in mark["description"]
+
+
+def test_clip_zero_shot_knows_the_seen_classes_not_the_left_out_ones(demo_run):
+    records, _, _ = demo_run
+    seen = group_accuracy(records, SEEN_IDS)
+    left = group_accuracy(records, LEFT_IDS)
+    assert seen >= 0.65, seen  # chance is 0.10
+    assert left <= seen - 0.30, (seen, left)
+
+
+# ------------------------------------------------------------------------------------------ the claims
+def test_lvlm_beats_clip_where_clip_is_unsure_and_the_cascade_beats_clip(demo_run):
+    records, metrics, out = demo_run
+    gate = json.loads((out / "demo" / "gate.json").read_text())
+    assert gate["budget_split_deferral"] <= 0.30  # the budget holds where tau was chosen (val)
+    numbers = cascade_claims(records)
+    # the test subset's fraction may drift a little from val's
+    assert claim_failures(numbers, max_deferred=0.35) == [], numbers
+    assert metrics["metrics"]["acc1"] == pytest.approx(numbers["cascade"])
+
+
+def _canary(monkeypatch, data_root, out: Path, name: str) -> dict:
+    main(_args(data_root, out, name, "--cascade.lvlm_on", "deferred"))
+    return cascade_claims(read_records(out / name / "records.parquet"))
+
+
+def test_canary_lvlm_given_other_images_than_its_records_is_caught(demo_run, data_root, monkeypatch):
+    real = DeferredImages.__getitem__
+
+    def shifted(self, i):  # the image of the next deferred record, under this record's index
+        item = real(self, i)
+        item["image"] = real(self, (i + 1) % len(self))["image"]
+        return item
+
+    monkeypatch.setattr(DeferredImages, "__getitem__", shifted)
+    numbers = _canary(monkeypatch, data_root, demo_run[2], "shuffled")
+    assert numbers["lvlm_on_deferred"] < 0.40, numbers  # near chance (1 in 5 candidates)
+    assert any("LVLM" in f for f in claim_failures(numbers)), numbers
+
+
+def test_canary_candidates_in_reversed_order_is_caught(demo_run, data_root, monkeypatch):
+    real = TransformersBackend.choose
+
+    def reversed_choose(self, requests):  # shown reversed, answers read in the original order
+        for r in requests:
+            r.candidates = r.candidates[::-1]
+        return real(self, requests)
+
+    monkeypatch.setattr(TransformersBackend, "choose", reversed_choose)
+    numbers = _canary(monkeypatch, data_root, demo_run[2], "reversed")
+    assert numbers["lvlm_on_deferred"] < 0.40, numbers
+    assert any("LVLM" in f for f in claim_failures(numbers)), numbers
+
+
+# ------------------------------------------------------------------------------------------ k-shot
+def _features(bundle, images) -> torch.Tensor:
+    with torch.no_grad():
+        x = torch.stack([bundle.preprocess(im) for im in images])
+        return bundle.model.encode_image(x)
+
+
+def test_sixteen_shot_linear_probe_learns_the_left_out_classes(data_root):
+    """A fast variant of the settings sweep's linear probe (same head, same k-shot sampler), 3 seeds."""
+    from cascadevlm.clip.adapters import LinearProbe
+    from cascadevlm.clip.model import load_clip
+    from cascadevlm.clip.zero_shot import build_zero_shot_head
+    from cascadevlm.data.kshot import sample_kshot
+    from cascadevlm.data.loading import decode_image, load_dataset_dict
+
+    bundle = load_clip(CLIP_MODEL, str(CLIP_CHECKPOINT))
+    dsd = load_dataset_dict(str(data_root / "fashion_mnist"))
+    test = dsd["test"].select(range(LIMIT))
+    y_test = torch.tensor(test["label"])
+    f_test = _features(bundle, [decode_image(v, "test") for v in test["image"]])
+    head = build_zero_shot_head(bundle.model, bundle.tokenizer, NAMES, list(FASHION_MNIST.templates))
+    scale = float(bundle.model.logit_scale.exp())
+    left = torch.isin(y_test, torch.tensor(LEFT_IDS))
+
+    def left_acc(probe) -> float:
+        with torch.no_grad():
+            return float((probe(f_test).argmax(-1) == y_test)[left].float().mean())
+
+    k0 = left_acc(LinearProbe(head, scale))  # untrained probe = zero-shot CLIP
+    train_labels = dsd["train"]["label"]
+    accs = []
+    for seed in (1, 2, 3):
+        split = sample_kshot(train_labels, 16, seed, "fashion_mnist", len(NAMES))
+        rows = split.all_indices
+        f = _features(bundle, [decode_image(dsd["train"][r]["image"], "train") for r in rows])
+        y = torch.tensor([train_labels[r] for r in rows])
+        torch.manual_seed(seed)
+        probe = LinearProbe(head, scale)
+        opt = torch.optim.AdamW(probe.parameters(), lr=0.01, weight_decay=1e-4)
+        for _ in range(150):
+            loss = torch.nn.functional.cross_entropy(probe(f), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        accs.append(left_acc(probe))
+    assert np.mean(accs) >= k0 + 0.10, (k0, accs)
+
+
+# ------------------------------------------------------------------------------------------ DDP, resume
+@pytest.mark.slow
+def test_two_ddp_processes_give_the_same_records_and_accuracy(data_root, tmp_path):
+    def run(name, *extra):
+        a = _args(data_root, tmp_path, name, "--data.limit", "120", "--cascade.lvlm_on", "deferred", *extra)
+        p = subprocess.run([sys.executable, str(REPO / "evaluate.py"), *a], cwd=REPO, capture_output=True, text=True,
+                           timeout=500, env=dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1"))  # fmt: skip
+        assert p.returncode == 0, p.stderr[-3000:]
+        return read_records(tmp_path / name / "records.parquet"), json.loads(
+            (tmp_path / name / "metrics.json").read_text()
+        )
+
+    one, m1 = run("one")
+    two, m2 = run("two", "--trainer.devices", "2", "--trainer.strategy", "ddp")
+    assert m2["params"]["devices"] == 2
+    assert [r.index for r in two] == list(range(120))
+    key = [(r.index, r.label, r.clip_topk, r.deferred, r.lvlm_choice, r.final) for r in one]
+    assert key == [(r.index, r.label, r.clip_topk, r.deferred, r.lvlm_choice, r.final) for r in two]
+    assert m1["metrics"]["acc1"] == pytest.approx(m2["metrics"]["acc1"])
+    assert m1["metrics"]["acc1"] > 0.5  # trained models: a label shifted by the merge would show here
+
+
+@pytest.mark.slow
+def test_interrupted_and_resumed_run_gives_the_same_accuracy(demo_run, data_root, tmp_path, monkeypatch):
+    records, metrics, _ = demo_run
+    real = TransformersBackend.choose
+    state = {"batches": 0}
+
+    def crashing(self, requests):
+        state["batches"] += 1
+        if state["batches"] > 1:
+            raise RuntimeError("simulated crash")
+        return real(self, requests)
+
+    monkeypatch.setattr(TransformersBackend, "choose", crashing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main(_args(data_root, tmp_path, "resumed", "--cascade.lvlm_on", "deferred"))
+    monkeypatch.setattr(TransformersBackend, "choose", real)
+    again = main(_args(data_root, tmp_path, "resumed", "--cascade.lvlm_on", "deferred"))
+    assert again["metrics"]["acc1"] == pytest.approx(metrics["metrics"]["acc1"])
+    resumed = read_records(tmp_path / "resumed" / "records.parquet")
+    assert [(r.index, r.final) for r in resumed] == [(r.index, r.final) for r in records]
+
+
+# ------------------------------------------------------------------------------------------ pretraining
+@pytest.mark.slow
+def test_pretraining_script_runs_a_few_steps_and_writes_loadable_marked_models(data_root, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    from cascadevlm.clip.model import load_clip
+
+    out = tmp_path / "zoo"
+    cmd = [sys.executable, "-m", "cascadevlm.zoo.pretrain", "--out", str(out), "--clip-steps", "2",
+           "--vision-steps", "2", "--lvlm-steps", "2", "--train-limit", "300", "--val-limit", "60",
+           "--data-root", str(data_root)]  # fmt: skip
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400,
+                       env=dict(os.environ, PYTHONWARNINGS="ignore"))  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["command"].endswith("--data-root " + str(data_root)) and m["seed"] == 0
+    assert set(m["files"]) >= {"clip.safetensors", "llava/config.json", "llava/cascadevlm_provenance.json"}
+    assert load_clip(CLIP_MODEL, str(out / "clip.safetensors")).provenance["kind"] == "trained-demo"
+    AutoModelForImageTextToText.from_pretrained(out / "llava")
+    assert read_provenance(out / "llava")["kind"] == "trained-demo"
