@@ -87,6 +87,7 @@ def test_defaults_equal_todays_cascade(real, tau_source):
     ref = combine(clip_test, answers, tau, topk)
     with_answers = combine(clip_test, answers, math.inf, topk)  # answers attached, nothing deferred
     got, info = apply_routing(with_answers, clip_val, opts)
+    assert opts.is_paper_cascade() and not RoutingOptions(gate="margin").is_paper_cascade()
     assert got == ref
     assert 0.2 < info["deferral"] < 0.6
 

@@ -92,6 +92,15 @@ class RoutingOptions:
                 f"fusion_weight must be in [0, 1] (1 = the LVLM decides), got {self.fusion_weight}"
             )
 
+    def is_paper_cascade(self) -> bool:
+        """Entropy gate, raw probabilities, fixed top-k, LVLM overrides: ``combine`` alone does it."""
+        return (self.gate, self.calibration, self.candidates, self.fusion) == (
+            "entropy",
+            "none",
+            "topk",
+            "none",
+        )
+
     def needs_val_answers(self) -> bool:
         """Whether fitting needs the LVLM's answers on the validation images."""
         return self.gate == "learned" or (self.fusion == "logprob" and self.fusion_weight is None)
