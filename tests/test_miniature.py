@@ -127,6 +127,38 @@ def test_canary_candidates_in_reversed_order_is_caught(demo_run, data_root, monk
     assert any("LVLM" in f for f in claim_failures(numbers)), numbers
 
 
+# ------------------------------------------------------------------------------------------ full fine-tuning
+def test_full_finetuning_trains_every_weight_and_saves_a_loadable_model_directory(tmp_path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from cascadevlm.lvlm.lora import LoRAModule
+    from cascadevlm.testing.images import sample_photos
+    from cascadevlm.zoo.tiny_lvlm import build_tiny_llava
+
+    base = build_tiny_llava(tmp_path / "base")
+    with pytest.raises(
+        ValueError, match=r"finetune must be 'lora' or 'full', got 'half' \(--model.init_args"
+    ):
+        LoRAModule(model=str(base), finetune="half")
+    module = LoRAModule(model=str(base), finetune="full", lr=1e-2)
+    params = dict(module.net.named_parameters())
+    assert all(p.requires_grad for p in params.values())
+    tower = next(n for n in params if "vision_tower" in n and n.endswith("weight"))
+    before = params[tower].detach().clone()
+    photos = list(sample_photos().values())[:2]
+    batch = {"index": torch.tensor([0, 1]), "image": photos, "candidates": [["cat", "horse"]] * 2,
+             "target": torch.tensor([0, 1])}  # fmt: skip
+    opt = module.configure_optimizers()
+    module.loss(batch).backward()
+    opt.step()
+    assert not torch.equal(before, params[tower])  # the vision tower learns too, not only adapters
+    saved = module.save_adapter(tmp_path / "full")
+    assert not (saved / "adapter_config.json").exists()
+    loaded = AutoModelForImageTextToText.from_pretrained(saved)
+    assert torch.equal(dict(loaded.named_parameters())[tower], params[tower].detach())
+    assert AutoProcessor.from_pretrained(saved).chat_template
+
+
 # ------------------------------------------------------------------------------------------ k-shot
 def _features(bundle, images) -> torch.Tensor:
     with torch.no_grad():

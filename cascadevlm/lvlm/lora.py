@@ -258,7 +258,9 @@ class LoRAModule(L.LightningModule):
         from peft import LoraConfig, get_peft_model
 
         if finetune not in ("lora", "full"):
-            raise ValueError(f"finetune must be 'lora' or 'full', got {finetune!r} (--model.init_args.finetune)")
+            raise ValueError(
+                f"finetune must be 'lora' or 'full', got {finetune!r} (--model.init_args.finetune)"
+            )
         self.finetune = finetune
         if build_tiny:
             ensure_tiny_model(model, build_tiny)
