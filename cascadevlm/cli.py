@@ -11,7 +11,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
-from cascadevlm.errors import PARSER_KWARGS, one_line_errors
+from cascadevlm.errors import one_line_errors, parser_kwargs
 
 DEFAULT_RUNS_DIR = "runs/train"
 # What a training run writes into its directory; cleared when the same run is started again.
@@ -75,7 +75,7 @@ def train_main(args: list[str] | None = None) -> TrainCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={**PARSER_KWARGS, **{c: PARSER_KWARGS for c in subcommands}},
+        parser_kwargs={**parser_kwargs(), **{c: parser_kwargs() for c in subcommands}},
         args=args,
     )
 

@@ -20,8 +20,12 @@ DEBUG_FLAG = "--debug"
 DEBUG_ENV = "CASCADEVLM_DEBUG"
 # The project's own errors: a message meant for the user, printed as one line (exit status 2).
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
-# Parse errors raise instead of printing usage (the entry points print them as one line).
-PARSER_KWARGS = {"exit_on_error": False}
+
+
+def parser_kwargs() -> dict:
+    """Parser options for the entry points: parse errors raise instead of printing usage (the entry
+    points print them as one line). A fresh dict each call: LightningCLI fills in the ones it is given."""
+    return {"exit_on_error": False}
 
 
 def is_user_error(exc: BaseException) -> bool:

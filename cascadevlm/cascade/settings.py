@@ -19,7 +19,7 @@ from pathlib import Path
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
-from cascadevlm.errors import PARSER_KWARGS, one_line_errors
+from cascadevlm.errors import one_line_errors, parser_kwargs
 from cascadevlm.report.tables import write_results_tables
 
 # The installed entry points, run with this interpreter (never the repository's scripts by path).
@@ -29,7 +29,7 @@ TRAIN_CMD = [sys.executable, "-m", "cascadevlm.cli", "train"]
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(
-        prog="python -m cascadevlm.cascade.settings", description=__doc__.split("\n\n")[0], **PARSER_KWARGS
+        prog="python -m cascadevlm.cascade.settings", description=__doc__.split("\n\n")[0], **parser_kwargs()
     )
     p.add_argument("--config", action=ActionConfigFile)
     p.add_argument("--evaluate", type=str, required=True, help="evaluate.py config of the cascade")
