@@ -113,6 +113,13 @@ def write_results_tables(run_dirs: list[str | Path], out_dir: str | Path) -> dic
         series: dict[str, list[tuple[int, float, float]]] = defaultdict(list)
         for r in agg:
             series[r["method"]].append((int(r["setting"].split("-")[0]), r["acc1_mean"], r["acc1_std"]))
+        # k = 0 of "clip (linear_probe)" is zero-shot "clip": start each adapter's line there
+        for method in [m for m in series if " (" in m]:
+            base = method.split(" (")[0]
+            series[method] += [p for p in series.get(base, []) if p[0] == 0]
+        for base in {m.split(" (")[0] for m in series if " (" in m}:
+            if all(p[0] == 0 for p in series.get(base, [])):
+                series.pop(base, None)
         title = f"{', '.join(sorted({r['dataset'] for r in agg}))}: accuracy vs k (mean ± std over seeds)"
         paths["plot"] = plot_accuracy_vs_k(series, out_dir / "accuracy_vs_k.png", title)
     return paths
