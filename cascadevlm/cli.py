@@ -94,15 +94,17 @@ COMMANDS = {"evaluate": evaluate_main, "train": train_main}
 def main(argv: list[str] | None = None):
     """``python -m cascadevlm.cli evaluate ...`` / ``python -m cascadevlm.cli train fit ...``: the installed
     entry points (the same as the ``cascadevlm-evaluate`` / ``cascadevlm-train`` scripts)."""
-    from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] not in COMMANDS:
         print(f"usage: python -m cascadevlm.cli {{{','.join(COMMANDS)}}} [options]", file=sys.stderr)
         raise SystemExit(2)
-    if from_command_line:  # LightningCLI reads sys.argv itself: leave it only the command's arguments
-        sys.argv = [f"cascadevlm-{argv[0]}", *argv[1:]]
-        return COMMANDS[argv[0]](None)
-    return COMMANDS[argv[0]](argv[1:])
+    # sys.argv stays as it is: Lightning's DDP launcher starts the other ranks with the same command line.
+    # LightningCLI then warns that it got both args and a command line; here that is intended.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        return COMMANDS[argv[0]](argv[1:])
 
 
 if __name__ == "__main__":
