@@ -1,4 +1,4 @@
-"""`evaluate.py`: CLIP stage -> entropy gate -> LVLM stage on deferred images -> records, metrics, reports.
+"""`evaluate.py`: CLIP stage -> gate -> LVLM stage on deferred images -> records, metrics, reports.
 
 LightningCLI parses the config (``--config``, dotted overrides) and builds the CLIP module, the data
 module, the trainer and, when ``lvlm`` is given, the LVLM backend. Both stages run through the same
@@ -28,6 +28,7 @@ from cascadevlm.cascade.lvlm_stage import (
     run_lvlm_stage,
     write_stage_fingerprint,
 )
+from cascadevlm.cascade.routing import RoutingOptions, apply_routing, fit_routing
 from cascadevlm.cascade.runner import feature_cache_hit, run_clip_stage
 from cascadevlm.clip.module import ClipClassifier
 from cascadevlm.data.datamodule import CascadeDataModule
@@ -117,6 +118,19 @@ class CascadeOptions:
         max_examples: cap on in-context examples per prompt.
         lvlm_batch_size: images per LVLM batch.
         sweep_points: thresholds in the sweep (at least 2: CLIP only and the LVLM on everything).
+        gate: the score an image is sent on: ``entropy`` (the paper's), ``max_prob``, ``margin`` or
+            ``learned`` (fitted on ``budget_split`` records with LVLM answers: needs ``lvlm_on_val``).
+            tau (or budget) is a threshold on this score.
+        calibration: ``temperature``: CLIP's logits scaled by a temperature fitted on ``budget_split``
+            before the gate, the candidate sets and the fusion.
+        candidates: ``topk``: the LVLM's answer among CLIP's top-k; ``aps`` / ``raps``: split-conformal
+            sets fitted on ``budget_split`` (coverage 1 - alpha, capped at topk); a one-class set is not sent.
+        alpha: conformal miscoverage, in (0, 1).
+        fusion: ``logprob``: combine CLIP's log-probabilities with the LVLM's per-candidate scores
+            instead of the LVLM's answer overriding CLIP.
+        fusion_weight: the LVLM's weight in [0, 1]; null = chosen on ``budget_split`` (needs ``lvlm_on_val``).
+        lvlm_on_val: also ask the LVLM about every image of ``budget_split`` (one LVLM call per
+            validation image); writes ``val_records.parquet`` and the gates report (``gates/``).
     """
 
     tau: Threshold = Threshold(math.inf)
@@ -128,6 +142,28 @@ class CascadeOptions:
     max_examples: int = 4
     lvlm_batch_size: int = 8
     sweep_points: int = 100
+    gate: Literal["entropy", "max_prob", "margin", "learned"] = "entropy"
+    calibration: Literal["none", "temperature"] = "none"
+    candidates: Literal["topk", "aps", "raps"] = "topk"
+    alpha: float = 0.1
+    fusion: Literal["none", "logprob"] = "none"
+    fusion_weight: float | None = None
+    lvlm_on_val: bool = False
+
+
+NEEDS_VAL_ANSWERS = (
+    "cascade.gate=learned / cascade.fusion=logprob without fusion_weight need LVLM answers on the validation "
+    "images: set --cascade.lvlm_on_val true (one LVLM call per validation image)"
+)
+
+
+def routing_options(opts: CascadeOptions) -> RoutingOptions:
+    """The cascade options as :class:`RoutingOptions` (what routing.py fits and applies)."""
+    return RoutingOptions(
+        gate=opts.gate, tau=float(opts.tau), budget=opts.budget, calibration=opts.calibration,
+        candidates=opts.candidates, topk=opts.topk, alpha=opts.alpha, fusion=opts.fusion,
+        fusion_weight=opts.fusion_weight,
+    )  # fmt: skip
 
 
 class EvaluateCLI(LightningCLI):
@@ -166,6 +202,24 @@ def check_options(opts: CascadeOptions, dm: CascadeDataModule, has_lvlm: bool) -
         raise ValueError(f"cascade.incontext_shots must be >= 0, got {opts.incontext_shots}")
     if opts.max_examples < 0:
         raise ValueError(f"cascade.max_examples must be >= 0, got {opts.max_examples}")
+    if not 0.0 < opts.alpha < 1.0:
+        raise ValueError(f"cascade.alpha must be in (0, 1) (target coverage 1 - alpha), got {opts.alpha}")
+    if opts.fusion_weight is not None and not 0.0 <= opts.fusion_weight <= 1.0:
+        raise ValueError(
+            f"cascade.fusion_weight must be in [0, 1] (1 = the LVLM decides), got {opts.fusion_weight}"
+        )
+    ro = routing_options(opts)
+    ro.validate()
+    if not has_lvlm and not ro.is_paper_cascade():
+        raise ValueError(
+            "cascade.gate/calibration/candidates/fusion route images to an LVLM but none is configured: "
+            "set --lvlm, or keep --cascade.gate entropy --cascade.calibration none --cascade.candidates topk "
+            "--cascade.fusion none"
+        )
+    if not has_lvlm and opts.lvlm_on_val:
+        raise ValueError(
+            "cascade.lvlm_on_val asks an LVLM about the validation images but none is configured: set --lvlm"
+        )
     if not has_lvlm:
         return
     if opts.topk > n:  # only the LVLM is shown candidates; CLIP alone works with any class count
@@ -183,6 +237,15 @@ def check_options(opts: CascadeOptions, dm: CascadeDataModule, has_lvlm: bool) -
             f"dataset {dm.name!r} has no split {opts.budget_split!r} to choose tau on (cascade.budget_split); "
             f"it has {list(dm.dsd)}: set --cascade.budget_split, or give tau: --cascade.budget null --cascade.tau X"
         )
+    if (
+        opts.lvlm_on_val or (not ro.is_paper_cascade() and ro.needs_val())
+    ) and opts.budget_split not in dm.dsd:
+        raise ValueError(
+            f"dataset {dm.name!r} has no split {opts.budget_split!r} to fit the routing on (cascade.budget_split); "
+            f"it has {list(dm.dsd)}: set --cascade.budget_split"
+        )
+    if ro.needs_val_answers() and not opts.lvlm_on_val:
+        raise ValueError(NEEDS_VAL_ANSWERS)
 
 
 def weight_notes(model: ClipClassifier, backend: LVLMBackend | None) -> list[str]:
@@ -255,8 +318,22 @@ def default_run_name(
         parts += [Path(str(fp.get("model") or fp["backend"])).name, fp.get("mode"), f"lv{_short_hash(rest)}",
                   gate, opts.lvlm_on, f"top{opts.topk}",
                   f"ic{opts.incontext_shots}" if opts.incontext_shots else None]  # fmt: skip
+        parts += routing_name_parts(opts)
     parts.append(f"n{dm.limit}" if dm.limit else None)
     return run_name(*parts)
+
+
+def routing_name_parts(opts: CascadeOptions) -> list[str | None]:
+    """Run-name parts of the routing options; none for the paper's cascade (its names stay as they were)."""
+    if routing_options(opts).is_paper_cascade():
+        return []
+    fw = "val" if opts.fusion_weight is None else f"{opts.fusion_weight:g}"
+    return [
+        f"g{opts.gate}" if opts.gate != "entropy" else None,
+        "temp" if opts.calibration == "temperature" else None,
+        f"{opts.candidates}{opts.alpha:g}" if opts.candidates != "topk" else None,
+        f"fuse{fw}" if opts.fusion == "logprob" else None,
+    ]
 
 
 def _with_split(dm: CascadeDataModule, split: str) -> CascadeDataModule:
@@ -336,17 +413,49 @@ def prepare(cli: EvaluateCLI) -> Run:
     return Run(cli, opts, backend, Path(cfg.output_dir) / name, weight_notes(model, backend))
 
 
-def clip_and_gate(run: Run) -> tuple[list[PredictionRecord], dict]:
-    """The CLIP stage (and the budget split when tau comes from a budget); every rank gets the records."""
+def clip_and_gate(run: Run) -> tuple[list[PredictionRecord], dict, set[int] | None]:
+    """The CLIP stage (and on the budget split when tau comes from a budget or the routing is fitted
+    there, with the LVLM too under ``lvlm_on_val``); every rank gets the records, the gate and, for
+    routing other than the paper's, the indices of the images it sends (None: the entropy gate decides)."""
     cfg, model, dm, trainer = run.cli.config, run.cli.model, run.cli.datamodule, run.cli.trainer
     opts, run_dir = run.opts, run.run_dir
+    ro = routing_options(opts)
+    paper = ro.is_paper_cascade()
     clip_records = run_clip_stage(trainer, model, dm, run_dir / "parts", cfg.cache_dir)
     tau, gate = float(opts.tau), {"tau": float(opts.tau), "source": "config"}
-    if run.backend is None:
-        tau, gate = math.inf, {"tau": math.inf, "source": "no LVLM configured: CLIP only"}
-    elif opts.budget is not None:
+    sent_path = run_dir / "parts" / "routing_sent.json"
+    val_path = run_dir / "val_records.parquet"
+    val_records: list[PredictionRecord] | None = None
+    if run.backend is not None and (
+        opts.budget is not None or opts.lvlm_on_val or (not paper and ro.needs_val())
+    ):
         val_dm = _with_split(dm, opts.budget_split)
         val_records = run_clip_stage(trainer, model, val_dm, run_dir / "parts" / "budget", cfg.cache_dir)
+        val_answers: dict = {}
+        if opts.lvlm_on_val:  # every validation image: its own parts and fingerprint
+            val_answers, _ = lvlm_stage(
+                run, val_records, -math.inf, dm=val_dm, parts=run_dir / "parts" / "val"
+            )
+        if run.rank0 and (opts.lvlm_on_val or not paper):
+            write_records(val_path, combine(val_records, val_answers, math.inf, opts.topk))
+    if run.backend is None:
+        tau, gate = math.inf, {"tau": math.inf, "source": "no LVLM configured: CLIP only"}
+    elif not paper:
+        if run.rank0:
+            # fitted on the records as stored, so report() refits exactly the same routing
+            write_records(run_dir / "clip_records.parquet", clip_records)
+            fit = fit_routing(read_records(val_path) if val_path.exists() else None, ro, len(dm.class_names))
+            sent, _ = fit.decide(read_records(run_dir / "clip_records.parquet"))
+            tau = fit.threshold
+            gate = {"tau": tau, "source": fit.threshold_source, "score": opts.gate}
+            if val_path.exists() and opts.budget is not None:
+                val_sent, _ = fit.decide(read_records(val_path))
+                gate["budget_split_deferral"] = float(val_sent.mean()) if len(val_sent) else 0.0
+            sent_path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(
+                sent_path, json.dumps([r.index for r, x in zip(clip_records, sent, strict=True) if x])
+            )
+    elif opts.budget is not None:
         if run.rank0:
             tau = tau_for_budget([r.entropy for r in val_records], opts.budget)
             frac = float(defer_mask([r.entropy for r in val_records], tau).mean())
@@ -361,14 +470,16 @@ def clip_and_gate(run: Run) -> tuple[list[PredictionRecord], dict]:
     trainer.strategy.barrier()
     clip_records = read_records(run_dir / "clip_records.parquet")
     gate = json.loads((run_dir / "gate.json").read_text())
-    return clip_records, gate
+    sent_ids = set(json.loads(sent_path.read_text())) if not paper and run.backend is not None else None
+    return clip_records, gate, sent_ids
 
 
-def stage_fingerprint(run: Run) -> dict:
+def stage_fingerprint(run: Run, dm: CascadeDataModule | None = None) -> dict:
     """Everything that changes an LVLM answer (never connection settings): the backend's answer
     settings, the candidates' source (CLIP identity incl. precision, adapter content, class names,
     templates), the data rows and the cascade's prompt options."""
-    model, dm, opts = run.cli.model, run.cli.datamodule, run.opts
+    model, opts = run.cli.model, run.opts
+    dm = dm or run.cli.datamodule
     hp = model.hparams
     bundle = model.bundle
     identity = (
@@ -406,24 +517,41 @@ def stage_fingerprint(run: Run) -> dict:
     }
 
 
-def lvlm_stage(run: Run, clip_records: list[PredictionRecord], tau: float) -> tuple[dict, dict]:
+def lvlm_stage(
+    run: Run,
+    clip_records: list[PredictionRecord],
+    tau: float,
+    sent: set[int] | None = None,
+    dm: CascadeDataModule | None = None,
+    parts: Path | None = None,
+) -> tuple[dict, dict]:
     """Ask the LVLM about the images without a usable answer yet (resumable); returns the answers by
-    image index and the call counts ``{"total": all ranks and attempts, "this_attempt": ...}``."""
-    dm, trainer, opts, backend = run.cli.datamodule, run.cli.trainer, run.opts, run.backend
-    parts = run.run_dir / "parts"
-    fingerprint = stage_fingerprint(run)
+    image index and the call counts ``{"total": all ranks and attempts, "this_attempt": ...}``.
+
+    ``sent``: the images the routing sends (``lvlm_on: deferred``), instead of entropy > tau;
+    ``dm``/``parts``: another split (the validation images of ``lvlm_on_val``, all of them asked)."""
+    trainer, opts, backend = run.cli.trainer, run.opts, run.backend
+    other_split = dm is not None
+    dm = dm or run.cli.datamodule
+    parts = parts or run.run_dir / "parts"
+    fingerprint = stage_fingerprint(run, dm)
     check_stage_fingerprint(parts, fingerprint)  # every rank: read-only
     trainer.strategy.barrier()
     answers = read_answers(parts)
     calls_before = read_lvlm_calls(parts)
-    wanted = clip_records if opts.lvlm_on == "all" else [
-        r for r, d in zip(clip_records, defer_mask([r.entropy for r in clip_records], tau), strict=True) if d
-    ]  # fmt: skip
+    if other_split or opts.lvlm_on == "all":
+        wanted = clip_records
+    elif sent is not None:
+        wanted = [r for r in clip_records if r.index in sent]
+    else:
+        mask = defer_mask([r.entropy for r in clip_records], tau)
+        wanted = [r for r, d in zip(clip_records, mask, strict=True) if d]
     # answers that are failed API calls are asked again
     todo = [r for r in wanted if r.index not in answers or needs_retry(answers[r.index].fallback)]
     retried = sum(r.index in answers for r in todo)
     if run.rank0:
-        print(f"LVLM stage: {len(wanted)} images, {len(wanted) - len(todo)} answered before, {len(todo)} to ask"
+        label = f"LVLM stage ({dm.split} split)" if other_split else "LVLM stage"
+        print(f"{label}: {len(wanted)} images, {len(wanted) - len(todo)} answered before, {len(todo)} to ask"
               + (f" ({retried} failed calls asked again)" if retried else ""), file=sys.stderr)  # fmt: skip
         if todo:
             write_stage_fingerprint(parts, fingerprint)
@@ -450,8 +578,17 @@ def report(run: Run, clip_records: list[PredictionRecord], answers: dict, gate: 
                                                run.cli.trainer, run.opts, run.backend)  # fmt: skip
     hp, run_dir, notes = model.hparams, run.run_dir, run.notes
     tau = float(gate["tau"])
-    records = combine(clip_records, answers, tau, opts.topk)
     num_classes = len(dm.class_names)
+    ro = routing_options(opts)
+    routing_info = None
+    val_path = run_dir / "val_records.parquet"
+    if backend is None or ro.is_paper_cascade():
+        records = combine(clip_records, answers, tau, opts.topk)
+    else:
+        val_records = read_records(val_path) if val_path.exists() else None
+        records, routing_info = apply_routing(
+            combine(clip_records, answers, math.inf, opts.topk), val_records, ro, num_classes
+        )
     metrics = classification_metrics(records, num_classes)
     labelled = [r for r in records if r.label >= 0]  # images of unknown class count in no accuracy
     labels = [r.label for r in labelled]
@@ -494,6 +631,14 @@ def report(run: Run, clip_records: list[PredictionRecord], answers: dict, gate: 
         "lvlm_on": opts.lvlm_on if backend is not None else None,
         "topk": opts.topk,
         "incontext_shots": opts.incontext_shots,
+        "gate_score": opts.gate,
+        "calibration": opts.calibration,
+        "candidates": opts.candidates,
+        "alpha": opts.alpha,
+        "fusion": opts.fusion,
+        "fusion_weight": (routing_info or {}).get("fusion_weight", opts.fusion_weight),
+        "lvlm_on_val": opts.lvlm_on_val,
+        "lvlm_calls_val": calls.get("val", 0),  # the validation images of lvlm_on_val
         "lvlm_calls": calls["total"],  # every rank, every attempt of this run
         "lvlm_calls_this_attempt": calls["this_attempt"],
         "lvlm_api_errors": sum(bool(needs_retry(r.fallback)) for r in records),
@@ -506,6 +651,8 @@ def report(run: Run, clip_records: list[PredictionRecord], answers: dict, gate: 
         "gate": gate,
         "config": _config_dict(cfg),
     }
+    if routing_info is not None:
+        payload["routing"] = routing_info
     if backend is not None:
         payload["deferred"] = deferred_analysis(records, num_classes, opts.topk)
     paths = write_run_outputs(run_dir, records, payload, notes, sweep_rows)
@@ -518,6 +665,14 @@ def report(run: Run, clip_records: list[PredictionRecord], answers: dict, gate: 
         write_tensorboard(run_dir / "tensorboard", sweep_rows, metrics, md, run_dir.name)
     print(f"wrote {run_dir}/: records.parquet, metrics.json, summary.md"
           + (", sweep.csv, plots/, tensorboard/" if sweep_rows else ""), file=sys.stderr)  # fmt: skip
+    if opts.lvlm_on_val and backend is not None and val_path.exists():
+        from cascadevlm.report.gates import write_gates_report
+
+        try:
+            write_gates_report(run_dir, topk=opts.topk)
+            print(f"wrote {run_dir}/gates/: gates.json, gates.md, plots/", file=sys.stderr)
+        except (ValueError, RuntimeError) as err:  # the run's outputs are written; the report is extra
+            print(f"NOTE: no gates report: {err}", file=sys.stderr)
     print(paths["summary"].read_text())
     return json.loads(paths["metrics"].read_text())
 
@@ -530,10 +685,12 @@ def evaluate(cli: EvaluateCLI) -> dict | None:
             print(f"NOTE: {n}", file=sys.stderr)
         hit = feature_cache_hit(cli.model, cli.datamodule, cli.config.cache_dir)
         print(f"image features: {'cached (image encoder skipped)' if hit else 'computing'}", file=sys.stderr)
-    clip_records, gate = clip_and_gate(run)
+    clip_records, gate, sent = clip_and_gate(run)
     answers, calls = {}, {"total": 0, "this_attempt": 0}
     if run.backend is not None:
-        answers, calls = lvlm_stage(run, clip_records, float(gate["tau"]))
+        answers, calls = lvlm_stage(run, clip_records, float(gate["tau"]), sent)
+        if run.opts.lvlm_on_val:
+            calls["val"] = read_lvlm_calls(run.run_dir / "parts" / "val")
     if not run.rank0:
         return None
     return report(run, clip_records, answers, gate, calls)
