@@ -1,4 +1,5 @@
-"""LVLM stage speed: candidate scoring vs generate-then-parse, and batched vs one-by-one, side by side.
+"""LVLM stage speed: candidate scoring vs generate-then-parse, batched vs one-by-one, preprocessing in
+DataLoader workers vs in the main process, and scoring vs a bare forward of the same prompts.
 
     python bench/lvlm.py                       # tiny random-weight Qwen2-VL, built offline, CPU
     python bench/lvlm.py --arch llava
@@ -7,6 +8,10 @@
 Same model, same images, same candidates for every mode; each mode is warmed up once, then timed over
 ``--repeats`` runs (the best is kept). Tiny random models never stop early, so generation always runs
 ``--max-new-tokens`` steps: a fair upper bound for short answers.
+
+Targets (issue 12): end to end with ``--workers`` DataLoader workers doing the preprocessing
+(``backend.prepare`` as ``collate_fn``) >= 0.8x of the model alone on the same batches preprocessed
+beforehand; scoring <= 1.1x of one bare forward (one prefill, last-position logits) of the same prompts.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import torch
 
 from cascadevlm.lvlm.base import LVLMRequest
 from cascadevlm.lvlm.prompts import PromptConfig, build_prompt
-from cascadevlm.lvlm.scoring import score_candidates
+from cascadevlm.lvlm.scoring import forward_inputs, score_candidates
 from cascadevlm.lvlm.transformers_backend import TransformersBackend
 from cascadevlm.testing.images import sample_photos
 from cascadevlm.zoo.tiny_lvlm import BUILDERS
@@ -99,6 +104,64 @@ def timed_model_only(backend: TransformersBackend, reqs: list[LVLMRequest], repe
     return best
 
 
+def timed_workers(backend: TransformersBackend, reqs: list[LVLMRequest], workers: int, repeats: int) -> float:
+    """Best wall time of choose() fed by a DataLoader whose workers render and preprocess the batches."""
+
+    def run() -> None:
+        loader = torch.utils.data.DataLoader(
+            reqs,
+            batch_size=backend.batch_size,
+            collate_fn=backend.prepare,
+            num_workers=workers,
+            prefetch_factor=4 if workers else None,
+        )
+        for batch in loader:
+            backend.choose(batch)
+
+    run()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def timed_bare_forward(
+    backend: TransformersBackend, reqs: list[LVLMRequest], repeats: int
+) -> tuple[float, float]:
+    """Best wall times of (one bare prefill forward, scoring) over the same preprocessed batches."""
+    enc, net, device = backend.encoder, backend.net, backend.torch_device
+    work = []
+    for start in range(0, len(reqs), backend.batch_size):
+        prompts = [build_prompt(r, backend.prompt) for r in reqs[start : start + backend.batch_size]]
+        work.append((enc.encode(prompts, device), [[enc.answer_ids(a) for a in p.answers] for p in prompts]))
+
+    def bare() -> None:
+        with torch.inference_mode():
+            for inputs, _ in work:
+                net(**forward_inputs(net, inputs), use_cache=True, logits_to_keep=1)
+
+    def score() -> None:
+        for inputs, ids in work:
+            score_candidates(net, inputs, ids, enc.pad_id)
+
+    out = []
+    for fn in (bare, score):
+        fn()
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t0)
+        out.append(best)
+    return out[0], out[1]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -112,13 +175,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for the preprocessing")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or str(BUILDERS[args.arch](f"{tmp}/{args.arch}"))
         reqs = make_requests(args.images, args.candidates)
         common = dict(device=args.device, dtype=args.dtype, prompt=PromptConfig(options="letters"))
-        modes, model_only = {}, {}
+        modes, model_only, workers = {}, {}, {}
         for mode in ("score", "generate"):
             for bs in (args.batch_size, 1):
                 backend = TransformersBackend(
@@ -126,6 +190,10 @@ def main(argv: list[str] | None = None) -> None:
                 ).load()
                 modes[(mode, bs)] = timed(backend, reqs, args.repeats)
                 model_only[(mode, bs)] = timed_model_only(backend, reqs, args.repeats)
+                if bs == args.batch_size:
+                    workers[mode] = timed_workers(backend, reqs, args.workers, args.repeats)
+                    if mode == "score":
+                        bare, scored = timed_bare_forward(backend, reqs, args.repeats)
 
     name = args.model or f"tiny {args.arch} (random weights)"
     dev = args.device if args.device != "cpu" else f"cpu, {torch.get_num_threads()} threads"
@@ -135,6 +203,20 @@ def main(argv: list[str] | None = None) -> None:
     report(modes, args.images, args.batch_size)
     print("\nmodel only: the same batches, rendered and preprocessed beforehand")
     report(model_only, args.images, args.batch_size)
+    b = args.batch_size
+    print(f"\npreprocessing in {args.workers} DataLoader workers (collate_fn=backend.prepare), batch {b}")
+    for mode, sec in workers.items():
+        main_proc, alone = modes[(mode, b)], model_only[(mode, b)]
+        print(
+            f"  {mode:<10} end to end {args.images / sec:8.1f} images/s; in the main process "
+            f"{args.images / main_proc:8.1f}; model only {args.images / alone:8.1f}; "
+            f"end to end / model only = {alone / sec:.2f} (target >= 0.8)"
+        )
+    print(f"\nscoring vs one bare forward of the same prompts (prefill, last-position logits), batch {b}")
+    print(
+        f"  bare forward {1000 * bare / args.images:.2f} ms / image; scoring {1000 * scored / args.images:.2f}"
+        f" ms / image; scoring / bare = {scored / bare:.2f} (target <= 1.1)"
+    )
 
 
 def report(times: dict, images: int, b: int) -> None:

@@ -335,6 +335,16 @@ class TransformersBackend(LVLMBackend):
         self._fit = batch_size  # the largest batch known to fit (halved on out-of-memory)
 
     # ------------------------------------------------------------------------------------------ loading
+    @classmethod
+    def from_model(cls, net: torch.nn.Module, processor, **kwargs) -> TransformersBackend:
+        """A backend around a model and processor already in memory (benchmarks, notebooks)."""
+        backend = cls(model=kwargs.pop("model", type(net).__name__), **kwargs)
+        if kwargs.get("min_pixels") is not None or kwargs.get("max_pixels") is not None:
+            set_pixel_limits(processor, kwargs.get("min_pixels"), kwargs.get("max_pixels"))
+        processor.tokenizer.padding_side = "left"
+        backend._net, backend._encoder = net.eval(), ChatEncoder(processor)
+        return backend
+
     def load(self) -> TransformersBackend:
         """Load the model now (otherwise it loads on the first :meth:`choose`)."""
         if self._net is None:
