@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -103,7 +104,9 @@ class CascadeDataModule(L.LightningDataModule):
         if names is None:
             raise ValueError(f"dataset {dataset!r} has no ClassLabel feature; give data.class_names")
         self.class_names = validate_class_names(names, f"dataset {self.name!r}")
-        self.templates = list(templates or (self.spec.templates if self.spec else GENERIC_TEMPLATES))
+        self.templates = list(
+            templates or self._card_templates() or (self.spec.templates if self.spec else GENERIC_TEMPLATES)
+        )
         self._check_labels()
 
     # ----------------------------------------------------------------------------------------- loading
@@ -113,6 +116,16 @@ class CascadeDataModule(L.LightningDataModule):
 
             return load_dataset_dict(str(fashion_mnist_dir(self.data_root)))
         return load_dataset_dict(self.dataset)
+
+    def _card_templates(self) -> list[str] | None:
+        """Templates a prepared dataset carries in its card (a webdataset mirror's, see ``prepare --wds``)."""
+        card = Path(self.dataset).expanduser() / "card.json"
+        if self.dataset == "fashion_mnist" or not card.is_file():
+            return None
+        try:
+            return json.loads(card.read_text()).get("templates") or None
+        except (OSError, ValueError):
+            return None
 
     def _spec(self, benchmark: str | None) -> BenchmarkSpec | None:
         if benchmark is not None:

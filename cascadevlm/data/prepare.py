@@ -1,6 +1,7 @@
 """Turn an official benchmark download into a Hugging Face dataset on disk (train / val / test).
 
     python -m cascadevlm.data.prepare NAME --raw DIR --out DIR [--split-file split_zhou_X.json]
+    python -m cascadevlm.data.prepare [NAME] --wds DIR_OR_HUB_ID --out DIR [--wds-templates]
     cascadevlm-prepare NAME --raw DIR --out DIR
 
 Labels are the registry's class names in registry order (``ClassLabel``). Splits are the official
@@ -44,7 +45,7 @@ from cascadevlm.data.registry import BenchmarkSpec, get_benchmark
 SPLITS = ("train", "val", "test")
 _MAX_LISTED_BAD = 50
 
-__all__ = ["BadImagesError", "PrepareError", "carve_val", "main", "prepare", "read_split_file"]
+__all__ = ["BadImagesError", "PrepareError", "carve_val", "main", "prepare", "prepare_wds", "read_split_file"]
 
 
 class BadImagesError(PrepareError):
@@ -374,7 +375,6 @@ def prepare(
     name: str, raw: str | Path, out: str | Path, options: PrepareOptions | None = None, log: Callable = print
 ) -> dict:
     """Prepare benchmark ``name`` from the official download in ``raw`` into ``out``; returns the card."""
-    import datasets
 
     options = options or PrepareOptions()
     started = time.perf_counter()
@@ -392,6 +392,13 @@ def prepare(
         listing = read_split_file(Path(options.split_file), fmt, root, spec)
     else:
         listing = fmt.read(root, spec, ReadOptions(seed=options.seed, fold=options.fold))
+    return _build(spec, listing, raw, root, out, options, log, started)
+
+
+def _build(spec, listing, raw, root, out, options, log, started, source: dict | None = None) -> dict:
+    """Carve val where missing, decode and write every split, and the card; shared by both routes."""
+    import datasets
+
     if "val" not in listing.splits:
         train, val = carve_val(listing.splits["train"], options.val_fraction, options.seed)
         listing = Listing(
@@ -444,6 +451,9 @@ def prepare(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     card = _card(spec, raw, root, listing, labels, bad, formats, options, time.perf_counter() - started)
+    if source:
+        card["source"] = source
+        card["templates"] = list(spec.templates)
     card["images_in_two_splits"] = [
         {"split": a, "row": ra, "path": pa, "other_split": b, "other_row": rb, "other_path": pb}
         for a, ra, pa, b, rb, pb in overlap
@@ -455,6 +465,74 @@ def prepare(
     return card
 
 
+def prepare_wds(
+    name: str | None,
+    wds: str | Path,
+    out: str | Path,
+    options: PrepareOptions | None = None,
+    log: Callable = print,
+    keep_templates: bool = False,
+) -> dict:
+    """Prepare a CLIP_benchmark-style webdataset mirror (a folder or hub id) into ``out``; returns the card.
+
+    With ``name`` the registry's classes are checked against the mirror's ``classnames.txt`` (and its
+    templates kept with ``keep_templates``); without, the mirror's own names and templates are used.
+    Images are unpacked to a scratch folder and go through the same decoding and writing as ``--raw``.
+    """
+    from dataclasses import replace
+
+    from cascadevlm.data.registry import GENERIC_TEMPLATES
+    from cascadevlm.data.wds import check_class_names, read_mirror, resolve_mirror
+
+    options = options or PrepareOptions()
+    if options.split_file is not None:
+        raise PrepareError("--split-file applies to --raw downloads, not to --wds mirrors")
+    started = time.perf_counter()
+    out = Path(out)
+    _check_out(out, options.overwrite)
+    root = resolve_mirror(wds)
+    mirror = read_mirror(root)
+    if name:
+        try:
+            spec = get_benchmark(name)
+        except KeyError as err:
+            raise PrepareError(err.args[0]) from None
+        check_class_names(spec.class_names, mirror.class_names, spec.name)
+        if keep_templates and mirror.templates:
+            spec = replace(spec, templates=mirror.templates)
+    else:
+        spec = BenchmarkSpec(
+            name=root.name.removeprefix("wds_"),
+            class_names=mirror.class_names,
+            templates=mirror.templates or GENERIC_TEMPLATES,
+            source=str(wds),
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.wds.", dir=out.parent))
+    try:
+        splits: dict[str, list[Item]] = {"train": []}
+        for split, samples in mirror.splits.items():
+            items = []
+            for sample in samples:
+                file = scratch / split / f"{sample.key}.{sample.ext}"
+                file.parent.mkdir(parents=True, exist_ok=True)
+                file.write_bytes(sample.data)
+                items.append((file, sample.label))
+            splits[split] = items
+        counts = ", ".join(f"{s} {len(v)}" for s, v in mirror.splits.items())
+        listing = Listing(splits, f"webdataset mirror {root.name} ({counts})")
+        source = {
+            "raw_dir": str(root.resolve()),
+            "dataset_root": str(root.resolve()),
+            "official_download": spec.source,
+            "split_file": None,
+            "webdataset": str(wds),
+        }
+        return _build(spec, listing, scratch, scratch, out, options, log, started, source)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="cascadevlm-prepare",
@@ -462,6 +540,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("name", nargs="?", help=f"benchmark: {', '.join(sorted(FORMATS))}")
     p.add_argument("--raw", type=Path, help="the extracted official download")
+    p.add_argument(
+        "--wds", help="a CLIP_benchmark webdataset mirror instead of --raw: a local folder or a hub id"
+    )
+    p.add_argument(
+        "--wds-templates", action="store_true", help="keep the mirror's zero-shot templates (with NAME)"
+    )
     p.add_argument("--out", type=Path, help="output directory (DatasetDict.save_to_disk layout + card)")
     p.add_argument(
         "--split-file", type=Path, help="CoOp-style split_*.json to use instead of the official splits"
@@ -489,8 +573,14 @@ def main(argv: list[str] | None = None) -> int:
             spec = get_benchmark(name)
             print(f"{name} ({spec.num_classes} classes): {spec.raw_layout}\n    from {spec.source}")
         return 0
-    if not args.name or args.raw is None or args.out is None:
-        parser.error("NAME, --raw and --out are required (or --list)")
+    if args.wds is not None and args.raw is not None:
+        parser.error("give either --raw or --wds, not both")
+    if args.wds is None and (not args.name or args.raw is None or args.out is None):
+        parser.error("NAME, --raw and --out are required (or --wds DIR_OR_HUB_ID --out DIR, or --list)")
+    if args.wds is not None and args.out is None:
+        parser.error("--wds needs --out")
+    if args.wds_templates and args.wds is None:
+        parser.error("--wds-templates applies only with --wds")
     if not 0 <= args.val_fraction < 1:
         parser.error(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     options = PrepareOptions(
@@ -504,7 +594,11 @@ def main(argv: list[str] | None = None) -> int:
         allow_overlap=args.allow_overlap,
     )
     try:
-        prepare(args.name, args.raw, args.out, options, log=lambda m: print(m, file=sys.stderr))
+        log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+        if args.wds is not None:
+            prepare_wds(args.name, args.wds, args.out, options, log, keep_templates=args.wds_templates)
+        else:
+            prepare(args.name, args.raw, args.out, options, log=log)
     except PrepareError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
