@@ -8,12 +8,14 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from cascadevlm.clip.adapter_module import KShotFeatureDataModule, LinearProbeModule, PromptTuningModule
 from cascadevlm.clip.adapters import (
     AdapterMismatchError,
     FrozenTextEncoder,
+    KShotFeatureDataModule,
     LinearProbe,
+    LinearProbeModule,
     PromptLearner,
+    PromptTuningModule,
     adapter_info,
     adapter_metadata,
     class_names_sha256,

@@ -82,7 +82,7 @@ def test_trainer_autocast_does_not_change_clip_stage_numbers(tiny_clip_path, fmn
 
 
 def test_adapter_training_features_in_bf16(tiny_clip_path, data_root, tmp_path):
-    from cascadevlm.clip.adapter_module import KShotFeatureDataModule
+    from cascadevlm.clip.adapters import KShotFeatureDataModule
 
     feats = {}
     for precision in ("fp32", "bf16"):

@@ -83,7 +83,7 @@ def small_fmnist_dirs(data_root, tmp_path_factory):
 
 
 def test_lora_and_adapter_data_modules_share_one_split_for_a_renamed_dataset(small_fmnist_dirs, tmp_path):
-    from cascadevlm.clip.adapter_module import KShotFeatureDataModule
+    from cascadevlm.clip.adapters import KShotFeatureDataModule
     from cascadevlm.lvlm.lora import LoRADataModule
 
     clothes = str(small_fmnist_dirs[0])

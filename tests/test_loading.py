@@ -156,7 +156,7 @@ def test_labels_outside_the_class_count_are_refused(tmp_path):
 
 
 def test_missing_splits_name_the_flag(photo_folder, data_root):
-    from cascadevlm.clip.adapter_module import KShotFeatureDataModule
+    from cascadevlm.clip.adapters import KShotFeatureDataModule
 
     with pytest.raises(ValueError) as err:
         CascadeDataModule(str(photo_folder), split="val")

@@ -1,0 +1,62 @@
+"""Few-shot CLIP adapters, one module per method, on a shared base (save/load with safetensors metadata).
+
+``base``: the file format, :func:`save_adapter`, :func:`load_adapter`, :func:`adapter_info`;
+``linear_probe`` and ``coop``: the methods (their head and their LightningModule); ``module``: the
+shared LightningModule; ``datamodule``: the k-shot feature DataModule; ``checkpoint``: the callback that
+exports the best adapter.
+"""
+
+from cascadevlm.clip.adapters.base import (
+    CTX_PLACEHOLDER,
+    FORMAT,
+    FORMAT_VERSION,
+    KINDS,
+    METHOD_OF_KIND,
+    AdapterMismatchError,
+    adapter_info,
+    adapter_metadata,
+    check_adapter_fits,
+    class_names_sha256,
+    load_adapter,
+    read_adapter,
+    save_adapter,
+)
+from cascadevlm.clip.adapters.checkpoint import AdapterCheckpoint, confusion_figure
+from cascadevlm.clip.adapters.coop import (
+    FrozenTextEncoder,
+    PromptHead,
+    PromptLearner,
+    PromptTuningModule,
+    count_phrase_tokens,
+)
+from cascadevlm.clip.adapters.datamodule import KShotFeatureDataModule
+from cascadevlm.clip.adapters.linear_probe import LinearProbe, LinearProbeModule
+from cascadevlm.clip.adapters.module import OPTIMIZERS, AdapterModule
+
+__all__ = [
+    "CTX_PLACEHOLDER",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "KINDS",
+    "METHOD_OF_KIND",
+    "OPTIMIZERS",
+    "AdapterCheckpoint",
+    "AdapterMismatchError",
+    "AdapterModule",
+    "FrozenTextEncoder",
+    "KShotFeatureDataModule",
+    "LinearProbe",
+    "LinearProbeModule",
+    "PromptHead",
+    "PromptLearner",
+    "PromptTuningModule",
+    "adapter_info",
+    "adapter_metadata",
+    "check_adapter_fits",
+    "class_names_sha256",
+    "confusion_figure",
+    "count_phrase_tokens",
+    "load_adapter",
+    "read_adapter",
+    "save_adapter",
+]

@@ -1,0 +1,144 @@
+"""Checkpoint callback: exports the best adapter as safetensors, plus figures for TensorBoard."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from cascadevlm.clip.adapters.base import load_adapter
+from cascadevlm.clip.zero_shot import clip_logits
+
+if TYPE_CHECKING:
+    from cascadevlm.clip.adapters.module import AdapterModule
+
+
+class AdapterCheckpoint(ModelCheckpoint):
+    """Keep the best checkpoint by ``val/acc``; next to it, write the adapter alone and its config.
+
+    In the run directory (the logger's ``log_dir``): ``checkpoints/best.ckpt``, ``adapter.safetensors``,
+    ``adapter.yaml`` (the run's config) and ``metrics.json`` (best val accuracy, epoch, and at the end
+    the test accuracy of the saved adapter beside zero-shot when the data module has a test split).
+    """
+
+    def __init__(self, filename: str = "best", monitor: str = "val/acc", mode: str = "max", **kwargs) -> None:
+        kwargs.setdefault("save_top_k", 1)
+        kwargs.setdefault("enable_version_counter", False)
+        kwargs.setdefault("auto_insert_metric_name", False)
+        # Save right after validation, when val/acc is new (not at the end of the training epoch).
+        kwargs.setdefault("save_on_train_epoch_end", False)
+        super().__init__(filename=filename, monitor=monitor, mode=mode, **kwargs)
+        self.metrics: dict = {}
+        self._run_dir: Path | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        # trainer.log_dir is a collective under DDP: read it here, on every rank, not in rank-0 code.
+        self._run_dir = Path(trainer.log_dir or trainer.default_root_dir)
+
+    def run_dir(self, trainer: L.Trainer) -> Path:
+        return self._run_dir
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        before = self.best_model_score
+        super().on_validation_end(trainer, pl_module)
+        improved = self.best_model_score is not None and (before is None or self.best_model_score != before)
+        if trainer.sanity_checking or not improved or not trainer.is_global_zero:
+            return
+        self.metrics = {
+            "val_acc": float(self.best_model_score),
+            "epoch": int(trainer.current_epoch),
+            "step": int(trainer.global_step),
+        }
+        zs = trainer.callback_metrics.get("val/zero_shot_acc")
+        if zs is not None:
+            self.metrics["zero_shot_val_acc"] = float(zs)
+        self.export(trainer, pl_module)
+
+    def export(self, trainer: L.Trainer, pl_module: AdapterModule) -> Path:
+        run = self.run_dir(trainer)
+        config = run / "config.yaml"  # written by LightningCLI's SaveConfigCallback at setup
+        config_text = config.read_text() if config.exists() else _hparams_yaml(trainer, pl_module)
+        (run / "adapter.yaml").write_text(config_text)
+        path = pl_module.save_adapter(
+            run / "adapter.safetensors", config=config_text, metrics=self.describe(trainer)
+        )
+        self.write_metrics(trainer)
+        return path
+
+    def describe(self, trainer: L.Trainer) -> dict:
+        pl_module = trainer.lightning_module
+        dm = trainer.datamodule
+        info = {"method": getattr(pl_module, "method", None)}
+        bundle = getattr(pl_module, "bundle", None)
+        if bundle is not None:
+            info.update(model_name=bundle.model_name, weights_id=bundle.weights_id)
+        for key in ("name", "shots", "seed"):
+            info["dataset" if key == "name" else key] = getattr(dm, key, None)
+        return {**info, **self.metrics}
+
+    def write_metrics(self, trainer: L.Trainer) -> None:
+        path = self.run_dir(trainer) / "metrics.json"
+        path.write_text(json.dumps(self.describe(trainer), indent=1))
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        dm = trainer.datamodule
+        adapter = self.run_dir(trainer) / "adapter.safetensors"
+        if not trainer.is_global_zero or not self.metrics or not adapter.exists():
+            return
+        feats = getattr(dm, "features", {}).get("test")
+        if feats is not None:
+            # Reload the saved file (not the live module): the numbers describe what evaluate.py will load.
+            head = load_adapter(adapter, bundle=pl_module.bundle, class_names=pl_module.class_names)
+            labels = torch.tensor(dm.targets["test"])
+            with torch.no_grad():
+                pred = head.to("cpu")(feats).argmax(-1)
+                zs = clip_logits(feats, pl_module.zero_shot_head.cpu(), pl_module.logit_scale).argmax(-1)
+            self.metrics["test_acc"] = float((pred == labels).float().mean())
+            self.metrics["zero_shot_test_acc"] = float((zs == labels).float().mean())
+            self.metrics["test_size"] = len(labels)
+        self.write_metrics(trainer)
+
+
+def _hparams_yaml(trainer: L.Trainer, pl_module: L.LightningModule) -> str:
+    """A config when no LightningCLI config file exists (training from Python)."""
+    import yaml
+
+    def plain(hp) -> dict:
+        return {k: v for k, v in dict(hp).items() if isinstance(v, (str, int, float, bool, list, type(None)))}
+
+    cfg = {"model": {"class_path": f"{type(pl_module).__module__}.{type(pl_module).__name__}"}}
+    cfg["model"]["init_args"] = plain(pl_module.hparams)
+    dm = trainer.datamodule
+    if dm is not None:
+        cfg["data"] = {
+            "class_path": f"{type(dm).__module__}.{type(dm).__name__}",
+            "init_args": plain(dm.hparams),
+        }
+    return yaml.safe_dump(cfg, sort_keys=False)
+
+
+def confusion_figure(confusion: torch.Tensor, class_names: list[str], title: str):
+    """A matplotlib figure of a confusion matrix, rows normalised (true class -> predicted class)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(class_names)
+    rates = confusion.float() / confusion.sum(dim=1, keepdim=True).clamp(min=1)
+    size = min(4 + 0.25 * n, 24)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
+    if n <= 50:  # past that the labels are unreadable; the pattern still shows
+        ax.set_xticks(range(n), class_names, rotation=90, fontsize=7)
+        ax.set_yticks(range(n), class_names, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig

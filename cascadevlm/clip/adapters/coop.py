@@ -1,0 +1,298 @@
+"""CoOp: context vectors learned in the text encoder's input (prompt tuning)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from cascadevlm.clip.adapters.base import CTX_PLACEHOLDER, AdapterMismatchError
+from cascadevlm.clip.adapters.module import AdapterModule
+from cascadevlm.data.registry import validate_class_names
+
+
+class FrozenTextEncoder(torch.nn.Module):
+    """The text tower of an open_clip ``CLIP`` from token embeddings on: ``encode_text`` minus the lookup.
+
+    Holds references to the model's own (frozen) modules, so nothing is copied.
+    """
+
+    def __init__(self, clip_model: torch.nn.Module) -> None:
+        super().__init__()
+        if not hasattr(clip_model, "token_embedding") or not hasattr(clip_model, "positional_embedding"):
+            raise NotImplementedError(
+                f"prompt tuning needs an open_clip CLIP with a built-in text transformer; "
+                f"{type(clip_model).__name__} (a custom or Hugging Face text tower) is not supported"
+            )
+        if getattr(clip_model, "text_pool_type", "argmax") not in ("argmax", "eos", "last"):
+            raise NotImplementedError(f"text pooling {clip_model.text_pool_type!r} is not supported")
+        self.token_embedding = clip_model.token_embedding
+        self.positional_embedding = clip_model.positional_embedding
+        self.transformer = clip_model.transformer
+        self.ln_final = clip_model.ln_final
+        self.text_projection = clip_model.text_projection
+        self.register_buffer("attn_mask", clip_model.attn_mask, persistent=False)
+        self.pool_type = getattr(clip_model, "text_pool_type", "argmax")
+        self.eos_id = getattr(clip_model, "text_eos_id", None)
+        self.requires_grad_(False)
+
+    @property
+    def width(self) -> int:
+        return int(self.token_embedding.weight.shape[1])
+
+    @property
+    def can_truncate(self) -> bool:
+        """With a causal mask and end-token pooling, tokens after the end token never reach the output."""
+        return self.attn_mask is not None and self.pool_type in ("argmax", "eos")
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.token_embedding(tokens)
+
+    def pool_index(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.pool_type == "argmax":
+            return tokens.argmax(dim=-1)
+        if self.pool_type == "eos":
+            return (tokens == self.eos_id).int().argmax(dim=-1)
+        return torch.full((tokens.shape[0],), tokens.shape[1] - 1, device=tokens.device)
+
+    def forward(self, embeddings: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Normalised text features [B, D] of prompt embeddings [B, L, W] (``tokens`` [B, L] for pooling).
+
+        ``L`` may be shorter than the context length when :attr:`can_truncate` (the padding is cut).
+        """
+        cast_dtype = self.transformer.get_cast_dtype()
+        n = embeddings.shape[1]
+        x = embeddings.to(cast_dtype) + self.positional_embedding[:n].to(cast_dtype)
+        mask = self.attn_mask[:n, :n] if self.attn_mask is not None else None
+        x = self.transformer(x, attn_mask=mask)
+        x = self.ln_final(x)
+        x = x[torch.arange(x.shape[0], device=x.device), self.pool_index(tokens)]
+        if self.text_projection is not None:
+            x = (
+                self.text_projection(x)
+                if isinstance(self.text_projection, torch.nn.Linear)
+                else x @ self.text_projection
+            )
+        return F.normalize(x.float(), dim=-1)
+
+
+def count_phrase_tokens(tokenizer, phrase: str) -> int:
+    """How many BPE tokens ``phrase`` takes (without start/end tokens)."""
+    tokens = tokenizer([phrase])[0]
+    return int(tokens.argmax()) - 1  # the end token has the largest id and follows the phrase
+
+
+class PromptLearner(torch.nn.Module):
+    """CoOp: prompts ``[SOS] ctx_1 .. ctx_n <class name> . [EOS]`` with learnable context vectors.
+
+    Only ``ctx`` is trainable; the class-name and punctuation embeddings are fixed buffers built once.
+
+    Args:
+        text_encoder: the frozen text tower (:class:`FrozenTextEncoder`).
+        tokenizer: the CLIP model's tokenizer.
+        class_names: one name per class, in class-id order.
+        n_ctx: number of context vectors (ignored when ``ctx_init`` is given: its token count is used).
+        ctx_init: a phrase to initialise the context from (``"a photo of a"``), or None for N(0, 0.02).
+        class_specific: one context per class (CSC) instead of one shared context.
+        seed: seeds the random initialisation.
+    """
+
+    kind = "prompt_tuning"
+
+    def __init__(
+        self,
+        text_encoder: FrozenTextEncoder,
+        tokenizer,
+        class_names: Sequence[str],
+        n_ctx: int = 4,
+        ctx_init: str | None = "a photo of a",
+        class_specific: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        class_names = validate_class_names(class_names, "the class list")
+        self.text_encoder = text_encoder
+        self.ctx_init = ctx_init or None
+        self.class_specific = bool(class_specific)
+        width = text_encoder.width
+        device = text_encoder.token_embedding.weight.device
+        with torch.no_grad():
+            if self.ctx_init:
+                n_ctx = count_phrase_tokens(tokenizer, self.ctx_init)
+                if n_ctx < 1:
+                    raise ValueError(f"ctx_init {self.ctx_init!r} has no tokens")
+                init_tokens = tokenizer([self.ctx_init]).to(device)
+                ctx = text_encoder.embed(init_tokens)[0, 1 : 1 + n_ctx].float().cpu()
+            else:
+                if n_ctx < 1:
+                    raise ValueError(f"n_ctx must be >= 1, got {n_ctx}")
+                gen = torch.Generator().manual_seed(seed)
+                ctx = torch.randn(n_ctx, width, generator=gen) * 0.02
+            if self.class_specific:
+                ctx = ctx.unsqueeze(0).repeat(len(class_names), 1, 1)
+            self.n_ctx = n_ctx
+            self.ctx = torch.nn.Parameter(ctx.to(device))
+            prefix = " ".join([CTX_PLACEHOLDER] * n_ctx)
+            tokens = tokenizer([f"{prefix} {name}." for name in class_names]).to(device)
+            # Drop the padding after the longest prompt: the same output, far cheaper.
+            if text_encoder.can_truncate:
+                tokens = tokens[:, : int(text_encoder.pool_index(tokens).max()) + 1]
+            emb = text_encoder.embed(tokens).float()
+        # Not saved: rebuilt from the class names and the CLIP model whenever the learner is built.
+        self.register_buffer("tokens", tokens, persistent=False)
+        self.register_buffer("token_prefix", emb[:, :1], persistent=False)  # [SOS]
+        self.register_buffer("token_suffix", emb[:, 1 + n_ctx :], persistent=False)  # class, '.', [EOS], pad
+        self.class_names = list(class_names)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.tokens.shape[0])
+
+    def prompt_embeddings(self) -> torch.Tensor:
+        ctx = self.ctx if self.class_specific else self.ctx.unsqueeze(0).expand(self.num_classes, -1, -1)
+        return torch.cat([self.token_prefix, ctx.to(self.token_prefix.dtype), self.token_suffix], dim=1)
+
+    def forward(self) -> torch.Tensor:
+        """Normalised class embeddings [C, D]."""
+        return self.text_encoder(self.prompt_embeddings(), self.tokens)
+
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        return {"ctx": self.ctx}
+
+    def adapter_params(self) -> dict:
+        return {
+            "n_ctx": self.n_ctx,
+            "ctx_init": self.ctx_init,
+            "class_specific": self.class_specific,
+            "text_width": self.text_encoder.width,
+        }
+
+
+class PromptHead(torch.nn.Module):
+    """A prompt-tuned adapter at inference: class embeddings computed once, CLIP's logit scale."""
+
+    kind = "prompt_tuning"
+
+    def __init__(self, class_embeddings: torch.Tensor, logit_scale: float) -> None:
+        super().__init__()
+        self.register_buffer("class_embeddings", class_embeddings.detach().float())  # normalised already
+        self.logit_scale = float(logit_scale)
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        feats = F.normalize(image_features.float(), dim=-1)
+        return self.logit_scale * feats @ self.class_embeddings.T
+
+
+# ------------------------------------------------------------------------------------------ save / load
+
+
+def load_prompt_head(path, tensors, params: dict, logit_scale: float, bundle, class_names) -> PromptHead:
+    """Run the text encoder once with the saved context: a fixed linear head (called by :func:`load_adapter`)."""
+    encoder = FrozenTextEncoder(bundle.model)
+    learner = PromptLearner(
+        encoder,
+        bundle.tokenizer,
+        class_names,
+        n_ctx=int(params["n_ctx"]),
+        ctx_init=None,
+        class_specific=bool(params["class_specific"]),
+    )
+    if tuple(learner.ctx.shape) != tuple(tensors["ctx"].shape):
+        raise AdapterMismatchError(
+            f"adapter {str(path)!r}: context shape {tuple(tensors['ctx'].shape)} != expected {tuple(learner.ctx.shape)}"
+        )
+    with torch.no_grad():
+        learner.ctx.copy_(tensors["ctx"].to(learner.ctx.device))
+        class_embeddings = learner().cpu()
+    return PromptHead(class_embeddings, logit_scale).eval()
+
+
+class PromptTuningModule(AdapterModule):
+    """CoOp prompt tuning: learnable context vectors through the frozen open_clip text encoder.
+
+    Args (besides :class:`AdapterModule`'s):
+        n_ctx: number of context vectors when ``ctx_init`` is empty (random init).
+        ctx_init: phrase the context starts from (its token count sets n); ``""`` for random.
+        class_specific: one context per class (CSC) instead of a shared one.
+        init_seed: seed of the random context initialisation.
+    """
+
+    method = "coop"
+    frozen_prefixes = ("adapter.text_encoder.",)
+
+    def __init__(
+        self,
+        model_name: str = "cascadevlm-tiny-vit",
+        pretrained: str | None = None,
+        build_tiny: bool = False,
+        clip_precision: str = "fp32",
+        class_names: list[str] | None = None,
+        templates: list[str] | None = None,
+        lr: float = 2e-3,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        n_ctx: int = 4,
+        ctx_init: str = "a photo of a",
+        class_specific: bool = False,
+        init_seed: int = 0,
+        class_batch_size: int = 64,
+        log_confusion_matrix: bool = True,
+        optimizer: str = "adamw",
+        model_config: str | None = None,
+    ) -> None:
+        super().__init__(
+            model_name,
+            pretrained,
+            build_tiny,
+            clip_precision,
+            class_names,
+            templates,
+            lr,
+            weight_decay,
+            warmup_steps,
+            class_batch_size,
+            log_confusion_matrix,
+            optimizer,
+            model_config,
+        )
+        self.save_hyperparameters()
+        self._eval_embeddings: torch.Tensor | None = None
+        if self.class_names:
+            self.build()
+
+    def build_adapter(self) -> torch.nn.Module:
+        learner = PromptLearner(
+            FrozenTextEncoder(self.bundle.model),
+            self.bundle.tokenizer,
+            self.class_names,
+            n_ctx=self.hparams.n_ctx,
+            ctx_init=self.hparams.ctx_init or None,
+            class_specific=self.hparams.class_specific,
+            seed=self.hparams.init_seed,
+        )
+        return learner
+
+    def class_embeddings(self) -> torch.Tensor:
+        if self.training or torch.is_grad_enabled():
+            self._eval_embeddings = None
+            return self.adapter()
+        if self._eval_embeddings is None:  # one text-encoder pass per validation/test epoch
+            self._eval_embeddings = self.adapter()
+        return self._eval_embeddings
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        feats = F.normalize(features.float(), dim=-1)
+        return self.logit_scale * feats @ self.class_embeddings().float().T
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_embeddings = None
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_embeddings = None
+
+    def on_train_epoch_start(self) -> None:
+        self._eval_embeddings = None
+
+
+# ------------------------------------------------------------------------------------------- callback

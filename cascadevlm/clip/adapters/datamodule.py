@@ -1,0 +1,188 @@
+"""The k-shot train split and the val/test splits of a dataset as cached CLIP image features."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+
+from cascadevlm.clip.features import FeatureCache, image_features
+from cascadevlm.clip.model import ClipBundle
+from cascadevlm.data.datamodule import CascadeDataModule
+from cascadevlm.data.loading import FeatureDataset
+
+
+# ------------------------------------------------------------------------------------------- data
+class _ValidationSource(CascadeDataModule):
+    """The adapters' view of a dataset: its evaluated split is the validation split."""
+
+    split_flag = "--data.val_split"
+
+
+class KShotFeatureDataModule(L.LightningDataModule):
+    """The k-shot train split and the val (and test) splits of a dataset, as cached CLIP image features.
+
+    Batches are ``{"index", "label", "features"}``. The CLIP model comes from the LightningModule being
+    trained (its ``bundle``), or from :meth:`attach_bundle` when used without a Trainer.
+
+    Args:
+        dataset, benchmark, class_names, templates, splits_dir, data_root: as :class:`CascadeDataModule`.
+        shots: k, images per class in the training split; ``seed`` picks the k-shot draw.
+        train_split, val_split: where k-shot images and validation images come from.
+        test_split: also serve this split (accuracy of the final adapter); None for none.
+        val_limit, test_limit: use only the first rows of those splits (CPU demos, smoke runs).
+        cache_dir: the feature cache (None: recompute every run).
+        batch_size: training batch size (features, so large batches are cheap).
+        num_workers: image-decoding workers while computing features.
+        eval_batch_size: validation/test batch size.
+        feature_batch_size: images per forward when computing features.
+    """
+
+    def __init__(
+        self,
+        dataset: str = "fashion_mnist",
+        benchmark: str | None = None,
+        shots: int = 16,
+        seed: int = 1,
+        train_split: str = "train",
+        val_split: str = "val",
+        test_split: str | None = "test",
+        val_limit: int | None = None,
+        test_limit: int | None = None,
+        class_names: list[str] | None = None,
+        templates: list[str] | None = None,
+        batch_size: int = 32,
+        eval_batch_size: int = 1024,
+        feature_batch_size: int = 128,
+        num_workers: int = 0,
+        cache_dir: str | None = "artifacts/features",
+        splits_dir: str = "artifacts/splits",
+        data_root: str = "data",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if shots < 1:
+            raise ValueError(f"shots must be >= 1 for adapter training, got {shots}")
+        for flag, limit in (("val_limit", val_limit), ("test_limit", test_limit)):
+            if limit is not None and limit < 1:
+                raise ValueError(
+                    f"data.{flag} must be >= 1 (or null for every image), got {limit}; set --data.{flag}"
+                )
+        self.source = _ValidationSource(
+            dataset=dataset,
+            benchmark=benchmark,
+            split=val_split,
+            train_split=train_split,
+            val_split=val_split,
+            class_names=class_names,
+            templates=templates,
+            shots=shots,
+            seed=seed,
+            splits_dir=splits_dir,
+            data_root=data_root,
+        )
+        self.source.require_split(train_split, "--data.train_split", " to draw k-shot images from")
+        if test_split is not None:
+            self.source.require_split(test_split, "--data.test_split (or null for none)")
+        self.shots = shots
+        self.seed = seed
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.cache = FeatureCache(cache_dir) if cache_dir else None
+        self.bundle: ClipBundle | None = None
+        self.features: dict[str, torch.Tensor] = {}
+        self.targets: dict[str, list[int]] = {}
+
+    # ---------------------------------------------------------------------------------- identity
+    @property
+    def name(self) -> str:
+        return self.source.name
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.source.class_names
+
+    @property
+    def templates(self) -> list[str]:
+        return self.source.templates
+
+    @property
+    def kshot_fingerprint(self) -> str | None:
+        """The identity of the data the k-shot split was drawn from (recorded in the adapter file)."""
+        return self.source.kshot_split().fingerprint
+
+    def run_name(self, method: str) -> tuple[str, str]:
+        """(experiment, version) naming a training run: ``<dataset>_<method>``, ``k<shots>_seed<seed>``."""
+        return f"{self.name}_{method}", f"k{self.shots}_seed{self.seed}"
+
+    # ---------------------------------------------------------------------------------- features
+    def attach_bundle(self, bundle: ClipBundle) -> None:
+        self.bundle = bundle
+
+    def _get_bundle(self) -> ClipBundle:
+        if self.bundle is None:
+            module = self.trainer.lightning_module if self.trainer is not None else None
+            bundle = getattr(module, "bundle", None)
+            if bundle is None:
+                raise RuntimeError(
+                    "KShotFeatureDataModule needs a CLIP model for its features: train a module with a "
+                    "`bundle` (LinearProbeModule, PromptTuningModule) or call attach_bundle(bundle)"
+                )
+            self.bundle = bundle
+        return self.bundle
+
+    def split_datasets(self) -> dict:
+        """The HF datasets behind each stage: ``train`` (the k-shot rows), ``val`` and maybe ``test``."""
+        dsd = self.source.dsd
+        out = {"train": self.source.kshot_dataset()}
+        for key, split, limit in (
+            ("val", self.hparams.val_split, self.hparams.val_limit),
+            ("test", self.hparams.test_split, self.hparams.test_limit),
+        ):
+            if split is None:
+                continue
+            ds = dsd[split]
+            out[key] = ds.select(range(limit)) if limit is not None and limit < len(ds) else ds
+        return out
+
+    def _compute(self) -> None:
+        bundle = self._get_bundle()
+        trainer = self.trainer
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        home = next(bundle.model.visual.parameters()).device
+        for key, ds in self.split_datasets().items():
+            split = f"{self.hparams.train_split}_k{self.shots}_seed{self.seed}" if key == "train" else key
+            self.features[key] = image_features(
+                bundle, ds, split, self.cache, self.hparams.feature_batch_size, self.num_workers, device
+            )
+            self.targets[key] = [int(x) for x in ds["label"]]
+        bundle.model.to(home)  # the trained module decides where its own parts live
+
+    def prepare_data(self) -> None:
+        # One process per node fills the feature cache; setup() on every rank then reads it.
+        if self.cache is not None:
+            self._compute()
+
+    def setup(self, stage: str | None = None) -> None:
+        if not self.features:
+            self._compute()
+
+    def _loader(self, key: str, batch_size: int, shuffle: bool = False) -> torch.utils.data.DataLoader:
+        if key not in self.features:
+            self.setup()
+        ds = FeatureDataset(self.features[key], self.targets[key])
+        # Features are in memory: worker processes would only add start-up time.
+        return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=0)
+
+    def train_dataloader(self):
+        return self._loader("train", self.batch_size, shuffle=True)
+
+    def val_dataloader(self):
+        return self._loader("val", self.hparams.eval_batch_size)
+
+    def test_dataloader(self):
+        if self.hparams.test_split is None:
+            raise ValueError("this data module has no test split (test_split=None)")
+        return self._loader("test", self.hparams.eval_batch_size)
+
+
+# ------------------------------------------------------------------------------------------- modules
