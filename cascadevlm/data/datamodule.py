@@ -31,6 +31,18 @@ from cascadevlm.data.registry import (
 )
 
 
+def read_class_names(class_names: list[str] | str | None) -> list[str] | None:
+    """``--data.class_names`` as a list, or a file with one name a line (blank lines ignored)."""
+    if not isinstance(class_names, str):
+        return class_names
+    path = Path(class_names).expanduser()
+    if not path.is_file():
+        raise ValueError(
+            f"--data.class_names {class_names!r}: give a list of names or a file with one name a line"
+        )
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 class CascadeDataModule(L.LightningDataModule):
     """A classification dataset from a directory (image folder or ``save_to_disk``) or the hub.
 
@@ -40,7 +52,8 @@ class CascadeDataModule(L.LightningDataModule):
         split: the split evaluated (``test``); ``train_split`` and ``val_split`` serve k-shot training.
         class_names: the class names by label id (otherwise: a dataset named like a registered
             benchmark gets the registry's names matched to its own ClassLabel names by name, in its
-            label order, and is refused when they differ; else the dataset's own names).
+            label order, and is refused when they differ; else the dataset's own names). A string is a
+            file with one name a line (for an integer label column, say).
         templates: override the prompt templates (otherwise registry, then the generic ensemble).
         limit: evaluate only the first ``limit`` rows of ``split`` (smoke runs, demos); >= 1 or None.
         skip_bad: leave undecodable images of the evaluated split out (their count is reported). Costs
@@ -48,6 +61,8 @@ class CascadeDataModule(L.LightningDataModule):
         shots: k for the k-shot split of ``train_split`` (0 = zero-shot); ``seed`` picks the draw.
         splits_dir: where k-shot split files are written and read.
         data_root: where the demo dataset is built.
+        image_column, label_column: the dataset's image and label columns when not ``image`` / ``label``
+            (otherwise its only Image / ClassLabel column; two of a kind must be named).
     """
 
     def __init__(
@@ -57,7 +72,7 @@ class CascadeDataModule(L.LightningDataModule):
         split: str = "test",
         train_split: str = "train",
         val_split: str = "val",
-        class_names: list[str] | None = None,
+        class_names: list[str] | str | None = None,
         templates: list[str] | None = None,
         batch_size: int = 64,
         num_workers: int = 0,
@@ -67,14 +82,20 @@ class CascadeDataModule(L.LightningDataModule):
         splits_dir: str = "artifacts/splits",
         data_root: str = "data",
         skip_bad: bool = False,
+        image_column: str | None = None,
+        label_column: str | None = None,
     ) -> None:
         super().__init__()
+        self.image_column, self.label_column = image_column, label_column
+        class_names = read_class_names(class_names)
         if limit is not None and limit < 1:
             raise ValueError(
                 f"data.limit must be >= 1 (or null for every image), got {limit}; set --data.limit"
             )
         self.skip_bad = skip_bad
-        self.skipped_rows: dict[str, list[int]] = {}  # split -> rows of its evaluated set left out by skip_bad
+        self.skipped_rows: dict[
+            str, list[int]
+        ] = {}  # split -> rows of its evaluated set left out by skip_bad
         self._decodable: dict[str, datasets.Dataset] = {}
         self.dataset = dataset
         self.split = split
@@ -115,7 +136,7 @@ class CascadeDataModule(L.LightningDataModule):
             from cascadevlm.data.demo import fashion_mnist_dir
 
             return load_dataset_dict(str(fashion_mnist_dir(self.data_root)))
-        return load_dataset_dict(self.dataset)
+        return load_dataset_dict(self.dataset, self.image_column, self.label_column)
 
     def _card_templates(self) -> list[str] | None:
         """Templates a prepared dataset carries in its card (a webdataset mirror's, see ``prepare --wds``)."""

@@ -48,11 +48,15 @@ def _is_saved_dataset(path: Path) -> bool:
     return (path / "dataset_dict.json").exists() or (path / "state.json").exists()
 
 
-def load_dataset_dict(source: str) -> datasets.DatasetDict:
+def load_dataset_dict(
+    source: str, image_column: str | None = None, label_column: str | None = None
+) -> datasets.DatasetDict:
     """A DatasetDict from an image-folder directory, a ``save_to_disk`` directory, or a hub name.
 
     An image folder is ``<root>/<split>/<class>/<image>`` or ``<root>/<class>/<image>`` (one ``train``
     split). Images stay undecoded here; :func:`decode_image` decodes them with clear errors.
+    ``image_column`` / ``label_column`` name the columns when they are not ``image`` / ``label`` (by
+    default the only Image / ClassLabel column is used).
     """
     path = Path(source).expanduser()
     if path.is_dir():
@@ -82,18 +86,37 @@ def load_dataset_dict(source: str) -> datasets.DatasetDict:
                 f"{', '.join(benchmark_names())}"
             ) from err
     for split, d in ds.items():
-        if IMAGE_COLUMN not in d.column_names:
-            cands = [c for c, f in d.features.items() if isinstance(f, datasets.Image)]
-            if not cands:
-                raise ValueError(f"split {split!r} of {source!r} has no image column: {d.column_names}")
-            d = d.rename_column(cands[0], IMAGE_COLUMN)
-        if LABEL_COLUMN not in d.column_names:
-            cands = [c for c, f in d.features.items() if isinstance(f, datasets.ClassLabel)]
-            if not cands:
-                raise ValueError(f"split {split!r} of {source!r} has no label column: {d.column_names}")
-            d = d.rename_column(cands[0], LABEL_COLUMN)
-        ds[split] = d.cast_column(IMAGE_COLUMN, datasets.Image(decode=False))
+        ds[split] = _standard_columns(d, f"split {split!r} of {source!r}", image_column, label_column)
     return ds
+
+
+def _standard_columns(
+    d: datasets.Dataset, where: str, image_column: str | None, label_column: str | None
+) -> datasets.Dataset:
+    """``d`` with its image column as ``image`` (undecoded) and its label column as ``label``."""
+    for given, standard, kind, flag in (
+        (image_column, IMAGE_COLUMN, datasets.Image, "--data.image_column"),
+        (label_column, LABEL_COLUMN, datasets.ClassLabel, "--data.label_column"),
+    ):
+        if given is not None:
+            if given not in d.column_names:
+                raise ValueError(f"{where} has no column {given!r} ({flag}); columns: {d.column_names}")
+            if given != standard:
+                if standard in d.column_names:
+                    d = d.remove_columns(standard)
+                d = d.rename_column(given, standard)
+            continue
+        if standard in d.column_names:
+            continue
+        cands = [c for c, f in d.features.items() if isinstance(f, kind)]
+        if not cands:
+            raise ValueError(f"{where} has no {standard} column: {d.column_names}; name it with {flag}")
+        if len(cands) > 1:
+            raise ValueError(
+                f"{where} has {len(cands)} {kind.__name__} columns {cands}; pick one with {flag}"
+            )
+        d = d.rename_column(cands[0], standard)
+    return d.cast_column(IMAGE_COLUMN, datasets.Image(decode=False))
 
 
 def _looks_like_hub_name(source: str) -> bool:
