@@ -323,3 +323,12 @@ def test_kshot_report_gives_mean_and_std_over_seeds(tmp_path):
     assert "| fashion_mnist | coop | 25.0 | 60.0 ± 10.0 | 85.0 ± 7.1 |" in md
     assert (tmp_path / "kshot.md").read_text() == md
     assert (tmp_path / "kshot.csv").read_text().splitlines()[1].startswith("fashion_mnist,coop,1,3,1 2 3,")
+
+
+def test_old_adapter_module_path_names_the_package_classes_so_saved_run_configs_still_load():
+    """Configs saved before the package split name ``cascadevlm.clip.adapter_module.<Class>``."""
+    import cascadevlm.clip.adapter_module as old
+    import cascadevlm.clip.adapters as new
+
+    for name in ("LinearProbeModule", "PromptTuningModule", "KShotFeatureDataModule", "AdapterCheckpoint"):
+        assert getattr(old, name) is getattr(new, name)

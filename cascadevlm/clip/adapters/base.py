@@ -46,9 +46,6 @@ def class_names_sha256(class_names: Sequence[str]) -> str:
     return hashlib.sha256(json.dumps(list(class_names)).encode()).hexdigest()
 
 
-# ------------------------------------------------------------------------------------------ linear probe
-
-
 def save_adapter(
     path: str | Path,
     adapter: LinearProbe | PromptLearner,

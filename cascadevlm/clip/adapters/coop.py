@@ -184,9 +184,6 @@ class PromptHead(torch.nn.Module):
         return self.logit_scale * feats @ self.class_embeddings.T
 
 
-# ------------------------------------------------------------------------------------------ save / load
-
-
 def load_prompt_head(path, tensors, params: dict, logit_scale: float, bundle, class_names) -> PromptHead:
     """Run the text encoder once with the saved context: a fixed linear head (called by :func:`load_adapter`)."""
     encoder = FrozenTextEncoder(bundle.model)
@@ -293,6 +290,3 @@ class PromptTuningModule(AdapterModule):
 
     def on_train_epoch_start(self) -> None:
         self._eval_embeddings = None
-
-
-# ------------------------------------------------------------------------------------------- callback

@@ -11,7 +11,6 @@ from cascadevlm.data.datamodule import CascadeDataModule
 from cascadevlm.data.loading import FeatureDataset
 
 
-# ------------------------------------------------------------------------------------------- data
 class _ValidationSource(CascadeDataModule):
     """The adapters' view of a dataset: its evaluated split is the validation split."""
 
@@ -183,6 +182,3 @@ class KShotFeatureDataModule(L.LightningDataModule):
         if self.hparams.test_split is None:
             raise ValueError("this data module has no test split (test_split=None)")
         return self._loader("test", self.hparams.eval_batch_size)
-
-
-# ------------------------------------------------------------------------------------------- modules

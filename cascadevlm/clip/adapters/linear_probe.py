@@ -58,9 +58,6 @@ class LinearProbe(torch.nn.Module):
         return {"blend": self.blend}
 
 
-# ------------------------------------------------------------------------------------------ prompt tuning
-
-
 def load_linear_probe(tensors: dict[str, torch.Tensor], params: dict, logit_scale: float) -> LinearProbe:
     """The saved linear probe, frozen (called by :func:`load_adapter`)."""
     probe = LinearProbe(tensors["zero_shot_weight"], logit_scale, blend=float(params.get("blend", 0.0)))
