@@ -1,6 +1,7 @@
-"""Preparation throughput: images/s with 2 worker processes against 1, and peak memory.
+"""Preparation throughput: images/s with 2 worker processes against 1, and peak memory; and from
+webdataset shards (``prepare --wds``) against the raw layout, as a ratio.
 
-    .venv/bin/python bench/prepare.py [--images 3000] [--size 320] [--repeats 2]
+    .venv/bin/python bench/prepare.py [--images 3000] [--size 320] [--repeats 2] [--wds-only]
 
 Writes a Food-101-layout tree of real photos (random crops, JPEG, a quarter of them grayscale, which
 prepare converts and re-encodes), then prepares it with --workers 1 and --workers 2, alternating, each
@@ -54,13 +55,16 @@ class _PeakSampler(threading.Thread):
             self.peak_kib = max(self.peak_kib, total)
 
 
-def _run_one(raw: str, out: str, workers: int) -> None:
-    from cascadevlm.data.prepare import PrepareOptions, prepare
+def _run_one(raw: str, out: str, workers: int, wds: str | None = None) -> None:
+    from cascadevlm.data.prepare import PrepareOptions, prepare, prepare_wds
 
     sampler = _PeakSampler()
     sampler.start()
     t0 = time.perf_counter()
-    card = prepare("food101", raw, out, PrepareOptions(workers=workers), log=lambda m: None)
+    if wds:
+        card = prepare_wds("food101", wds, out, PrepareOptions(workers=workers), log=lambda m: None)
+    else:
+        card = prepare("food101", raw, out, PrepareOptions(workers=workers), log=lambda m: None)
     seconds = time.perf_counter() - t0
     sampler.stop.set()
     sampler.join()
@@ -95,9 +99,33 @@ def cpu_scaling_ceiling() -> float:
     return seconds[1] / seconds[2]
 
 
-def _measure(raw: Path, out: Path, workers: int) -> dict:
+def write_shards(expected: dict, class_names, root: Path, per_shard: int = 500) -> Path:
+    """The same images as a CLIP_benchmark mirror: <split>/<n>.tar of <key>.jpg + <key>.cls."""
+    import io
+    import tarfile
+
+    root.mkdir(parents=True)
+    (root / "classnames.txt").write_text("".join(f"{n}\n" for n in class_names))
+    (root / "zeroshot_classification_templates.txt").write_text("a photo of {}, a type of food.\n")
+    for split, rows in expected.items():
+        (root / split).mkdir()
+        for s, start in enumerate(range(0, len(rows), per_shard)):
+            with tarfile.open(root / split / f"{s}.tar", "w") as tar:
+                for k, (path, label) in enumerate(rows[start : start + per_shard]):
+                    for name, data in (
+                        (f"s{start + k:07d}.cls", str(label).encode()),
+                        (f"s{start + k:07d}.jpg", Path(path).read_bytes()),
+                    ):
+                        info = tarfile.TarInfo(name)
+                        info.size = len(data)
+                        tar.addfile(info, io.BytesIO(data))
+    return root
+
+
+def _measure(raw: Path, out: Path, workers: int, wds: Path | None = None) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, __file__, "--run-one", str(raw), str(out), str(workers)]
+    cmd += ["--wds", str(wds)] if wds else []
     proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -107,10 +135,12 @@ def main() -> None:
     p.add_argument("--images", type=int, default=3000)
     p.add_argument("--size", type=int, default=320, help="longest side of the generated photos")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--wds-only", action="store_true", help="only the shards-vs-raw comparison (1 worker)")
     p.add_argument("--run-one", nargs=3, metavar=("RAW", "OUT", "WORKERS"), help=argparse.SUPPRESS)
+    p.add_argument("--wds", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.run_one:
-        _run_one(args.run_one[0], args.run_one[1], int(args.run_one[2]))
+        _run_one(args.run_one[0], args.run_one[1], int(args.run_one[2]), args.wds)
         return
 
     from cascadevlm.testing.raw_trees import write_raw_tree
@@ -130,6 +160,30 @@ def main() -> None:
             f"generated {args.images} JPEGs ({size_mib:.0f} MiB, longest side {args.size}px) in "
             f"{time.perf_counter() - t0:.1f} s; {os.cpu_count()} CPUs"
         )
+        from cascadevlm.data.registry import get_benchmark
+
+        shards = write_shards(
+            {s: [(Path(tree.raw) / p, c) for p, c in rows] for s, rows in tree.expected.items()},
+            get_benchmark("food101").class_names,
+            work / "wds_food101",
+        )
+        by_source: dict[str, list[dict]] = {"raw": [], "wds": []}
+        for _ in range(args.repeats):
+            by_source["raw"].append(_measure(tree.raw, work / "out_raw", 1))
+            by_source["wds"].append(_measure(tree.raw, work / "out_wds", 1, shards))
+        fastest = {k: min(r, key=lambda m: m["seconds"]) for k, r in by_source.items()}
+        for k, label in (("raw", "raw layout (image files)"), ("wds", "webdataset shards (--wds)")):
+            m = fastest[k]
+            rates = ", ".join(f"{r['images'] / r['seconds']:.0f}" for r in by_source[k])
+            print(
+                f"{label:27s}: {m['images'] / m['seconds']:7.1f} images/s, 1 worker (best of {args.repeats}: {rates}); "
+                f"main process peak {m['main_peak_mib']:.0f} MiB RSS"
+            )
+        print(
+            f"throughput ratio shards / raw layout: {fastest['raw']['seconds'] / fastest['wds']['seconds']:.2f}x"
+        )
+        if args.wds_only:
+            return
         runs: dict[int, list[dict]] = {1: [], 2: []}
         for _ in range(args.repeats):
             for workers in (1, 2):

@@ -482,7 +482,7 @@ def prepare_wds(
     from dataclasses import replace
 
     from cascadevlm.data.registry import GENERIC_TEMPLATES
-    from cascadevlm.data.wds import check_class_names, read_mirror, resolve_mirror
+    from cascadevlm.data.wds import check_class_names, read_mirror, read_shard, resolve_mirror
 
     options = options or PrepareOptions()
     if options.split_file is not None:
@@ -511,15 +511,16 @@ def prepare_wds(
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.wds.", dir=out.parent))
     try:
         splits: dict[str, list[Item]] = {"train": []}
-        for split, samples in mirror.splits.items():
+        for split, shard_files in mirror.shards.items():
             items = []
-            for sample in samples:
-                file = scratch / split / f"{sample.key}.{sample.ext}"
-                file.parent.mkdir(parents=True, exist_ok=True)
-                file.write_bytes(sample.data)
-                items.append((file, sample.label))
+            for shard in shard_files:  # one shard in memory at a time
+                for sample in read_shard(shard, len(mirror.class_names)):
+                    file = scratch / split / f"{sample.key}.{sample.ext}"
+                    file.parent.mkdir(parents=True, exist_ok=True)
+                    file.write_bytes(sample.data)
+                    items.append((file, sample.label))
             splits[split] = items
-        counts = ", ".join(f"{s} {len(v)}" for s, v in mirror.splits.items())
+        counts = ", ".join(f"{s} {len(v)}" for s, v in splits.items() if s in mirror.shards)
         listing = Listing(splits, f"webdataset mirror {root.name} ({counts})")
         source = {
             "raw_dir": str(root.resolve()),

@@ -19,7 +19,15 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff")
 # Split names as mirrors spell them -> ours.
 SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
-__all__ = ["Mirror", "WdsSample", "check_class_names", "normalise_name", "read_mirror", "resolve_mirror"]
+__all__ = [
+    "Mirror",
+    "WdsSample",
+    "check_class_names",
+    "normalise_name",
+    "read_mirror",
+    "read_shard",
+    "resolve_mirror",
+]
 
 
 @dataclass(frozen=True)
@@ -35,7 +43,7 @@ class Mirror:
     root: Path
     class_names: tuple[str, ...]
     templates: tuple[str, ...]
-    splits: dict[str, list[WdsSample]]
+    shards: dict[str, list[Path]]  # split -> its tar shards, in order; read one at a time with read_shard
 
 
 def resolve_mirror(source: str | Path) -> Path:
@@ -71,7 +79,7 @@ def _shard_files(root: Path) -> dict[str, list[Path]]:
     return found
 
 
-def _read_shard(file: Path, num_classes: int) -> list[WdsSample]:
+def read_shard(file: Path, num_classes: int) -> list[WdsSample]:
     """Samples of one shard in stored order; a sample without an image or ``cls`` is an error."""
     parts: dict[str, dict[str, bytes]] = {}
     try:
@@ -108,7 +116,7 @@ def _read_shard(file: Path, num_classes: int) -> list[WdsSample]:
 
 
 def read_mirror(root: Path) -> Mirror:
-    """Class names, templates and every split's samples of the mirror in ``root``."""
+    """Class names, templates and every split's shards of the mirror in ``root`` (shards not read yet)."""
     names_file = root / "classnames.txt"
     if not names_file.is_file():
         raise PrepareError(f"{root} is not a CLIP_benchmark webdataset mirror: classnames.txt not found")
@@ -118,8 +126,7 @@ def read_mirror(root: Path) -> Mirror:
     files = _shard_files(root)
     if "test" not in files:
         raise PrepareError(f"{root}: no test shards (expected test/*.tar or test-*.tar)")
-    splits = {split: [s for f in fs for s in _read_shard(f, len(class_names))] for split, fs in files.items()}
-    return Mirror(root, class_names, templates, splits)
+    return Mirror(root, class_names, templates, files)
 
 
 def normalise_name(name: str) -> str:
