@@ -183,3 +183,10 @@ def test_cli_and_bad_mirrors(images, tmp_path, capsys):
     assert "classnames.txt not found" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["dtd", "--raw", str(mirror), "--wds", str(mirror), "--out", str(tmp_path / "o4")])
+
+
+def test_a_sample_with_a_class_index_outside_classnames_is_refused(images, tmp_path):
+    mirror = write_mirror(tmp_path / "m", images, class_names=list(CLASSES)[:2])  # ids 0..1, shards use 2
+    with pytest.raises(PrepareError, match=r"sample 's0000012' has cls 2, outside 0\.\.1 \(classnames.txt\)"):
+        prepare_wds(None, mirror, tmp_path / "out", **QUIET)
+    assert not (tmp_path / "out").exists()
