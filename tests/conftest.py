@@ -62,3 +62,15 @@ def photo_folder(tmp_path_factory) -> Path:
                 img.thumbnail((96, 96))
                 img.save(d / f"{name}.jpg", quality=90)
     return root
+
+
+@pytest.fixture
+def clean_fake_lvlm():
+    """The offline FakeLVLM's request log and failure set, empty before and after a test."""
+    from cascadevlm.testing.fake_lvlm import FakeLVLM
+
+    FakeLVLM.log.clear()
+    FakeLVLM.fail_keys = set()
+    yield FakeLVLM
+    FakeLVLM.log.clear()
+    FakeLVLM.fail_keys = set()

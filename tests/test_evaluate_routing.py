@@ -13,14 +13,7 @@ from cascadevlm.cascade.routing import RoutingOptions, apply_routing, fit_routin
 from cascadevlm.records import read_records
 from cascadevlm.testing.fake_lvlm import FakeLVLM
 
-
-@pytest.fixture(autouse=True)
-def _clear_fake_log():
-    FakeLVLM.log.clear()
-    FakeLVLM.fail_keys = set()
-    yield
-    FakeLVLM.log.clear()
-    FakeLVLM.fail_keys = set()
+pytestmark = pytest.mark.usefixtures("clean_fake_lvlm")
 
 
 @pytest.fixture(scope="module")

@@ -23,13 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 ALL = ("--cascade.tau=-inf", "--cascade.lvlm_batch_size", "4")
 
 
-@pytest.fixture(autouse=True)
-def _clear_fake_log():
-    FakeLVLM.log.clear()
-    FakeLVLM.fail_keys = set()
-    yield
-    FakeLVLM.log.clear()
-    FakeLVLM.fail_keys = set()
+pytestmark = pytest.mark.usefixtures("clean_fake_lvlm")
 
 
 def _keys() -> list[str]:
