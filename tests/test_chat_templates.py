@@ -12,7 +12,7 @@ from lvlm_fixtures import photos  # noqa: F401
 from cascadevlm.lvlm.base import LVLMRequest
 from cascadevlm.lvlm.prompts import PromptConfig, build_prompt
 from cascadevlm.lvlm.transformers_backend import ChatEncoder, TransformersBackend
-from cascadevlm.zoo.tiny_lvlm import build_tiny_llava, real_shape_tokenizer
+from cascadevlm.zoo.tiny_lvlm import build_tiny_llava, real_shape_tokenizer, tiny_llava_processor
 
 KINDS = ["llava15", "qwen2vl", "qwen25vl", "idefics3"]
 
@@ -23,15 +23,7 @@ def make_processor(kind: str):
 
     tok = real_shape_tokenizer(kind)
     if kind == "llava15":
-        image = tf.CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
-        return tf.LlavaProcessor(
-            image_processor=image,
-            tokenizer=tok,
-            patch_size=14,
-            vision_feature_select_strategy="default",
-            num_additional_image_tokens=1,
-            chat_template=tok.chat_template,
-        )
+        return tiny_llava_processor(tok)
     if kind in ("qwen2vl", "qwen25vl"):
         pixels = {"shortest_edge": 28 * 28, "longest_edge": 56 * 56}
         cls = tf.Qwen2VLProcessor if kind == "qwen2vl" else tf.Qwen2_5_VLProcessor

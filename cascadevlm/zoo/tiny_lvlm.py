@@ -23,11 +23,7 @@ _CORPUS = [
 ]
 
 # Special tokens both tiny models know: LLaVA's, ChatML's and Qwen2-VL's vision tokens.
-_SPECIAL = [
-    "<s>",
-    "</s>",
-    "<pad>",
-    "<image>",
+_QWEN_SPECIAL = [
     "<|endoftext|>",
     "<|im_start|>",
     "<|im_end|>",
@@ -36,6 +32,7 @@ _SPECIAL = [
     "<|image_pad|>",
     "<|video_pad|>",
 ]
+_SPECIAL = ["<s>", "</s>", "<pad>", "<image>", *_QWEN_SPECIAL]
 
 # LLaVA-1.5 style: "USER: <image>\n{question} ASSISTANT: {answer}</s>".
 _LLAVA_TEMPLATE = (
@@ -125,15 +122,7 @@ REAL_SHAPES = {
 }
 _REAL_SPECIAL = {
     "llava15": ["<unk>", "<s>", "</s>", "<image>", "<pad>"],
-    "qwen2vl": [
-        "<|endoftext|>",
-        "<|im_start|>",
-        "<|im_end|>",
-        "<|vision_start|>",
-        "<|vision_end|>",
-        "<|image_pad|>",
-        "<|video_pad|>",
-    ],
+    "qwen2vl": _QWEN_SPECIAL,
     "idefics3": [
         "<|begin_of_text|>",
         "<|end_of_text|>",
@@ -248,6 +237,23 @@ def _mark_random(out_dir: Path, kind: str, seed: int) -> None:
     write_provenance(out_dir, {"kind": "random", "description": desc, "seed": seed})
 
 
+def tiny_llava_processor(tokenizer):
+    """A LLaVA processor for 28-pixel images (one 14-pixel patch grid: 4 image tokens) around ``tokenizer``."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}, do_center_crop=True
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=tokenizer.chat_template,
+    )
+
+
 def build_tiny_llava(out_dir: str | Path, seed: int = 0, real_template: bool = False) -> Path:
     """Write a tiny ``LlavaForConditionalGeneration`` (CLIP vision tower + Llama) and its processor.
 
@@ -257,12 +263,10 @@ def build_tiny_llava(out_dir: str | Path, seed: int = 0, real_template: bool = F
     """
     import torch
     from transformers import (
-        CLIPImageProcessor,
         CLIPVisionConfig,
         LlamaConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
-        LlavaProcessor,
     )
 
     out_dir = Path(out_dir)
@@ -303,19 +307,7 @@ def build_tiny_llava(out_dir: str | Path, seed: int = 0, real_template: bool = F
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).eval()
     _save_generation_config(model, tokenizer, "</s>")
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": 28},
-        crop_size={"height": 28, "width": 28},
-        do_center_crop=True,
-    )
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=14,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=tokenizer.chat_template,
-    )
+    processor = tiny_llava_processor(tokenizer)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     _mark_random(out_dir, "llava", seed)
