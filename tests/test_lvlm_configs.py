@@ -57,3 +57,10 @@ def test_build_tiny_writes_the_model_on_first_use(tmp_path, photos):  # noqa: F8
     assert not target.exists()
     (answer,) = backend.choose([LVLMRequest(image=photos["cat"], candidates=["cat", "horse"])])
     assert (target / "config.json").exists() and len(answer.scores) == 2
+
+
+@pytest.mark.parametrize("option", ["min_pixels", "max_pixels"])
+def test_non_positive_pixel_limits_are_refused_when_the_backend_is_built(option):
+    with pytest.raises(ValueError) as err:
+        TransformersBackend(model="not-loaded-yet", **{option: -1})
+    assert str(err.value) == f"lvlm.init_args.{option} must be >= 1 or null, got -1"

@@ -313,6 +313,9 @@ class TransformersBackend(LVLMBackend):
             raise ValueError(f"mode must be 'score' or 'generate', got {mode!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
+            if value is not None and value < 1:  # refused here, not when the model loads after the CLIP stage
+                raise ValueError(f"lvlm.init_args.{name} must be >= 1 or null, got {value}")
         self.model_name = model
         self.mode = mode
         self.prompt = prompt or PromptConfig()
