@@ -13,15 +13,22 @@ list), ``class_names_sha256``, ``logit_scale``, ``params`` (JSON: kind-specific 
 ``blend`` or ``ctx_init``), ``config`` (the YAML of the run that made it) and ``metrics`` (JSON); and
 what the adapter was trained on: ``method`` (``linear_probe``, ``coop``), ``shots`` (k), ``seed``,
 ``dataset`` and ``kshot_fingerprint`` (empty strings when unknown). :func:`adapter_info` reads them.
+
+Adapter kinds form a registry: each method module calls :func:`register_adapter_kind` with its kind (the
+``kind`` metadata string), its method name, how to build its inference head from a file's contents
+(:class:`AdapterFile`) and any extra fit checks; :func:`load_adapter` dispatches through it. A new method
+adds its module to :data:`ADAPTER_MODULES` so files of its kind load without importing it first.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
@@ -33,13 +40,87 @@ if TYPE_CHECKING:
 
 FORMAT = "cascadevlm.clip_adapter"
 FORMAT_VERSION = "1"
-KINDS = ("linear_probe", "prompt_tuning")
-METHOD_OF_KIND = {"linear_probe": "linear_probe", "prompt_tuning": "coop"}
 CTX_PLACEHOLDER = "X"  # stands for one context token while tokenising prompts (as in CoOp)
 
 
 class AdapterMismatchError(ValueError):
     """An adapter file does not fit the CLIP model or class list it is loaded for."""
+
+
+@dataclass(frozen=True)
+class AdapterFile:
+    """What a method's loader gets: the file's tensors and decoded metadata, and what it is loaded for."""
+
+    path: Path
+    tensors: dict[str, torch.Tensor]
+    params: dict
+    logit_scale: float
+    bundle: Any  # ClipBundle
+    class_names: list[str]
+    meta: dict[str, str]
+
+
+@dataclass(frozen=True)
+class AdapterKind:
+    """One registered adapter kind.
+
+    Attributes:
+        kind: the ``kind`` metadata string of its files.
+        method: the method name recorded when a file does not name one (``linear_probe``, ``coop`` ...).
+        load: ``load(AdapterFile) -> module`` giving ``forward(image_features [N, D]) -> logits [N, C]``.
+        check: extra fit checks, ``check(tensors, meta, bundle) -> list of problems`` (one line each).
+        feature_dim: the image-feature dimension the file's tensors expect (None: not checkable).
+    """
+
+    kind: str
+    method: str
+    load: Callable[[AdapterFile], torch.nn.Module]
+    check: Callable[[dict[str, torch.Tensor], dict[str, str], Any], list[str]] | None = None
+    feature_dim: Callable[[dict[str, torch.Tensor]], int] | None = None
+
+
+# kind -> AdapterKind; filled by the method modules when imported (see ADAPTER_MODULES)
+ADAPTER_KINDS: dict[str, AdapterKind] = {}
+# kind -> method name, kept in step with ADAPTER_KINDS (old readers look methods up here)
+METHOD_OF_KIND: dict[str, str] = {}
+# the modules that register kinds; imported on first use so a file of any kind loads from base alone
+ADAPTER_MODULES: list[str] = [
+    "cascadevlm.clip.adapters.linear_probe",
+    "cascadevlm.clip.adapters.coop",
+]
+
+
+def register_adapter_kind(
+    kind: str,
+    method: str,
+    load: Callable[[AdapterFile], torch.nn.Module],
+    check: Callable[[dict[str, torch.Tensor], dict[str, str], Any], list[str]] | None = None,
+    feature_dim: Callable[[dict[str, torch.Tensor]], int] | None = None,
+) -> AdapterKind:
+    """Register (or re-register, on module reload) an adapter kind; returns its entry."""
+    entry = AdapterKind(kind, method, load, check, feature_dim)
+    ADAPTER_KINDS[kind] = entry
+    METHOD_OF_KIND[kind] = method
+    return entry
+
+
+def _ensure_registered() -> None:
+    for name in ADAPTER_MODULES:
+        importlib.import_module(name)
+
+
+def adapter_kinds() -> tuple[str, ...]:
+    """Every registered adapter kind."""
+    _ensure_registered()
+    return tuple(ADAPTER_KINDS)
+
+
+def adapter_kind(kind: str) -> AdapterKind:
+    """The registry entry of ``kind`` (ValueError naming the known kinds when unknown)."""
+    _ensure_registered()
+    if kind not in ADAPTER_KINDS:
+        raise ValueError(f"unknown adapter kind {kind!r}; known: {tuple(ADAPTER_KINDS)}")
+    return ADAPTER_KINDS[kind]
 
 
 def class_names_sha256(class_names: Sequence[str]) -> str:
@@ -89,7 +170,7 @@ def save_adapter(
         "params": json.dumps(adapter.adapter_params()),
         "config": config,
         "metrics": json.dumps(metrics or {}),
-        "method": method or METHOD_OF_KIND[adapter.kind],
+        "method": method or adapter_kind(adapter.kind).method,
         "shots": "" if shots is None else str(int(shots)),
         "seed": "" if seed is None else str(int(seed)),
         "dataset": dataset or "",
@@ -119,8 +200,9 @@ def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
         raise ValueError(
             f"{str(path)!r} is not a cascadevlm CLIP adapter (metadata format={meta.get('format')!r})"
         )
-    if meta.get("kind") not in KINDS:
-        raise ValueError(f"adapter {str(path)!r} has unknown kind {meta.get('kind')!r}; known: {KINDS}")
+    kinds = adapter_kinds()
+    if meta.get("kind") not in kinds:
+        raise ValueError(f"adapter {str(path)!r} has unknown kind {meta.get('kind')!r}; known: {kinds}")
     return tensors, meta
 
 
@@ -146,19 +228,15 @@ def check_adapter_fits(
         problems.append(f"model_name: adapter {meta.get('model_name')!r}, loaded CLIP {bundle.model_name!r}")
     if meta.get("weights_id") != bundle.weights_id:
         problems.append(f"weights_id: adapter {meta.get('weights_id')!r}, loaded CLIP {bundle.weights_id!r}")
+    entry = adapter_kind(meta["kind"])
     saved_dim = int(meta.get("embed_dim", -1))
-    tensor_dim = None
-    if meta["kind"] == "linear_probe":
-        tensor_dim = int(tensors["weight"].shape[-1])
+    tensor_dim = int(entry.feature_dim(tensors)) if entry.feature_dim is not None else None
     if saved_dim != bundle.embed_dim or (tensor_dim is not None and tensor_dim != bundle.embed_dim):
         problems.append(
             f"embed_dim: adapter {tensor_dim if tensor_dim is not None else saved_dim}, loaded CLIP {bundle.embed_dim}"
         )
-    if meta["kind"] == "prompt_tuning":
-        width = int(tensors["ctx"].shape[-1])
-        clip_width = int(getattr(getattr(bundle.model, "token_embedding", None), "embedding_dim", -1))
-        if width != clip_width:
-            problems.append(f"text width: adapter context vectors {width}, loaded CLIP {clip_width}")
+    if entry.check is not None:
+        problems.extend(entry.check(tensors, meta, bundle))
     saved_names = json.loads(meta.get("class_names", "[]"))
     if saved_names != list(class_names):
         problems.append(f"class list: {_class_list_difference(saved_names, list(class_names))}")
@@ -177,20 +255,22 @@ def load_adapter(path: str | Path, bundle, class_names: Sequence[str]) -> torch.
             be those the adapter was trained with.
         class_names: the classes in class-id order; must equal the adapter's list.
 
-    A prompt-tuned adapter runs the text encoder once here and becomes a fixed linear head.
+    Each kind builds its own head through the registry (a prompt-tuned adapter runs the text encoder
+    once here and becomes a fixed linear head).
     """
     tensors, meta = read_adapter(path)
     check_adapter_fits(path, meta, tensors, bundle, class_names)
-    params = json.loads(meta.get("params", "{}"))
-    logit_scale = float(meta["logit_scale"])
-    # each method builds its own module; imported here so the method modules can import this base
-    if meta["kind"] == "linear_probe":
-        from cascadevlm.clip.adapters.linear_probe import load_linear_probe
-
-        return load_linear_probe(tensors, params, logit_scale)
-    from cascadevlm.clip.adapters.coop import load_prompt_head
-
-    return load_prompt_head(path, tensors, params, logit_scale, bundle, class_names)
+    entry = adapter_kind(meta["kind"])
+    file = AdapterFile(
+        path=Path(path),
+        tensors=tensors,
+        params=json.loads(meta.get("params") or "{}"),
+        logit_scale=float(meta["logit_scale"]),
+        bundle=bundle,
+        class_names=list(class_names),
+        meta=meta,
+    )
+    return entry.load(file)
 
 
 def adapter_metadata(path: str | Path) -> dict:
@@ -221,7 +301,7 @@ def adapter_info(path: str | Path) -> dict:
         return int(value) if value is not None else None
 
     return {
-        "method": meta.get("method") or metrics.get("method") or METHOD_OF_KIND[meta["kind"]],
+        "method": meta.get("method") or metrics.get("method") or adapter_kind(meta["kind"]).method,
         "kind": meta["kind"],
         "shots": number("shots", "shots"),
         "seed": number("seed", "seed"),

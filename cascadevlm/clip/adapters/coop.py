@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from cascadevlm.clip.adapters.base import CTX_PLACEHOLDER, AdapterMismatchError
+from cascadevlm.clip.adapters.base import CTX_PLACEHOLDER, AdapterMismatchError, register_adapter_kind
 from cascadevlm.clip.adapters.module import AdapterModule
 from cascadevlm.data.registry import validate_class_names
 
@@ -203,6 +203,22 @@ def load_prompt_head(path, tensors, params: dict, logit_scale: float, bundle, cl
         learner.ctx.copy_(tensors["ctx"].to(learner.ctx.device))
         class_embeddings = learner().cpu()
     return PromptHead(class_embeddings, logit_scale).eval()
+
+
+def _check_prompt_fits(tensors: dict[str, torch.Tensor], meta: dict[str, str], bundle) -> list[str]:
+    width = int(tensors["ctx"].shape[-1])
+    clip_width = int(getattr(getattr(bundle.model, "token_embedding", None), "embedding_dim", -1))
+    if width != clip_width:
+        return [f"text width: adapter context vectors {width}, loaded CLIP {clip_width}"]
+    return []
+
+
+register_adapter_kind(
+    "prompt_tuning",
+    "coop",
+    lambda f: load_prompt_head(f.path, f.tensors, f.params, f.logit_scale, f.bundle, f.class_names),
+    check=_check_prompt_fits,
+)
 
 
 class PromptTuningModule(AdapterModule):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from cascadevlm.clip.adapters.base import register_adapter_kind
 from cascadevlm.clip.adapters.module import AdapterModule
 
 
@@ -65,6 +66,14 @@ def load_linear_probe(tensors: dict[str, torch.Tensor], params: dict, logit_scal
         probe.weight.copy_(tensors["weight"])
         probe.bias.copy_(tensors["bias"])
     return probe.requires_grad_(False).eval()
+
+
+register_adapter_kind(
+    "linear_probe",
+    "linear_probe",
+    lambda f: load_linear_probe(f.tensors, f.params, f.logit_scale),
+    feature_dim=lambda tensors: int(tensors["weight"].shape[-1]),
+)
 
 
 class LinearProbeModule(AdapterModule):
