@@ -28,7 +28,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 from cascadevlm.cascade.evaluate import main as evaluate  # noqa: E402
-from cascadevlm.cascade.gate import tau_for_budget  # noqa: E402
+from cascadevlm.gating.gate import tau_for_budget  # noqa: E402
 from cascadevlm.records import read_records  # noqa: E402
 from cascadevlm.report.analysis import sweep  # noqa: E402
 from cascadevlm.zoo.tiny_clip import build_tiny_clip  # noqa: E402

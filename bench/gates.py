@@ -37,13 +37,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import lightning as L  # noqa: E402
 
-from cascadevlm.cascade.routing import RoutingOptions, apply_routing  # noqa: E402
 from cascadevlm.cascade.runner import run_clip_stage  # noqa: E402
 from cascadevlm.clip.model import load_clip  # noqa: E402
 from cascadevlm.clip.module import ClipClassifier  # noqa: E402
 from cascadevlm.data.datamodule import CascadeDataModule  # noqa: E402
 from cascadevlm.data.demo import fashion_mnist_dir  # noqa: E402
 from cascadevlm.data.loading import IMAGE_COLUMN, decode_image  # noqa: E402
+from cascadevlm.gating.routing import RoutingOptions, apply_routing  # noqa: E402
 from cascadevlm.lvlm.base import LVLMRequest  # noqa: E402
 from cascadevlm.lvlm.transformers_backend import TransformersBackend  # noqa: E402
 from cascadevlm.records import write_records  # noqa: E402

@@ -17,7 +17,6 @@ from types import SimpleNamespace
 import pytest
 
 from cascadevlm.cascade.evaluate import CascadeOptions, Threshold, check_options, combine, parse_threshold
-from cascadevlm.cascade.gate import tau_for_budget
 from cascadevlm.cascade.lvlm_stage import (
     LVLMResult,
     LVLMStage,
@@ -25,6 +24,7 @@ from cascadevlm.cascade.lvlm_stage import (
     write_stage_fingerprint,
 )
 from cascadevlm.cli import evaluate_main
+from cascadevlm.gating.gate import tau_for_budget
 from cascadevlm.lvlm.base import LVLMAnswer, LVLMBackend, LVLMRequest
 from cascadevlm.records import PredictionRecord, append_json_lines, read_json_lines, read_records
 from cascadevlm.report.analysis import final_at_tau

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cascadevlm.cascade.evaluate import main
-from cascadevlm.cascade.gate import defer_mask, tau_for_budget, tau_grid
+from cascadevlm.gating.gate import defer_mask, tau_for_budget, tau_grid
 from cascadevlm.lvlm.transformers_backend import TransformersBackend
 from cascadevlm.records import read_records
 from cascadevlm.report.analysis import final_at_tau, sweep

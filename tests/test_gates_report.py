@@ -10,8 +10,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from cascadevlm.cascade.gate import tau_for_budget
-from cascadevlm.cascade.routing import expected_calibration_error, log_softmax, record_arrays
+from cascadevlm.gating.gate import tau_for_budget
+from cascadevlm.gating.routing import expected_calibration_error, log_softmax, record_arrays
 from cascadevlm.records import write_records
 from cascadevlm.report.analysis import final_at_tau
 from cascadevlm.report.gates import main

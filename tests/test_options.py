@@ -9,7 +9,7 @@ import pytest
 from fake_cascade import fake_args
 
 from cascadevlm.cascade.evaluate import join_negative_values, main, parse_threshold
-from cascadevlm.cascade.gate import tau_grid
+from cascadevlm.gating.gate import tau_grid
 from cascadevlm.records import read_records
 from cascadevlm.testing.fake_lvlm import FakeLVLM
 

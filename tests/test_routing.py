@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from cascadevlm.cascade.evaluate import combine
-from cascadevlm.cascade.gate import tau_for_budget
 from cascadevlm.cascade.lvlm_stage import LVLMResult
-from cascadevlm.cascade.routing import (
+from cascadevlm.gating.gate import tau_for_budget
+from cascadevlm.gating.routing import (
     RoutingOptions,
     accuracy_at_budget,
     accuracy_curve,

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from cascadevlm.cascade.gate import defer_mask, tau_grid
+from cascadevlm.gating.gate import defer_mask, tau_grid
 from cascadevlm.records import PredictionRecord
 from cascadevlm.report.metrics import accuracy
 

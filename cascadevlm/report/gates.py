@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cascadevlm.cascade.routing import (
+from cascadevlm.gating.routing import (
     LearnedGate,
     RecordArrays,
     accuracy_at_budget,

@@ -1,4 +1,4 @@
-"""The entropy gate: defer an image to the LVLM when CLIP's entropy exceeds tau."""
+"""The entropy gate: defer an image to the LVLM when CLIP's entropy exceeds tau (the one gate rule)."""
 
 from __future__ import annotations
 
