@@ -19,7 +19,6 @@ from typing import Literal
 from jsonargparse.typing import register_type
 from lightning.pytorch.cli import LightningCLI
 
-from cascadevlm.cascade.gate import defer_mask, tau_for_budget, tau_grid
 from cascadevlm.cascade.lvlm_stage import (
     LVLMStage,
     check_stage_fingerprint,
@@ -28,10 +27,11 @@ from cascadevlm.cascade.lvlm_stage import (
     run_lvlm_stage,
     write_stage_fingerprint,
 )
-from cascadevlm.cascade.routing import RoutingOptions, apply_routing, fit_routing
 from cascadevlm.cascade.runner import feature_cache_hit, run_clip_stage
 from cascadevlm.clip.module import ClipClassifier
 from cascadevlm.data.datamodule import CascadeDataModule
+from cascadevlm.gating.gate import defer_mask, tau_for_budget, tau_grid
+from cascadevlm.gating.routing import RoutingOptions, apply_routing, fit_routing
 from cascadevlm.lvlm.base import LVLMBackend, needs_retry
 from cascadevlm.provenance import read_provenance
 from cascadevlm.records import PredictionRecord, atomic_write_text, read_records, write_records
