@@ -53,6 +53,16 @@ def build_tiny_clip(out_dir: str | Path, model_name: str = TINY_CLIP, seed: int 
     return path
 
 
+TINY_CUSTOM_TEXT_CLIP = "cascadevlm-tiny-customtext"
+
+
+def build_tiny_custom_text_clip(out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny open_clip ``CustomTextCLIP`` (SigLIP-like text tower: ``model.text`` a bidirectional
+    ``TextTransformer`` pooling the last token, linear projection with bias, a logit bias), seeded random
+    weights, written as :func:`build_tiny_clip` writes the classic one."""
+    return build_tiny_clip(out_dir, model_name=TINY_CUSTOM_TEXT_CLIP, seed=seed)
+
+
 if __name__ == "__main__":
     import sys
 

@@ -12,29 +12,62 @@ from cascadevlm.clip.adapters.module import AdapterModule
 from cascadevlm.data.registry import validate_class_names
 
 
-class FrozenTextEncoder(torch.nn.Module):
-    """The text tower of an open_clip ``CLIP`` from token embeddings on: ``encode_text`` minus the lookup.
+def text_tower(clip_model: torch.nn.Module) -> torch.nn.Module:
+    """The module holding the text transformer's parts: the model itself for open_clip's classic ``CLIP``,
+    ``model.text`` for a ``CustomTextCLIP`` (SigLIP, EVA02, MobileCLIP, ...)."""
+    text = getattr(clip_model, "text", None)
+    return text if isinstance(text, torch.nn.Module) else clip_model
 
-    Holds references to the model's own (frozen) modules, so nothing is copied.
+
+def prompt_tuning_problem(clip_model: torch.nn.Module) -> str | None:
+    """Why prompt tuning cannot run through this model's text tower (one line), or None when it can."""
+    tower = text_tower(clip_model)
+    if not hasattr(tower, "token_embedding") or not hasattr(tower, "positional_embedding"):
+        return (
+            f"prompt tuning (CoOp) feeds learned vectors into the text transformer's token embeddings, but "
+            f"{type(clip_model).__name__}'s text tower is a {type(tower).__name__} (e.g. a Hugging Face "
+            "encoder) that takes token ids only; use a method on image features (linear_probe, "
+            "tip_adapter, clip_adapter) or clip_lora"
+        )
+    pool = getattr(tower, "pool_type", getattr(tower, "text_pool_type", "argmax"))
+    if pool not in ("argmax", "eos", "last", "first"):
+        return f"prompt tuning needs pooled text features; this text tower's pool_type is {pool!r}"
+    return None
+
+
+class FrozenTextEncoder(torch.nn.Module):
+    """An open_clip text tower from token embeddings on: ``encode_text`` minus the lookup.
+
+    Works on classic ``CLIP`` (the parts are the model's attributes) and on ``CustomTextCLIP`` whose
+    ``model.text`` is open_clip's ``TextTransformer`` (causal or bidirectional attention, pad mask, appended
+    class token, argmax/eos/last/first pooling, linear or matrix projection), following
+    ``TextTransformer.forward`` step by step. Holds references to the model's own (frozen) modules, so
+    nothing is copied. A text tower without token embeddings (Hugging Face encoders) is refused.
     """
 
     def __init__(self, clip_model: torch.nn.Module) -> None:
         super().__init__()
-        if not hasattr(clip_model, "token_embedding") or not hasattr(clip_model, "positional_embedding"):
-            raise NotImplementedError(
-                f"prompt tuning needs an open_clip CLIP with a built-in text transformer; "
-                f"{type(clip_model).__name__} (a custom or Hugging Face text tower) is not supported"
-            )
-        if getattr(clip_model, "text_pool_type", "argmax") not in ("argmax", "eos", "last"):
-            raise NotImplementedError(f"text pooling {clip_model.text_pool_type!r} is not supported")
-        self.token_embedding = clip_model.token_embedding
-        self.positional_embedding = clip_model.positional_embedding
-        self.transformer = clip_model.transformer
-        self.ln_final = clip_model.ln_final
-        self.text_projection = clip_model.text_projection
-        self.register_buffer("attn_mask", clip_model.attn_mask, persistent=False)
-        self.pool_type = getattr(clip_model, "text_pool_type", "argmax")
-        self.eos_id = getattr(clip_model, "text_eos_id", None)
+        problem = prompt_tuning_problem(clip_model)
+        if problem is not None:
+            raise NotImplementedError(problem)
+        tower = text_tower(clip_model)
+        self.token_embedding = tower.token_embedding
+        self.positional_embedding = tower.positional_embedding
+        self.transformer = tower.transformer
+        self.ln_final = tower.ln_final
+        self.text_projection = tower.text_projection
+        self.register_buffer("attn_mask", tower.attn_mask, persistent=False)
+        if tower is clip_model:  # classic CLIP keeps the text settings under text_* names
+            self.pool_type = getattr(tower, "text_pool_type", "argmax")
+            self.eos_id = getattr(tower, "text_eos_id", None)
+            self.cls_emb = None
+            self.use_pad_mask = False
+        else:
+            self.pool_type = tower.pool_type
+            self.eos_id = getattr(tower, "eos_id", None)
+            self.cls_emb = getattr(tower, "cls_emb", None)
+            self.use_pad_mask = bool(getattr(tower, "use_pad_mask", False))
+        self._tower = [tower]  # a plain list: not a submodule (its parts are registered above)
         self.requires_grad_(False)
 
     @property
@@ -44,7 +77,12 @@ class FrozenTextEncoder(torch.nn.Module):
     @property
     def can_truncate(self) -> bool:
         """With a causal mask and end-token pooling, tokens after the end token never reach the output."""
-        return self.attn_mask is not None and self.pool_type in ("argmax", "eos")
+        return (
+            self.attn_mask is not None
+            and self.pool_type in ("argmax", "eos", "first")
+            and self.cls_emb is None
+            and not self.use_pad_mask
+        )
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.token_embedding(tokens)
@@ -54,20 +92,33 @@ class FrozenTextEncoder(torch.nn.Module):
             return tokens.argmax(dim=-1)
         if self.pool_type == "eos":
             return (tokens == self.eos_id).int().argmax(dim=-1)
+        if self.pool_type == "first":
+            return torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
         return torch.full((tokens.shape[0],), tokens.shape[1] - 1, device=tokens.device)
 
     def forward(self, embeddings: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Normalised text features [B, D] of prompt embeddings [B, L, W] (``tokens`` [B, L] for pooling).
+        """Normalised text features [B, D] of prompt embeddings [B, L, W] (``tokens`` [B, L] for pooling
+        and the pad mask).
 
         ``L`` may be shorter than the context length when :attr:`can_truncate` (the padding is cut).
         """
         cast_dtype = self.transformer.get_cast_dtype()
-        n = embeddings.shape[1]
-        x = embeddings.to(cast_dtype) + self.positional_embedding[:n].to(cast_dtype)
+        x = embeddings.to(cast_dtype)
+        n = x.shape[1]
+        if self.cls_emb is not None:  # appended class token (as TextTransformer._embeds)
+            x = torch.cat([x, self.cls_emb.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)], dim=1)
+            n += 1
         mask = self.attn_mask[:n, :n] if self.attn_mask is not None else None
+        if self.use_pad_mask or self.cls_emb is not None:
+            pad = self._tower[0]._build_additive_mask(tokens, n, x.dtype)
+            mask = pad if mask is None else mask.unsqueeze(0) + pad
+        x = x + self.positional_embedding[:n].to(cast_dtype)
         x = self.transformer(x, attn_mask=mask)
-        x = self.ln_final(x)
-        x = x[torch.arange(x.shape[0], device=x.device), self.pool_index(tokens)]
+        if self.cls_emb is not None:  # the class token's output, normalised after pooling
+            x = self.ln_final(x[:, -1])
+        else:
+            x = self.ln_final(x)
+            x = x[torch.arange(x.shape[0], device=x.device), self.pool_index(tokens)]
         if self.text_projection is not None:
             x = (
                 self.text_projection(x)
@@ -78,9 +129,17 @@ class FrozenTextEncoder(torch.nn.Module):
 
 
 def count_phrase_tokens(tokenizer, phrase: str) -> int:
-    """How many BPE tokens ``phrase`` takes (without start/end tokens)."""
-    tokens = tokenizer([phrase])[0]
-    return int(tokens.argmax()) - 1  # the end token has the largest id and follows the phrase
+    """How many tokens ``phrase`` takes (without the tokenizer's start/end tokens)."""
+    empty = tokenizer([""])[0]
+    pad = empty[-1]  # the context is longer than the special tokens: the last position is padding
+    return int((tokenizer([phrase])[0] != pad).sum() - (empty != pad).sum())
+
+
+def prefix_length(tokenizer) -> int:
+    """Positions before the first word of a prompt (1 for CLIP's [SOS]; 0 for tokenizers without one)."""
+    empty = tokenizer([""])[0]
+    word = tokenizer([CTX_PLACEHOLDER])[0]
+    return int((empty != word).int().argmax())
 
 
 class PromptLearner(torch.nn.Module):
@@ -117,13 +176,14 @@ class PromptLearner(torch.nn.Module):
         self.class_specific = bool(class_specific)
         width = text_encoder.width
         device = text_encoder.token_embedding.weight.device
+        start = prefix_length(tokenizer)  # the context goes right after the start token, if any
         with torch.no_grad():
             if self.ctx_init:
                 n_ctx = count_phrase_tokens(tokenizer, self.ctx_init)
                 if n_ctx < 1:
                     raise ValueError(f"ctx_init {self.ctx_init!r} has no tokens")
                 init_tokens = tokenizer([self.ctx_init]).to(device)
-                ctx = text_encoder.embed(init_tokens)[0, 1 : 1 + n_ctx].float().cpu()
+                ctx = text_encoder.embed(init_tokens)[0, start : start + n_ctx].float().cpu()
             else:
                 if n_ctx < 1:
                     raise ValueError(f"n_ctx must be >= 1, got {n_ctx}")
@@ -141,8 +201,10 @@ class PromptLearner(torch.nn.Module):
             emb = text_encoder.embed(tokens).float()
         # Not saved: rebuilt from the class names and the CLIP model whenever the learner is built.
         self.register_buffer("tokens", tokens, persistent=False)
-        self.register_buffer("token_prefix", emb[:, :1], persistent=False)  # [SOS]
-        self.register_buffer("token_suffix", emb[:, 1 + n_ctx :], persistent=False)  # class, '.', [EOS], pad
+        self.register_buffer("token_prefix", emb[:, :start], persistent=False)  # [SOS]
+        self.register_buffer(
+            "token_suffix", emb[:, start + n_ctx :], persistent=False
+        )  # class, '.', [EOS], pad
         self.class_names = list(class_names)
 
     @property
@@ -207,7 +269,8 @@ def load_prompt_head(path, tensors, params: dict, logit_scale: float, bundle, cl
 
 def _check_prompt_fits(tensors: dict[str, torch.Tensor], meta: dict[str, str], bundle) -> list[str]:
     width = int(tensors["ctx"].shape[-1])
-    clip_width = int(getattr(getattr(bundle.model, "token_embedding", None), "embedding_dim", -1))
+    tower = text_tower(bundle.model)
+    clip_width = int(getattr(getattr(tower, "token_embedding", None), "embedding_dim", -1))
     if width != clip_width:
         return [f"text width: adapter context vectors {width}, loaded CLIP {clip_width}"]
     return []
@@ -270,6 +333,9 @@ class PromptTuningModule(AdapterModule):
             model_config,
         )
         self.save_hyperparameters()
+        problem = prompt_tuning_problem(self.bundle.model)
+        if problem is not None:  # refused before any data is read or feature computed
+            raise ValueError(f"{model_name}: {problem}")
         self._eval_embeddings: torch.Tensor | None = None
         if self.class_names:
             self.build()

@@ -105,7 +105,7 @@ class AdapterModule(L.LightningModule):
             self.class_names,
             self.templates or ["a photo of a {}."],
             self.hparams.class_batch_size,
-            self.bundle.model.token_embedding.weight.device,
+            next(self.bundle.model.parameters()).device,  # custom-text models have no token_embedding
         ).cpu()
         self.adapter = self.build_adapter()
         n = len(self.class_names)
