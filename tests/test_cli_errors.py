@@ -52,7 +52,7 @@ def test_parse_errors_are_one_line(capsys, monkeypatch):
             [
                 "fit",
                 "--config",
-                str(REPO / "configs" / "train" / "demo_linear_probe.yaml"),
+                str(REPO / "configs" / "method" / "linear_probe.yaml"),
                 "--trainer.max_epohcs",
                 "1",
             ]

@@ -21,7 +21,7 @@ def test_settings_sweep_trains_evaluates_and_tabulates(tiny_clip_path, data_root
     train = ["--model.init_args.pretrained", str(tiny_clip_path), "--data.init_args.data_root", str(data_root),
              "--trainer.max_epochs", "3", "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu"]  # fmt: skip
     main([
-        "--evaluate", str(REPO / "configs" / "demo.yaml"), "--adapter", str(REPO / "configs" / "train" / "demo_linear_probe.yaml"),
+        "--evaluate", str(REPO / "configs" / "demo.yaml"), "--adapter", json.dumps([str(REPO / "configs" / "method" / "linear_probe.yaml"), str(REPO / "configs" / "experiments" / "demo_linear_probe.yaml")]),
         "--shots", "[0, 2]", "--seeds", "[3]", "--out", str(out),
         "--evaluate_overrides", json.dumps(common), "--train_overrides", json.dumps(train),
     ])  # fmt: skip

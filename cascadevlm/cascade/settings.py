@@ -2,6 +2,8 @@
 by the CLIP adapter and the LVLM's in-context examples, then a mean +/- std table.
 
     python -m cascadevlm.cascade.settings --config configs/experiments/demo_settings.yaml [--dry_run true]
+    python -m cascadevlm.cascade.settings --evaluate configs/experiments/vitl14_qwen2vl.yaml \
+        --adapter configs/method/linear_probe.yaml --data configs/data/fgvc_aircraft.yaml --out runs/settings/aircraft
 
 Each step runs the installed entry points (``python -m cascadevlm.cli train fit ...`` and
 ``python -m cascadevlm.cli evaluate ...``, the same as the ``cascadevlm-train`` / ``cascadevlm-evaluate``
@@ -33,7 +35,19 @@ def build_parser() -> ArgumentParser:
     )
     p.add_argument("--config", action=ActionConfigFile)
     p.add_argument("--evaluate", type=str, required=True, help="evaluate.py config of the cascade")
-    p.add_argument("--adapter", type=str | None, default=None, help="train.py config of the CLIP adapter")
+    p.add_argument(
+        "--adapter",
+        type=str | list[str] | None,
+        default=None,
+        help="train.py config of the CLIP adapter, or a list composed in order (later files override "
+        "earlier ones), e.g. [configs/method/coop.yaml, configs/experiments/demo_coop.yaml]",
+    )
+    p.add_argument(
+        "--data",
+        type=str | None,
+        default=None,
+        help="a dataset config (configs/data/<dataset>.yaml) given as --data to both train.py and evaluate.py",
+    )
     p.add_argument("--shots", type=list[int], default=[0, 1, 2, 4, 8, 16])
     p.add_argument("--seeds", type=list[int], default=[1, 2, 3])
     p.add_argument(
@@ -54,7 +68,8 @@ def plan(cfg) -> list[dict]:
     for k in cfg.shots:
         for seed in cfg.seeds if k > 0 else cfg.seeds[:1]:  # zero-shot has nothing to draw
             name = f"k{k}_s{seed}" if k > 0 else "k0"
-            ev = [*EVALUATE_CMD, "--config", cfg.evaluate, *cfg.evaluate_overrides,
+            data = ["--data", cfg.data] if cfg.data else []
+            ev = [*EVALUATE_CMD, "--config", cfg.evaluate, *data, *cfg.evaluate_overrides,
                   "--data.shots", str(k), "--data.seed", str(seed), "--data.splits_dir", splits,
                   "--output_dir", str(out / "eval"), "--run_name", name]  # fmt: skip
             adapter = None
@@ -63,7 +78,7 @@ def plan(cfg) -> list[dict]:
                 ev += ["--cascade.incontext_shots", str(cfg.incontext_shots)]
                 if cfg.adapter:
                     train_root = out / "train" / name
-                    train = [*TRAIN_CMD, "fit", "--config", cfg.adapter,
+                    train = [*TRAIN_CMD, "fit", *adapter_configs(cfg.adapter), *data,
                              *cfg.train_overrides, "--data.init_args.shots", str(k), "--data.init_args.seed",
                              str(seed), "--data.init_args.splits_dir", splits,
                              "--trainer.default_root_dir", str(train_root)]  # fmt: skip
@@ -71,6 +86,12 @@ def plan(cfg) -> list[dict]:
             steps.append({"k": k, "seed": seed, "name": name, "train": train, "adapter_root": adapter,
                           "evaluate": ev, "run_dir": out / "eval" / name})  # fmt: skip
     return steps
+
+
+def adapter_configs(adapter: str | list[str]) -> list[str]:
+    """``--config`` for each of the adapter's train.py config files, in order."""
+    files = [adapter] if isinstance(adapter, str) else list(adapter)
+    return [arg for path in files for arg in ("--config", path)]
 
 
 def _adapter_file(root: Path) -> Path | None:
