@@ -10,7 +10,7 @@ Templates follow the per-dataset prompts published with CLIP (``data/prompts.md`
 
 from __future__ import annotations
 
-from cascadevlm.data.registry import BenchmarkSpec
+from cascadevlm.data.spec import BenchmarkSpec
 
 # --- Stanford Cars: the names of devkit/cars_meta.mat, in its order (already clean) ----------------
 CARS_CLASSES: tuple[str, ...] = (

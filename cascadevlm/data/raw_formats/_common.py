@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cascadevlm.data.registry import BenchmarkSpec
+from cascadevlm.data.spec import BenchmarkSpec
 
 Item = tuple[Path, int]  # (image file, registry label 0..K-1)
 

@@ -15,7 +15,7 @@ from cascadevlm.data.raw_formats._common import (
     load_mat,
     struct_field,
 )
-from cascadevlm.data.registry import BenchmarkSpec
+from cascadevlm.data.spec import BenchmarkSpec
 
 _TEST_ANNOS = ("cars_test_annos_withlabels.mat", "devkit/cars_test_annos_withlabels.mat")
 

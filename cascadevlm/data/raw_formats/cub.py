@@ -13,7 +13,7 @@ from cascadevlm.data.raw_formats._common import (
     as_int,
     read_lines,
 )
-from cascadevlm.data.registry import BenchmarkSpec
+from cascadevlm.data.spec import BenchmarkSpec
 
 
 def _pairs(path: Path, dataset: str) -> dict[int, str]:

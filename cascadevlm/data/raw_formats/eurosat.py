@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from cascadevlm.data.raw_formats._common import ClassIndex, Listing, PrepareError, RawFormat, ReadOptions
-from cascadevlm.data.registry import BenchmarkSpec
+from cascadevlm.data.spec import BenchmarkSpec
 
 FRACTIONS = (0.5, 0.2, 0.3)
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}

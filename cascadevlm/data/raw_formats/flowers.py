@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from cascadevlm.data.raw_formats._common import Listing, RawFormat, ReadOptions, as_int, check_range, load_mat
-from cascadevlm.data.registry import BenchmarkSpec
+from cascadevlm.data.spec import BenchmarkSpec
 
 
 def read(root: Path, spec: BenchmarkSpec, options: ReadOptions) -> Listing:

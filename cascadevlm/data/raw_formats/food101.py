@@ -14,7 +14,7 @@ from cascadevlm.data.raw_formats._common import (
     need_file,
     read_lines,
 )
-from cascadevlm.data.registry import BenchmarkSpec
+from cascadevlm.data.spec import BenchmarkSpec
 
 
 def read(root: Path, spec: BenchmarkSpec, options: ReadOptions) -> Listing:
