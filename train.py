@@ -1,4 +1,5 @@
-"""Train few-shot adapters: ``python train.py fit --config configs/train/<file>.yaml`` (LightningCLI)."""
+"""Train few-shot adapters (LightningCLI): ``python train.py fit --config configs/method/<method>.yaml
+--data configs/data/<dataset>.yaml``; ``python train.py test ... --ckpt_path <run>/checkpoints/best.ckpt``."""
 
 from cascadevlm.cli import train_main
 

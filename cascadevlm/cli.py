@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import shutil
 import sys
 from pathlib import Path
@@ -10,8 +11,22 @@ import lightning as L
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from cascadevlm.errors import one_line_errors, parser_kwargs
+
+# Modules defining the classes a command line may name (``--model PromptTuningModule``,
+# ``--lvlm TransformersBackend``): jsonargparse resolves a short class name, and ``--help`` lists a
+# "known subclass", only among subclasses already imported, so the entry points import these first.
+TRAIN_CLASSES = ("cascadevlm.clip.adapters", "cascadevlm.lvlm.lora")
+LVLM_CLASSES = ("cascadevlm.lvlm.transformers_backend", "cascadevlm.lvlm.api_backend")
+
+
+def register_classes(modules: tuple[str, ...]) -> None:
+    """Import ``modules`` so their LightningModule / DataModule / LVLMBackend subclasses have short names."""
+    for name in modules:
+        importlib.import_module(name)
+
 
 DEFAULT_RUNS_DIR = "runs/train"
 # What a training run writes into its directory; cleared when the same run is started again.
@@ -42,8 +57,19 @@ class TrainCLI(LightningCLI):
                 kwargs["logger"] = TensorBoardLogger(
                     root, name=name[0], version=name[1], default_hp_metric=False
                 )
-                clear_run_dir(Path(root) / name[0] / name[1])
+                if self.subcommand == "fit":  # validate/test/predict read a run, never replace it
+                    clear_run_dir(Path(root) / name[0] / name[1])
         return super().instantiate_trainer(**kwargs)
+
+    def after_fit(self) -> None:
+        """Test the checkpoint the adapter was exported from on the data module's test split, through the
+        module's ``test_step`` (its torchmetrics), when both exist; the numbers go to ``metrics.json``."""
+        trainer, dm = self.trainer, self.datamodule
+        ckpt = getattr(trainer.checkpoint_callback, "best_model_path", "")
+        has_test = dm is not None and dict(getattr(dm, "hparams", {})).get("test_split") is not None
+        if trainer.interrupted or not ckpt or not has_test or not is_overridden("test_step", self.model):
+            return
+        trainer.test(self.model, datamodule=dm, ckpt_path=ckpt, verbose=False)
 
     def run_name(self) -> tuple[str, str] | None:
         method = getattr(self.model, "method", None)
@@ -67,7 +93,9 @@ def clear_run_dir(run_dir: Path) -> None:
 
 @one_line_errors
 def train_main(args: list[str] | None = None) -> TrainCLI:
-    """``train.py``: ``python train.py fit --config configs/train/<file>.yaml [--data.shots 4 ...]``."""
+    """``train.py``: ``python train.py fit --config configs/method/<method>.yaml --data
+    configs/data/<dataset>.yaml [--data.shots 4 ...]`` (later files and flags override earlier ones)."""
+    register_classes(TRAIN_CLASSES)
     subcommands = ("fit", "validate", "test", "predict")
     return TrainCLI(
         L.LightningModule,
@@ -85,6 +113,7 @@ def evaluate_main(args: list[str] | None = None) -> dict | None:
     """``evaluate.py``: the cascade evaluation (see :mod:`cascadevlm.cascade.evaluate`)."""
     from cascadevlm.cascade.evaluate import main
 
+    register_classes(LVLM_CLASSES)
     return main(args)
 
 

@@ -563,7 +563,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-overlap", action="store_true", help="keep images that are in two splits (refused by default)"
     )
     p.add_argument("--list", action="store_true", help="list the benchmarks with their expected raw layout")
-    return p
+    from cascadevlm.flags import one_flag_style
+
+    return one_flag_style(p)  # --skip_bad as in train.py / evaluate.py; --skip-bad still works
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cascadevlm.flags import one_flag_style
 from cascadevlm.zoo.miniature import CHECKPOINTS as DEFAULT_OUT
 from cascadevlm.zoo.miniature import CLIP_CHECKPOINT, CLIP_MODEL, LEFT_OUT
 from cascadevlm.zoo.miniature import LLAVA_DIR as _LLAVA
@@ -516,7 +517,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--train-limit", type=int, default=None, help="use only the first N train images (tests)")
     p.add_argument("--val-limit", type=int, default=2000, help="val images for the manifest's accuracies")
     p.add_argument("--data-root", default="data", help="where the Fashion-MNIST splits are built")
-    args = p.parse_args(argv)
+    args = one_flag_style(p).parse_args(argv)  # --clip_steps as in train.py; --clip-steps still works
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     argv_ = sys.argv[1:] if argv is None else argv

@@ -112,6 +112,8 @@ class AdapterModule(L.LightningModule):
         self.train_acc = MulticlassAccuracy(n, average="micro")
         self.val_acc = MulticlassAccuracy(n, average="micro")
         self.val_zero_shot_acc = MulticlassAccuracy(n, average="micro")
+        self.test_acc = MulticlassAccuracy(n, average="micro")
+        self.test_zero_shot_acc = MulticlassAccuracy(n, average="micro")
         self.val_loss = MeanMetric()
         self.train_loss = MeanMetric()
         self.val_confusion = MulticlassConfusionMatrix(n) if self.hparams.log_confusion_matrix else None
@@ -151,6 +153,16 @@ class AdapterModule(L.LightningModule):
         self.log("val/loss", self.val_loss, on_epoch=True, batch_size=n)
         self.log("val/acc", self.val_acc, on_epoch=True, batch_size=n, prog_bar=True)
         self.log("val/zero_shot_acc", self.val_zero_shot_acc, on_epoch=True, batch_size=n)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        """Accuracy of the adapter (the checkpoint tested) and of zero-shot CLIP on the test split."""
+        logits = self.logits(batch["features"]).float()
+        n = len(logits)
+        self.test_acc.update(logits, batch["label"])
+        zs = clip_logits(batch["features"], self.zero_shot_head.to(self.device), self.logit_scale)
+        self.test_zero_shot_acc.update(zs, batch["label"])
+        self.log("test/acc", self.test_acc, on_epoch=True, batch_size=n)
+        self.log("test/zero_shot_acc", self.test_zero_shot_acc, on_epoch=True, batch_size=n)
 
     def on_validation_epoch_end(self) -> None:
         if self.val_confusion is None:
