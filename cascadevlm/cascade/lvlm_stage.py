@@ -59,8 +59,54 @@ class DeferredImages(torch.utils.data.Dataset):
         return {"index": rec.index, "image": image, "candidate_ids": rec.clip_topk[: self.topk], "key": key}
 
 
-def _as_list(batch: list[dict]) -> list[dict]:
-    return batch
+def build_requests(batch: list[dict], class_names: list[str], exemplars=None) -> list[LVLMRequest]:
+    """The backend requests of a batch of deferred images (in-context examples attached if any)."""
+    requests = [
+        LVLMRequest(
+            image=b["image"],
+            candidates=[class_names[c] for c in b["candidate_ids"]],
+            fallback=0,
+            key=b["key"],
+        )
+        for b in batch
+    ]
+    if exemplars is not None:
+        exemplars.attach(requests)
+    return requests
+
+
+@dataclass
+class PreparedRequests:
+    """Requests a backend's ``prepare`` turned into model inputs, one item per forward."""
+
+    batches: list
+
+    def __len__(self) -> int:
+        return sum(len(b) for b in self.batches)
+
+
+class StageCollate:
+    """The LVLM stage's ``collate_fn``: a batch of deferred images -> ``(rows, work)``.
+
+    ``rows`` keep what the answers need (index, candidate ids, key; not the image) and ``work`` is what
+    the backend's ``choose`` takes: the requests, or, with ``prepare`` (a backend's picklable
+    preprocessing, e.g. :attr:`TransformersBackend.prepare`), the requests already prepared in
+    forward-sized batches. In DataLoader workers this runs for the next batches while the model
+    answers the current one. Holds no model, so it pickles cheaply to spawned workers.
+    """
+
+    def __init__(self, class_names: list[str], exemplars=None, prepare=None) -> None:
+        self.class_names = list(class_names)
+        self.exemplars = exemplars
+        self.prepare = prepare
+
+    def __call__(self, batch: list[dict]) -> tuple[list[dict], object]:
+        requests = build_requests(batch, self.class_names, self.exemplars)
+        rows = [{k: v for k, v in b.items() if k != "image"} for b in batch]
+        if self.prepare is None:
+            return rows, requests
+        split = getattr(self.prepare, "split", None)  # forward-sized batches, as choose() would
+        return rows, PreparedRequests(split(requests) if split else [self.prepare(requests)])
 
 
 class LVLMStage(L.LightningModule):
@@ -72,23 +118,33 @@ class LVLMStage(L.LightningModule):
         self.class_names = list(class_names)
         self.exemplars = exemplars  # an ExemplarPool, or None for zero-shot prompts
 
-    def predict_step(self, batch: list[dict], batch_idx: int = 0) -> list[LVLMResult]:
-        requests = [
-            LVLMRequest(
-                image=b["image"],
-                candidates=[self.class_names[c] for c in b["candidate_ids"]],
-                fallback=0,
-                key=b["key"],
-            )
-            for b in batch
-        ]
-        if self.exemplars is not None:
-            self.exemplars.attach(requests)
-        answers = self.backend.choose(requests)
-        if len(answers) != len(requests):
-            raise RuntimeError(f"backend returned {len(answers)} answers for {len(requests)} requests")
+    def requests(self, batch: list[dict]) -> list[LVLMRequest]:
+        """The backend requests of a batch of deferred images (as :class:`DeferredImages` gives them)."""
+        return build_requests(batch, self.class_names, self.exemplars)
+
+    def collate(self, workers: int = 0) -> StageCollate:
+        """The DataLoader's ``collate_fn``. With ``workers`` > 0 and a backend that has ``prepare``
+        (the transformers backend), prompt rendering and image processing run in the workers, ahead
+        of the model; with none, :meth:`predict_step` hands the backend plain requests, as before."""
+        prepare = getattr(self.backend, "prepare", None) if workers > 0 else None
+        return StageCollate(self.class_names, self.exemplars, prepare)
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx: int = 0):
+        # The backend places its inputs itself (device_map aware); Lightning's walk over the batch's
+        # dataclasses would only copy requests and images.
+        return batch
+
+    def predict_step(self, batch, batch_idx: int = 0) -> list[LVLMResult]:
+        """Answers for ``batch``: ``(rows, work)`` from :class:`StageCollate`, or a list of rows."""
+        rows, work = batch if isinstance(batch, tuple) else (batch, self.requests(batch))
+        if isinstance(work, PreparedRequests):
+            answers = [a for prepared in work.batches for a in self.backend.choose(prepared)]
+        else:
+            answers = self.backend.choose(work)
+        if len(answers) != len(rows):
+            raise RuntimeError(f"backend returned {len(answers)} answers for {len(rows)} requests")
         out = []
-        for b, a in zip(batch, answers, strict=True):
+        for b, a in zip(rows, answers, strict=True):
             if not 0 <= a.choice < len(b["candidate_ids"]):
                 raise RuntimeError(
                     f"backend chose position {a.choice} among {len(b['candidate_ids'])} candidates"
@@ -202,19 +258,33 @@ def run_lvlm_stage(
     parts_dir: str | Path,
     batch_size: int,
     num_workers: int = 0,
+    prefetch_factor: int = 2,
 ) -> None:
-    """Ask the LVLM about ``todo`` (records still without an answer); answers land in part files."""
+    """Ask the LVLM about ``todo`` (records still without an answer); answers land in part files.
+
+    ``num_workers`` DataLoader workers decode the images and build the requests, and for a backend with
+    ``prepare`` (the transformers backend) render the prompts and run the processor, up to
+    ``prefetch_factor`` batches each ahead of the model. The workers live for the whole stage (one pass
+    over one DataLoader). Neither changes an answer, so neither is in the run name or fingerprint.
+    """
     if not todo:
         return
     backend = stage.backend
     # A backend with a request pool (the API backend) gets large batches and keeps its pool full
     # within each; answers are still appended batch by batch.
     batch_size = max(batch_size, getattr(backend, "stage_batch_size", 0) or 0)
+    from cascadevlm.data.streaming import StreamedRows, is_stream
+
+    images = DeferredImages(dataset, todo, topk, split)
+    if is_stream(dataset):  # data.streaming: no random access, the rows are read in order
+        extra = {r.index: {"candidate_ids": r.clip_topk[:topk], "key": f"{split}/{r.index}"} for r in todo}
+        images = StreamedRows(dataset, extra, split)
     loader = torch.utils.data.DataLoader(
-        DeferredImages(dataset, todo, topk, split),
+        images,
         batch_size=batch_size,
-        collate_fn=_as_list,
+        collate_fn=stage.collate(num_workers),
         num_workers=num_workers,
+        prefetch_factor=prefetch_factor if num_workers > 0 else None,
     )
     if hasattr(backend, "begin_stage"):  # progress display over the whole stage (this rank's share)
         backend.begin_stage(-(-len(todo) // trainer.world_size), trainer.global_rank)

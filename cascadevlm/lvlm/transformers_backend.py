@@ -240,13 +240,23 @@ class BatchPreparer:
     """Renders prompts and runs the processor for a list of requests: the CPU side of a batch.
 
     Holds the processor and the prompt settings, never the model, so a DataLoader can run it in its
-    workers (``collate_fn``) while the model computes the previous batch.
+    workers (``collate_fn``) while the model computes the previous batch. ``batch_size``: the backend's
+    requests per forward; callers that prepare more requests at once split them into batches of that
+    size (:meth:`split`), as :meth:`TransformersBackend.choose` does, so the answers are the same.
     """
 
-    def __init__(self, encoder: ChatEncoder, prompt: PromptConfig, mode: str) -> None:
+    def __init__(
+        self, encoder: ChatEncoder, prompt: PromptConfig, mode: str, batch_size: int | None = None
+    ) -> None:
         self.encoder = encoder
         self.prompt = prompt
         self.mode = mode
+        self.batch_size = batch_size
+
+    def split(self, requests: list[LVLMRequest]) -> list[PreparedBatch]:
+        """``requests`` prepared in batches of :attr:`batch_size` (one per forward)."""
+        n = self.batch_size or max(len(requests), 1)
+        return [self(requests[i : i + n]) for i in range(0, len(requests), n)]
 
     def __call__(self, requests: list[LVLMRequest]) -> PreparedBatch:
         prompts = [build_prompt(r, self.prompt) for r in requests]
@@ -392,7 +402,7 @@ class TransformersBackend(LVLMBackend):
         """The CPU side of a batch as a picklable callable (no model inside): ``prepare(requests)``
         gives a :class:`PreparedBatch` that :meth:`choose` takes in place of the requests. Use it as a
         DataLoader's ``collate_fn`` so workers render prompts and process images ahead of the model."""
-        return BatchPreparer(self.encoder, self.prompt, self.mode)
+        return BatchPreparer(self.encoder, self.prompt, self.mode, self._fit)
 
     @property
     def fitted_batch_size(self) -> int:
