@@ -7,7 +7,7 @@ from pathlib import Path
 import lightning as L
 
 from cascadevlm.cascade.writer import RecordPartsWriter
-from cascadevlm.clip.features import FeatureCache, split_feature_key
+from cascadevlm.clip.features import FeatureCache, feature_key, split_feature_key
 from cascadevlm.clip.module import ClipClassifier
 from cascadevlm.data.datamodule import CascadeDataModule
 from cascadevlm.records import PredictionRecord
@@ -35,10 +35,11 @@ def run_clip_stage(
     otherwise they are computed and rank 0 writes them to the cache once all ranks are done.
     """
     dm.transform = model.preprocess
+    streaming = getattr(dm, "streaming", False)  # a stream has no length until it is read
     ds = dm.eval_dataset()
     cache = FeatureCache(cache_dir)
-    key = stage_cache_key(model, dm)
-    feats = cache.load(key)
+    key = stage_cache_key(model, dm) if getattr(dm, "use_feature_cache", True) else None
+    feats = cache.load(key) if key else None
     loader = dm.feature_dataloader(feats) if feats is not None else dm.image_dataloader()
     writer = RecordPartsWriter(parts_dir)
     predict_with_writer(trainer, model, loader, writer)
@@ -46,20 +47,29 @@ def run_clip_stage(
     if not trainer.is_global_zero:
         return None
     records = writer.merged_records(trainer.world_size)
-    if len(records) != len(ds):
-        raise RuntimeError(f"CLIP stage produced {len(records)} records for {len(ds)} images")
-    if feats is None:
-        merged = writer.merged_features(trainer.world_size, len(ds))
+    n = len(records) if streaming else len(ds)
+    if [r.index for r in records] != list(range(n)):
+        raise RuntimeError(f"CLIP stage produced records for rows {_span(records)} of {n} images")
+    if feats is None and key:
+        merged = writer.merged_features(trainer.world_size, n)
         if merged is not None:
             meta = {"model": model.bundle.model_name, "weights": model.bundle.weights_id, "split": dm.split}
             cache.save(key, merged, meta)
     return records
 
 
+def _span(records: list[PredictionRecord]) -> str:
+    return f"{records[0].index}..{records[-1].index} ({len(records)} rows)" if records else "none"
+
+
 def stage_cache_key(model: ClipClassifier, dm: CascadeDataModule) -> str:
     """The feature-cache key of ``dm``'s evaluated split under ``model``."""
+    if getattr(dm, "streaming", False):  # rows: the stream's source and limit, in its fingerprint
+        return feature_key(model.bundle.feature_identity(), dm.eval_fingerprint(), f"{dm.name}/{dm.split}", 0)
     return split_feature_key(model.bundle, dm.eval_dataset(), f"{dm.name}/{dm.split}")
 
 
 def feature_cache_hit(model: ClipClassifier, dm: CascadeDataModule, cache_dir: str | Path) -> bool:
+    if not getattr(dm, "use_feature_cache", True):
+        return False
     return FeatureCache(cache_dir).path(stage_cache_key(model, dm)).exists()

@@ -20,8 +20,10 @@ from cascadevlm.data.loading import (
     ImageDecodeError,
     dataset_class_names,
     decode_image,
+    is_saved_dataset,
     load_dataset_dict,
 )
+from cascadevlm.data.names import readable_class_names
 from cascadevlm.data.registry import (
     GENERIC_TEMPLATES,
     BenchmarkSpec,
@@ -29,6 +31,7 @@ from cascadevlm.data.registry import (
     match_class_names,
     validate_class_names,
 )
+from cascadevlm.data.wds import Mirror, check_class_names, read_mirror
 
 
 def read_class_names(class_names: list[str] | str | None) -> list[str] | None:
@@ -63,6 +66,14 @@ class CascadeDataModule(L.LightningDataModule):
         data_root: where the demo dataset is built.
         image_column, label_column: the dataset's image and label columns when not ``image`` / ``label``
             (otherwise its only Image / ClassLabel column; two of a kind must be named).
+        streaming: read the evaluated split as a stream (webdataset mirror shards, a hub dataset, an
+            image folder, a ``save_to_disk`` folder) instead of materialising it: the same records, each
+            image decoded once over all ranks; no skip_bad, no k-shot split (see docs/datasets.md).
+        cache_features: keep the evaluated split's image features in the feature cache; None = yes,
+            except when streaming (a stream is evaluated once; caching needs a pass to read labels).
+        readable_names: class names taken from an image folder's folder names are written readably in
+            prompts (``001.Black_footed_Albatross`` -> ``Black footed Albatross``, see
+            :mod:`cascadevlm.data.names`); the dataset keeps the folder names (``source_class_names``).
     """
 
     def __init__(
@@ -84,9 +95,23 @@ class CascadeDataModule(L.LightningDataModule):
         skip_bad: bool = False,
         image_column: str | None = None,
         label_column: str | None = None,
+        streaming: bool = False,
+        cache_features: bool | None = None,
+        readable_names: bool = True,
     ) -> None:
         super().__init__()
         self.image_column, self.label_column = image_column, label_column
+        self.streaming, self.cache_features, self.readable_names = streaming, cache_features, readable_names
+        if streaming and skip_bad:
+            raise ValueError(
+                "data.skip_bad decodes the split before evaluating it, which a stream cannot: "
+                "set --data.skip_bad false, or --data.streaming false"
+            )
+        if streaming and shots:
+            raise ValueError(
+                "data.shots draws a k-shot split from a materialised train split, not a stream: "
+                "set --data.shots 0, or --data.streaming false"
+            )
         class_names = read_class_names(class_names)
         if limit is not None and limit < 1:
             raise ValueError(
@@ -109,13 +134,19 @@ class CascadeDataModule(L.LightningDataModule):
         self.splits_dir = splits_dir
         self.data_root = data_root
         self.transform = None  # set by the CLIP stage: its own preprocessing
+        self.mirror: Mirror | None = self._mirror()
         self.dsd = self._load()
         self.require_split(split, self.split_flag)
         self.benchmark = benchmark
         self.spec = self._spec(benchmark)
-        own = dataset_class_names(self.dsd[split])
+        own = list(self.mirror.class_names) if self.mirror else dataset_class_names(self.dsd[split])
+        # an image folder's class names are its folder names: readable in prompts unless told otherwise
+        folders = readable_names and not class_names and self.spec is None and self._is_image_folder()
         if class_names:
             names = list(class_names)  # the user's names, by label id
+        elif self.spec is not None and self.mirror is not None:
+            check_class_names(self.spec.class_names, self.mirror.class_names, self.spec.name)
+            names = list(self.spec.class_names)  # as prepare --wds NAME: the registry's, checked in order
         elif self.spec is not None and own is not None:
             names = match_class_names(self.spec, own, dataset)  # by name, in the dataset's label order
         elif self.spec is not None:
@@ -124,19 +155,58 @@ class CascadeDataModule(L.LightningDataModule):
             names = own
         if names is None:
             raise ValueError(f"dataset {dataset!r} has no ClassLabel feature; give data.class_names")
-        self.class_names = validate_class_names(names, f"dataset {self.name!r}")
+        self.source_class_names = validate_class_names(names, f"dataset {self.name!r}")
+        self.class_names = readable_class_names(names, f"dataset {self.name!r}") if folders else list(names)
+        mirror_templates = list(self.mirror.templates) if self.mirror and self.spec is None else None
         self.templates = list(
-            templates or self._card_templates() or (self.spec.templates if self.spec else GENERIC_TEMPLATES)
+            templates
+            or mirror_templates
+            or self._card_templates()
+            or (self.spec.templates if self.spec else GENERIC_TEMPLATES)
         )
-        self._check_labels()
+        if not streaming:  # a stream's labels are checked as its rows are read
+            self._check_labels()
+
+    @property
+    def prompt_names_changed(self) -> bool:
+        """The prompts' class names differ from the dataset's own (readable folder names)."""
+        return self.class_names != self.source_class_names
+
+    @property
+    def use_feature_cache(self) -> bool:
+        return (not self.streaming) if self.cache_features is None else bool(self.cache_features)
 
     # ----------------------------------------------------------------------------------------- loading
-    def _load(self) -> datasets.DatasetDict:
+    def _source(self) -> str:
         if self.dataset == "fashion_mnist":
             from cascadevlm.data.demo import fashion_mnist_dir
 
-            return load_dataset_dict(str(fashion_mnist_dir(self.data_root)))
-        return load_dataset_dict(self.dataset, self.image_column, self.label_column)
+            return str(fashion_mnist_dir(self.data_root))
+        return self.dataset
+
+    def _mirror(self) -> Mirror | None:
+        """The CLIP_benchmark webdataset mirror ``dataset`` is (a folder with classnames.txt), or None."""
+        path = Path(self.dataset).expanduser()
+        if not (path / "classnames.txt").is_file() or is_saved_dataset(path):
+            return None
+        if not self.streaming:
+            raise ValueError(
+                f"dataset {self.dataset!r} is a webdataset mirror: stream it with --data.streaming true, or "
+                f"prepare it first (python -m cascadevlm.data.prepare --wds {self.dataset} --out DIR)"
+            )
+        return read_mirror(path)
+
+    def _is_image_folder(self) -> bool:
+        path = Path(self.dataset).expanduser()
+        return self.mirror is None and path.is_dir() and not is_saved_dataset(path)
+
+    def _load(self) -> datasets.DatasetDict | datasets.IterableDatasetDict:
+        if self.streaming:
+            from cascadevlm.data.streaming import load_stream_dict
+
+            shards = self.mirror.shards if self.mirror else None
+            return load_stream_dict(self._source(), self.image_column, self.label_column, shards)
+        return load_dataset_dict(self._source(), self.image_column, self.label_column)
 
     def _card_templates(self) -> list[str] | None:
         """Templates a prepared dataset carries in its card (a webdataset mirror's, see ``prepare --wds``)."""
@@ -193,8 +263,10 @@ class CascadeDataModule(L.LightningDataModule):
         return self.spec.noun if self.spec else "object"
 
     # ------------------------------------------------------------------------------------------ splits
-    def eval_dataset(self) -> datasets.Dataset:
+    def eval_dataset(self) -> datasets.Dataset | datasets.IterableDataset:
         ds = self.dsd[self.split]
+        if self.streaming:
+            return ds if self.limit is None else ds.take(self.limit)
         if self.limit is not None and self.limit < len(ds):
             ds = ds.select(range(self.limit))
         if self.skip_bad:
@@ -222,8 +294,21 @@ class CascadeDataModule(L.LightningDataModule):
             self._decodable[key] = ds.select([i for i in range(len(ds)) if i not in bad_set]) if bad else ds
         return self._decodable[key]
 
+    def eval_fingerprint(self) -> str:
+        """What the evaluated rows are: the dataset's fingerprint, or a stream's source files / revision."""
+        if not self.streaming:
+            return str(self.eval_dataset()._fingerprint)
+        from cascadevlm.data.streaming import stream_fingerprint
+
+        columns = {"image_column": self.image_column, "label_column": self.label_column}
+        return stream_fingerprint(self._source(), self.split, self.limit, columns)
+
     def labels(self, split: str | None = None) -> list[int]:
         ds = self.eval_dataset() if split is None else self.dsd[split]
+        if self.streaming:
+            from cascadevlm.data.streaming import stream_labels
+
+            return stream_labels(ds)
         return [int(x) for x in ds[LABEL_COLUMN]]
 
     def kshot_split(self, shots: int | None = None, seed: int | None = None) -> KShotSplit:
@@ -250,6 +335,13 @@ class CascadeDataModule(L.LightningDataModule):
             raise RuntimeError(
                 "no image transform set: the CLIP stage sets data.transform to its preprocessing"
             )
+        if self.streaming:
+            from cascadevlm.data.streaming import StreamedImages
+
+            if indices is not None:
+                raise ValueError("a streamed split is evaluated whole: no row indices")
+            stream = StreamedImages(self.eval_dataset(), self.transform, self.split, len(self.class_names))
+            return self._loader(stream)
         hint = "" if self.skip_bad else "; pass --data.skip_bad true to leave undecodable images out"
         ds = ImageClassificationDataset(self.eval_dataset(), self.transform, self.split, indices, hint)
         return self._loader(ds)
@@ -269,5 +361,6 @@ class CascadeDataModule(L.LightningDataModule):
             batch_size=batch_size or self.batch_size,
             shuffle=False,
             num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            # a stream is read once per loader: persistent workers would only hold memory
+            persistent_workers=self.num_workers > 0 and not self.streaming,
         )

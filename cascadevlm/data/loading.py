@@ -44,7 +44,7 @@ def decode_image(value, where: str) -> Image.Image:
         raise ImageDecodeError(f"corrupt or truncated image: {name}: {err.reason}") from None
 
 
-def _is_saved_dataset(path: Path) -> bool:
+def is_saved_dataset(path: Path) -> bool:
     return (path / "dataset_dict.json").exists() or (path / "state.json").exists()
 
 
@@ -60,7 +60,7 @@ def load_dataset_dict(
     """
     path = Path(source).expanduser()
     if path.is_dir():
-        if _is_saved_dataset(path):
+        if is_saved_dataset(path):
             ds = datasets.load_from_disk(str(path))
             if isinstance(ds, datasets.Dataset):
                 ds = datasets.DatasetDict({"train": ds})
@@ -86,14 +86,17 @@ def load_dataset_dict(
                 f"{', '.join(benchmark_names())}"
             ) from err
     for split, d in ds.items():
-        ds[split] = _standard_columns(d, f"split {split!r} of {source!r}", image_column, label_column)
+        ds[split] = standard_columns(d, f"split {split!r} of {source!r}", image_column, label_column)
     return ds
 
 
-def _standard_columns(
-    d: datasets.Dataset, where: str, image_column: str | None, label_column: str | None
-) -> datasets.Dataset:
-    """``d`` with its image column as ``image`` (undecoded) and its label column as ``label``."""
+def standard_columns(d, where: str, image_column: str | None, label_column: str | None):
+    """``d`` (a Dataset or IterableDataset) with its image column as ``image`` (undecoded) and its label
+    column as ``label``."""
+    if isinstance(d, datasets.IterableDataset):
+        # Before any rename or cast: a stream's map/cast decodes each image and encodes it again (lossy
+        # for JPEG); undecoded, the stored bytes pass through as the table's cast keeps them.
+        d = d.decode(False)
     for given, standard, kind, flag in (
         (image_column, IMAGE_COLUMN, datasets.Image, "--data.image_column"),
         (label_column, LABEL_COLUMN, datasets.ClassLabel, "--data.label_column"),
@@ -108,7 +111,7 @@ def _standard_columns(
             continue
         if standard in d.column_names:
             continue
-        cands = [c for c, f in d.features.items() if isinstance(f, kind)]
+        cands = [c for c, f in (d.features or {}).items() if isinstance(f, kind)]
         if not cands:
             raise ValueError(f"{where} has no {standard} column: {d.column_names}; name it with {flag}")
         if len(cands) > 1:
@@ -116,6 +119,11 @@ def _standard_columns(
                 f"{where} has {len(cands)} {kind.__name__} columns {cands}; pick one with {flag}"
             )
         d = d.rename_column(cands[0], standard)
+    if (
+        isinstance((d.features or {}).get(IMAGE_COLUMN), datasets.Image)
+        and not d.features[IMAGE_COLUMN].decode
+    ):
+        return d  # a stream, undecoded from the start (above)
     return d.cast_column(IMAGE_COLUMN, datasets.Image(decode=False))
 
 
@@ -124,7 +132,7 @@ def _looks_like_hub_name(source: str) -> bool:
 
 
 def dataset_class_names(ds: datasets.Dataset) -> list[str] | None:
-    feat = ds.features.get(LABEL_COLUMN)
+    feat = (ds.features or {}).get(LABEL_COLUMN)
     if isinstance(feat, datasets.ClassLabel):
         return list(feat.names)
     return None
