@@ -402,6 +402,7 @@ def prepare(cli: EvaluateCLI) -> Run:
         prompt.noun = dm.noun  # dataset-aware wording ("aircraft variant") unless the config set one
     data_cfg = cfg.get("data") or {}
     overridden = bool(data_cfg.get("class_names") or data_cfg.get("templates"))
+    overridden = overridden or getattr(dm, "prompt_names_changed", False)  # readable folder names
     name = cfg.run_name or default_run_name(
         dm,
         model,
@@ -503,7 +504,7 @@ def stage_fingerprint(run: Run, dm: CascadeDataModule | None = None) -> dict:
             "dataset": dm.name,
             "split": dm.split,
             "limit": dm.limit,
-            "rows": dataset_fingerprint(dm.eval_dataset()),
+            "rows": dm.eval_fingerprint() if getattr(dm, "streaming", False) else dataset_fingerprint(dm.eval_dataset()),
             "class_names": list(dm.class_names),
             "noun": dm.noun,
             "shots": dm.shots,

@@ -438,6 +438,9 @@ def _build(spec, listing, raw, root, out, options, log, started, source: dict | 
                 for s in SPLITS
             }
         )
+        labels = {s: dd[s]["label"] for s in SPLITS}
+        # a split without images (a mirror with test shards only) is left out: saved empty, it cannot be loaded
+        dd = datasets.DatasetDict({s: d for s, d in dd.items() if len(d)})
         if out.exists():
             shutil.rmtree(out)
         bars = datasets.is_progress_bar_enabled()
@@ -447,7 +450,6 @@ def _build(spec, listing, raw, root, out, options, log, started, source: dict | 
         finally:
             if bars:
                 datasets.enable_progress_bars()
-        labels = {s: dd[s]["label"] for s in SPLITS}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     card = _card(spec, raw, root, listing, labels, bad, formats, options, time.perf_counter() - started)

@@ -24,7 +24,8 @@ class KShotFeatureDataModule(L.LightningDataModule):
     trained (its ``bundle``), or from :meth:`attach_bundle` when used without a Trainer.
 
     Args:
-        dataset, benchmark, class_names, templates, splits_dir, data_root: as :class:`CascadeDataModule`.
+        dataset, benchmark, class_names, templates, splits_dir, data_root, image_column, label_column,
+            readable_names: as :class:`CascadeDataModule`.
         shots: k, images per class in the training split; ``seed`` picks the k-shot draw.
         train_split, val_split: where k-shot images and validation images come from.
         test_split: also serve this split (accuracy of the final adapter); None for none.
@@ -47,7 +48,7 @@ class KShotFeatureDataModule(L.LightningDataModule):
         test_split: str | None = "test",
         val_limit: int | None = None,
         test_limit: int | None = None,
-        class_names: list[str] | None = None,
+        class_names: list[str] | str | None = None,
         templates: list[str] | None = None,
         batch_size: int = 32,
         eval_batch_size: int = 1024,
@@ -56,6 +57,9 @@ class KShotFeatureDataModule(L.LightningDataModule):
         cache_dir: str | None = "artifacts/features",
         splits_dir: str = "artifacts/splits",
         data_root: str = "data",
+        image_column: str | None = None,
+        label_column: str | None = None,
+        readable_names: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -78,6 +82,9 @@ class KShotFeatureDataModule(L.LightningDataModule):
             seed=seed,
             splits_dir=splits_dir,
             data_root=data_root,
+            image_column=image_column,
+            label_column=label_column,
+            readable_names=readable_names,
         )
         self.source.require_split(train_split, "--data.train_split", " to draw k-shot images from")
         if test_split is not None:
