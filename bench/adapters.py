@@ -26,6 +26,7 @@ from cascadevlm.clip.zero_shot import build_zero_shot_head
 from cascadevlm.data.benchmarks import FINE_GRAINED
 from cascadevlm.data.datamodule import CascadeDataModule
 from cascadevlm.data.loading import FeatureDataset, ImageClassificationDataset
+from cascadevlm.flags import one_flag_style
 from cascadevlm.zoo.tiny_clip import build_tiny_clip
 
 MODELS = ("cascadevlm-tiny-vit", "cascadevlm-small-vit")
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--shots", type=int, default=16)
     p.add_argument("--data-root", default="data")
     p.add_argument("--work", default="artifacts/bench_adapters")
-    args = p.parse_args(argv)
+    args = one_flag_style(p).parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     work = Path(args.work)

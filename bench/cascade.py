@@ -28,6 +28,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 from cascadevlm.cascade.evaluate import main as evaluate  # noqa: E402
+from cascadevlm.flags import one_flag_style  # noqa: E402
 from cascadevlm.gating.gate import tau_for_budget  # noqa: E402
 from cascadevlm.records import read_records  # noqa: E402
 from cascadevlm.report.analysis import sweep  # noqa: E402
@@ -58,7 +59,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=1000)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--data-root", default="data")
-    args = ap.parse_args()
+    args = one_flag_style(ap).parse_args()
     sys.argv = sys.argv[:1]  # evaluate() gets its own argument list
     n = args.images
     with tempfile.TemporaryDirectory() as tmp:

@@ -25,6 +25,7 @@ from cascadevlm.clip.module import ClipClassifier  # noqa: E402
 from cascadevlm.clip.zero_shot import build_zero_shot_head  # noqa: E402
 from cascadevlm.data.datamodule import CascadeDataModule  # noqa: E402
 from cascadevlm.data.loading import ImageClassificationDataset  # noqa: E402
+from cascadevlm.flags import one_flag_style  # noqa: E402
 from cascadevlm.zoo.tiny_clip import build_tiny_clip  # noqa: E402
 
 
@@ -60,7 +61,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=2000)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--data-root", default="data")
-    args = ap.parse_args()
+    args = one_flag_style(ap).parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

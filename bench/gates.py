@@ -43,6 +43,7 @@ from cascadevlm.clip.module import ClipClassifier  # noqa: E402
 from cascadevlm.data.datamodule import CascadeDataModule  # noqa: E402
 from cascadevlm.data.demo import fashion_mnist_dir  # noqa: E402
 from cascadevlm.data.loading import IMAGE_COLUMN, decode_image  # noqa: E402
+from cascadevlm.flags import one_flag_style  # noqa: E402
 from cascadevlm.gating.routing import RoutingOptions, apply_routing  # noqa: E402
 from cascadevlm.lvlm.base import LVLMRequest  # noqa: E402
 from cascadevlm.lvlm.transformers_backend import TransformersBackend  # noqa: E402
@@ -126,7 +127,7 @@ def main() -> None:
     ap.add_argument("--lvlm-images", type=int, default=32)
     ap.add_argument("--data-root", default="data")
     ap.add_argument("--repeats", type=int, default=2, help="best of this many timings of each side")
-    args = ap.parse_args()
+    args = one_flag_style(ap).parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         ckpt = build_tiny_clip(tmp / "clip", TINY_CLIP, seed=0)

@@ -138,7 +138,9 @@ def main() -> None:
     p.add_argument("--wds-only", action="store_true", help="only the shards-vs-raw comparison (1 worker)")
     p.add_argument("--run-one", nargs=3, metavar=("RAW", "OUT", "WORKERS"), help=argparse.SUPPRESS)
     p.add_argument("--wds", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    from cascadevlm.flags import one_flag_style
+
+    args = one_flag_style(p).parse_args()
     if args.run_one:
         _run_one(args.run_one[0], args.run_one[1], int(args.run_one[2]), args.wds)
         return

@@ -32,6 +32,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from cascadevlm.flags import one_flag_style  # noqa: E402
 from cascadevlm.lvlm.base import Exemplar, LVLMRequest  # noqa: E402
 from cascadevlm.lvlm.prompts import PromptConfig, build_prompt  # noqa: E402
 from cascadevlm.lvlm.scoring import _cache_kwarg, forward_inputs, rope_state_module, score_candidates  # noqa: E402
@@ -381,7 +382,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--out", help="also write the report (markdown) to this file")
     parser.add_argument("--skip-clip", action="store_true")
-    args = parser.parse_args(argv)
+    args = one_flag_style(parser).parse_args(argv)
     cfg = PRESETS[args.preset]
     device = torch.device("cuda" if args.preset == "gpu" else "cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
