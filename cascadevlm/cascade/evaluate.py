@@ -284,7 +284,9 @@ def adapter_params(model: ClipClassifier) -> dict | None:
     from cascadevlm.clip.adapters import adapter_info
 
     info = adapter_info(model.hparams.adapter)
-    return {"method": info["method"], "shots": info["shots"], "seed": info["seed"]}
+    mix = float(getattr(model.hparams, "adapter_mix", 1.0))  # WiSE-FT-style mixing with zero-shot
+    return {"method": info["method"], "shots": info["shots"], "seed": info["seed"],
+            "selection": info["selection"], "mix": mix}  # fmt: skip
 
 
 def default_run_name(
@@ -304,7 +306,9 @@ def default_run_name(
     ad = adapter_params(model)
     if ad:
         setting = [ad["method"], f"k{ad['shots']}" if ad["shots"] is not None else None,
-                   f"s{ad['seed']}" if ad["seed"] is not None else None]  # fmt: skip
+                   f"s{ad['seed']}" if ad["seed"] is not None else None,
+                   f"sel{ad['selection']}" if ad["selection"] not in (None, "val_split") else None,
+                   f"mix{ad['mix']:g}" if ad["mix"] != 1.0 else None]  # fmt: skip
     else:
         setting = [f"k{dm.shots}", f"s{dm.seed}" if dm.shots else None]
     prec = [p for p in (hp.precision, precision) if p and p not in ("fp32", "32-true", "32")]
@@ -497,6 +501,7 @@ def stage_fingerprint(run: Run, dm: CascadeDataModule | None = None) -> dict:
             "identity": identity,
             "precision": hp.precision,
             "adapter": adapter,
+            **({"adapter_mix": hp.adapter_mix} if getattr(hp, "adapter_mix", 1.0) != 1.0 else {}),
             "trainer_precision": str(getattr(run.cli.trainer, "precision", None)),
             "templates": list(model.templates),
         },  # fmt: skip
@@ -621,6 +626,8 @@ def report(run: Run, clip_records: list[PredictionRecord], answers: dict, gate: 
         "clip_precision": hp.precision,
         "adapter": hp.adapter,
         "adapter_method": ad["method"] if ad else None,
+        "adapter_selection": ad["selection"] if ad else None,  # model selection of its training
+        "adapter_mix": ad["mix"] if ad else None,
         # k and seed of the adapter file when there is one (never the data.shots default)
         "shots": ad["shots"] if ad and ad["shots"] is not None else dm.shots,
         "seed": ad["seed"] if ad and ad["seed"] is not None else dm.seed,

@@ -40,6 +40,8 @@ class ClipClassifier(L.LightningModule):
         class_batch_size: classes per text-encoder forward when building the zero-shot head.
         topk: candidates kept per image (at least 5 are stored in records).
         adapter: path of a trained few-shot adapter (``train.py``) replacing the zero-shot head.
+        adapter_mix: WiSE-FT-style interpolation of the adapter with zero-shot CLIP, in [0, 1]: logits
+            ``mix * adapter + (1 - mix) * zero-shot`` (1: the adapter alone, 0: zero-shot CLIP).
         build_tiny: offline demo only: write the project's seeded tiny checkpoint at ``pretrained`` first.
     """
 
@@ -55,8 +57,12 @@ class ClipClassifier(L.LightningModule):
         adapter: str | None = None,
         build_tiny: bool = False,
         model_config: str | None = None,
+        adapter_mix: float = 1.0,
     ) -> None:
         super().__init__()
+        from cascadevlm.clip.adapters.base import check_adapter_mix
+
+        check_adapter_mix(adapter_mix, adapter)
         self.save_hyperparameters()
         self.bundle = load_clip(
             model_name, pretrained, precision=precision, build_tiny=build_tiny, model_config=model_config
@@ -106,7 +112,14 @@ class ClipClassifier(L.LightningModule):
 
                 self.adapter_module = load_adapter(
                     self.hparams.adapter, bundle=self.bundle, class_names=self.class_names
-                ).to(self.device)
+                )
+                if self.hparams.adapter_mix != 1.0:
+                    from cascadevlm.clip.adapters.base import WiseHead
+
+                    scale = float(self.clip.logit_scale.exp())
+                    mix = self.hparams.adapter_mix
+                    self.adapter_module = WiseHead(self.adapter_module, self.head, scale, mix)
+                self.adapter_module = self.adapter_module.to(self.device)
         self.head = self.head.to(self.device)
         return self.head
 

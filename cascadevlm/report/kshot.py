@@ -29,6 +29,8 @@ def collect_runs(root: str | Path) -> list[dict]:
             raise ValueError(f"{path}: not valid JSON: {err}") from err
         if not isinstance(row, dict) or not {"dataset", "method", "shots", "seed"} <= set(row):
             continue  # another kind of run (e.g. an evaluation) writes metrics.json too
+        if row.get("selection") not in (None, "val_split"):  # the k-shot protocol, when not the default
+            row["method"] = f"{row['method']} (selection {row['selection']})"
         rows.append({**row, "path": str(path)})
     return rows
 

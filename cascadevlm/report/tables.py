@@ -27,6 +27,10 @@ def collect_results(run_dirs: list[str | Path]) -> list[dict]:
         # params), so a 16-shot CoOp run is never listed under data.shots' default of 0
         shots = int(p.get("shots") or 0)
         adapter_method = p.get("adapter_method")
+        if adapter_method and p.get("adapter_selection") not in (None, "val_split"):
+            adapter_method += f", selection {p['adapter_selection']}"  # the k-shot protocol, when not the default
+        if adapter_method and p.get("adapter_mix") not in (None, 1.0):
+            adapter_method += f", mix {p['adapter_mix']:g}"  # WiSE-FT-style mixing with zero-shot
         for method, acc in payload.get("methods", {}).items():
             if acc is None:
                 continue

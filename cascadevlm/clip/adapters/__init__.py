@@ -1,8 +1,9 @@
 """Few-shot CLIP adapters, one module per method, on a shared base (save/load with safetensors metadata).
 
 ``base``: the file format, :func:`save_adapter`, :func:`load_adapter`, :func:`adapter_info`;
-``linear_probe`` and ``coop``: the methods (their head and their LightningModule); ``module``: the
-shared LightningModule; ``datamodule``: the k-shot feature DataModule; ``checkpoint``: the callback that
+``linear_probe``, ``coop``, ``tip_adapter`` (Tip-Adapter, Tip-Adapter-F), ``clip_adapter``: the
+methods (their head, their LightningModule, their registry entry); ``module``: the shared
+LightningModule; ``datamodule``: the k-shot feature DataModule; ``checkpoint``: the callback that
 exports the best adapter.
 """
 
@@ -14,11 +15,13 @@ from cascadevlm.clip.adapters.base import (
     AdapterFile,
     AdapterKind,
     AdapterMismatchError,
+    WiseHead,
     adapter_info,
     adapter_kind,
     adapter_kinds,
     adapter_metadata,
     check_adapter_fits,
+    check_adapter_mix,
     class_names_sha256,
     load_adapter,
     read_adapter,
@@ -26,6 +29,7 @@ from cascadevlm.clip.adapters.base import (
     save_adapter,
 )
 from cascadevlm.clip.adapters.checkpoint import AdapterCheckpoint, confusion_figure
+from cascadevlm.clip.adapters.clip_adapter import ClipAdapterHead, ClipAdapterModule
 from cascadevlm.clip.adapters.coop import (
     FrozenTextEncoder,
     PromptHead,
@@ -36,6 +40,7 @@ from cascadevlm.clip.adapters.coop import (
 from cascadevlm.clip.adapters.datamodule import KShotFeatureDataModule
 from cascadevlm.clip.adapters.linear_probe import LinearProbe, LinearProbeModule
 from cascadevlm.clip.adapters.module import OPTIMIZERS, AdapterModule
+from cascadevlm.clip.adapters.tip_adapter import TipAdapterFModule, TipAdapterHead, TipAdapterModule
 
 __all__ = [
     "CTX_PLACEHOLDER",
@@ -48,6 +53,8 @@ __all__ = [
     "AdapterKind",
     "AdapterMismatchError",
     "AdapterModule",
+    "ClipAdapterHead",
+    "ClipAdapterModule",
     "FrozenTextEncoder",
     "KShotFeatureDataModule",
     "LinearProbe",
@@ -55,11 +62,16 @@ __all__ = [
     "PromptHead",
     "PromptLearner",
     "PromptTuningModule",
+    "TipAdapterFModule",
+    "TipAdapterHead",
+    "TipAdapterModule",
+    "WiseHead",
     "adapter_info",
     "adapter_kind",
     "adapter_kinds",
     "adapter_metadata",
     "check_adapter_fits",
+    "check_adapter_mix",
     "class_names_sha256",
     "confusion_figure",
     "count_phrase_tokens",

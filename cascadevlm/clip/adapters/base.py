@@ -12,7 +12,8 @@ metadata (strings): ``format`` (``cascadevlm.clip_adapter``), ``format_version``
 list), ``class_names_sha256``, ``logit_scale``, ``params`` (JSON: kind-specific settings such as
 ``blend`` or ``ctx_init``), ``config`` (the YAML of the run that made it) and ``metrics`` (JSON); and
 what the adapter was trained on: ``method`` (``linear_probe``, ``coop``), ``shots`` (k), ``seed``,
-``dataset`` and ``kshot_fingerprint`` (empty strings when unknown). :func:`adapter_info` reads them.
+``dataset``, ``kshot_fingerprint`` and ``selection`` (the model-selection protocol: ``val``,
+``val_split`` or ``last``) (empty strings when unknown). :func:`adapter_info` reads them.
 
 Adapter kinds form a registry: each method module calls :func:`register_adapter_kind` with its kind (the
 ``kind`` metadata string), its method name, how to build its inference head from a file's contents
@@ -87,6 +88,8 @@ METHOD_OF_KIND: dict[str, str] = {}
 ADAPTER_MODULES: list[str] = [
     "cascadevlm.clip.adapters.linear_probe",
     "cascadevlm.clip.adapters.coop",
+    "cascadevlm.clip.adapters.tip_adapter",
+    "cascadevlm.clip.adapters.clip_adapter",
 ]
 
 
@@ -144,11 +147,13 @@ def save_adapter(
     seed: int | None = None,
     dataset: str | None = None,
     kshot_fingerprint: str | None = None,
+    selection: str | None = None,
 ) -> Path:
     """Write the adapter's own tensors and its metadata to ``path`` (atomically).
 
     ``method``, ``shots``, ``seed``, ``dataset`` describe the training run (what :func:`adapter_info`
-    gives evaluation to name runs by); ``method`` defaults to the adapter kind's method.
+    gives evaluation to name runs by); ``method`` defaults to the adapter kind's method; ``selection`` is
+    the model-selection protocol (``val``, ``val_split`` or ``last``, see :class:`KShotFeatureDataModule`).
     """
     class_names = list(class_names)
     if adapter.num_classes != len(class_names):
@@ -175,6 +180,7 @@ def save_adapter(
         "seed": "" if seed is None else str(int(seed)),
         "dataset": dataset or "",
         "kshot_fingerprint": kshot_fingerprint or "",
+        "selection": selection or "",
     }
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in adapter.adapter_tensors().items()}
     path = Path(path)
@@ -273,6 +279,45 @@ def load_adapter(path: str | Path, bundle, class_names: Sequence[str]) -> torch.
     return entry.load(file)
 
 
+class WiseHead(torch.nn.Module):
+    """WiSE-FT-style interpolation at evaluation: ``mix * adapter(f) + (1 - mix) * zero_shot(f)``.
+
+    Mixing logits is mixing weights where the head is linear (the linear probe, prompt heads: both terms
+    are ``s * f @ W.T`` of the same features), and works for every kind. ``mix = 1`` is the adapter
+    alone, ``mix = 0`` zero-shot CLIP exactly.
+    """
+
+    def __init__(
+        self, adapter: torch.nn.Module, zero_shot_head: torch.Tensor, logit_scale: float, mix: float
+    ):
+        super().__init__()
+        check_adapter_mix(mix)
+        self.adapter = adapter
+        self.register_buffer("zero_shot_head", zero_shot_head.detach().float().clone())
+        self.logit_scale = float(logit_scale)
+        self.mix = float(mix)
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        from cascadevlm.clip.zero_shot import clip_logits
+
+        zs = clip_logits(image_features, self.zero_shot_head, self.logit_scale)
+        return (1.0 - self.mix) * zs + self.mix * self.adapter(image_features).float()
+
+
+def check_adapter_mix(mix: float, adapter: str | None = "given") -> None:
+    """Refuse, in one line, a mixing weight outside [0, 1] or one set without an adapter."""
+    if not isinstance(mix, (int, float)) or not 0.0 <= float(mix) <= 1.0:
+        raise ValueError(
+            f"model.adapter_mix must be in [0, 1] (1: the adapter alone, 0: zero-shot CLIP), got {mix!r}: "
+            "set --model.adapter_mix"
+        )
+    if not adapter and float(mix) != 1.0:
+        raise ValueError(
+            f"model.adapter_mix={mix:g} mixes an adapter with zero-shot CLIP, but no adapter is set: "
+            "set --model.adapter or leave --model.adapter_mix at 1"
+        )
+
+
 def adapter_metadata(path: str | Path) -> dict:
     """The metadata of an adapter file, JSON fields decoded (for reports and ``evaluate.py``)."""
     _, meta = read_adapter(path)
@@ -284,7 +329,8 @@ def adapter_metadata(path: str | Path) -> dict:
 
 def adapter_info(path: str | Path) -> dict:
     """What an adapter file was made by and for: ``method``, ``kind``, ``shots``, ``seed``, ``dataset``,
-    ``model_name``, ``weights_id``, ``pretrained``, ``class_names_sha256``, ``num_classes``.
+    ``model_name``, ``weights_id``, ``pretrained``, ``class_names_sha256``, ``num_classes``,
+    ``kshot_fingerprint``, ``selection`` (None when the file does not record it).
 
     Evaluation names runs and tables by these (never by ``data.shots`` defaults). ``shots``/``seed`` are
     ints, or None for a file that does not record them (files written before they were stored fall back
@@ -312,4 +358,5 @@ def adapter_info(path: str | Path) -> dict:
         "class_names_sha256": meta.get("class_names_sha256"),
         "num_classes": int(meta.get("num_classes", 0)),
         "kshot_fingerprint": meta.get("kshot_fingerprint") or None,
+        "selection": meta.get("selection") or None,
     }

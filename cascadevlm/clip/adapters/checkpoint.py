@@ -20,6 +20,10 @@ class AdapterCheckpoint(ModelCheckpoint):
     In the run directory (the logger's ``log_dir``): ``checkpoints/best.ckpt``, ``adapter.safetensors``,
     ``adapter.yaml`` (the run's config) and ``metrics.json`` (best val accuracy, epoch, and at the end
     the test accuracy of the saved adapter beside zero-shot when the data module has a test split).
+
+    The data module's ``selection`` picks the adapter exported: the best epoch by ``val/acc``
+    (``val``, ``val_split``), or with ``last`` the last epoch (``checkpoints/last.ckpt``, exported when
+    training ends). The choice is recorded in ``metrics.json`` and in the adapter file.
     """
 
     def __init__(self, filename: str = "best", monitor: str = "val/acc", mode: str = "max", **kwargs) -> None:
@@ -31,29 +35,58 @@ class AdapterCheckpoint(ModelCheckpoint):
         super().__init__(filename=filename, monitor=monitor, mode=mode, **kwargs)
         self.metrics: dict = {}
         self._run_dir: Path | None = None
+        self.selection = "val_split"
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.selection = getattr(trainer.datamodule, "selection", None) or "val_split"
+        if self.selection == "last":  # keep the latest checkpoint, whatever its val/acc
+            self.monitor, self.filename = None, "last"
         super().setup(trainer, pl_module, stage)
         # trainer.log_dir is a collective under DDP: read it here, on every rank, not in rank-0 code.
         self._run_dir = Path(trainer.log_dir or trainer.default_root_dir)
+
+    def _should_skip_saving_checkpoint(self, trainer: L.Trainer) -> bool:
+        # A training-free method (Tip-Adapter) takes no optimiser step: Lightning would never save at
+        # step 0, but its one validated epoch is the adapter.
+        if trainer.global_step == 0 and not self.best_model_path and not trainer.sanity_checking:
+            return bool(trainer.fast_dev_run) or trainer.state.fn != "fit"
+        return super()._should_skip_saving_checkpoint(trainer)
 
     def run_dir(self, trainer: L.Trainer) -> Path:
         return self._run_dir
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.selection == "last":
+            super().on_validation_end(trainer, pl_module)
+            if not trainer.sanity_checking and trainer.is_global_zero:
+                self.metrics = self._val_metrics(trainer, trainer.callback_metrics.get("val/acc"))
+            return
         before = self.best_model_score
         super().on_validation_end(trainer, pl_module)
         improved = self.best_model_score is not None and (before is None or self.best_model_score != before)
         if trainer.sanity_checking or not improved or not trainer.is_global_zero:
             return
-        self.metrics = {
-            "val_acc": float(self.best_model_score),
-            "epoch": int(trainer.current_epoch),
-            "step": int(trainer.global_step),
-        }
+        self.metrics = self._val_metrics(trainer, self.best_model_score)
+        self.export(trainer, pl_module)
+
+    def _val_metrics(self, trainer: L.Trainer, val_acc) -> dict:
+        metrics = {"epoch": int(trainer.current_epoch), "step": int(trainer.global_step)}
+        if val_acc is not None:
+            metrics["val_acc"] = float(val_acc)
         zs = trainer.callback_metrics.get("val/zero_shot_acc")
         if zs is not None:
-            self.metrics["zero_shot_val_acc"] = float(zs)
+            metrics["zero_shot_val_acc"] = float(zs)
+        return metrics
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        if self.selection != "last" or not trainer.is_global_zero:
+            return
+        # the last epoch's adapter; val/acc is the last validation's (its epoch kept as val_epoch)
+        last = {"epoch": max(int(trainer.current_epoch) - 1, 0), "step": int(trainer.global_step)}
+        if "epoch" in self.metrics:
+            self.metrics["val_epoch"] = self.metrics["epoch"]
+        self.metrics.update(last)
         self.export(trainer, pl_module)
 
     def export(self, trainer: L.Trainer, pl_module: AdapterModule) -> Path:
@@ -74,7 +107,7 @@ class AdapterCheckpoint(ModelCheckpoint):
         bundle = getattr(pl_module, "bundle", None)
         if bundle is not None:
             info.update(model_name=bundle.model_name, weights_id=bundle.weights_id)
-        for key in ("name", "shots", "seed"):
+        for key in ("name", "shots", "seed", "selection"):
             info["dataset" if key == "name" else key] = getattr(dm, key, None)
         return {**info, **self.metrics}
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import lightning as L
+import numpy as np
 import torch
 
 from cascadevlm.clip.features import FeatureCache, image_features
 from cascadevlm.clip.model import ClipBundle
 from cascadevlm.data.datamodule import CascadeDataModule
 from cascadevlm.data.loading import FeatureDataset
+
+SELECTIONS = ("val_split", "val", "last")
 
 
 class _ValidationSource(CascadeDataModule):
@@ -35,6 +38,11 @@ class KShotFeatureDataModule(L.LightningDataModule):
         num_workers: image-decoding workers while computing features.
         eval_batch_size: validation/test batch size.
         feature_batch_size: images per forward when computing features.
+        selection: the model-selection protocol (recorded in the adapter file): ``val_split``, the best
+            epoch on the dataset's ``val_split``; ``val``, the best epoch on a validation set of the
+            k-shot set's size (k images per class) drawn with ``seed`` from ``train_split``, disjoint
+            from the k-shot images (CoOp's and Tip-Adapter's protocol; ``val_limit`` does not apply);
+            ``last``, the last epoch, nothing chosen on validation data (the val split is still logged).
     """
 
     def __init__(
@@ -60,11 +68,21 @@ class KShotFeatureDataModule(L.LightningDataModule):
         image_column: str | None = None,
         label_column: str | None = None,
         readable_names: bool = True,
+        selection: str = "val_split",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         if shots < 1:
             raise ValueError(f"shots must be >= 1 for adapter training, got {shots}")
+        if selection not in SELECTIONS:
+            raise ValueError(
+                f"data.selection must be one of {SELECTIONS}, got {selection!r}; set --data.selection"
+            )
+        if selection == "val" and val_limit is not None:
+            raise ValueError(
+                "data.val_limit limits the val split, but selection=val validates on k images per class drawn "
+                "from the train split: set --data.val_limit null (or --data.selection val_split)"
+            )
         for flag, limit in (("val_limit", val_limit), ("test_limit", test_limit)):
             if limit is not None and limit < 1:
                 raise ValueError(
@@ -91,6 +109,8 @@ class KShotFeatureDataModule(L.LightningDataModule):
             self.source.require_split(test_split, "--data.test_split (or null for none)")
         self.shots = shots
         self.seed = seed
+        self.selection = selection
+        self._split = None
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.cache = FeatureCache(cache_dir) if cache_dir else None
@@ -114,11 +134,45 @@ class KShotFeatureDataModule(L.LightningDataModule):
     @property
     def kshot_fingerprint(self) -> str | None:
         """The identity of the data the k-shot split was drawn from (recorded in the adapter file)."""
-        return self.source.kshot_split().fingerprint
+        return self._kshot_split().fingerprint
+
+    def _kshot_split(self):
+        # read once: every adapter export asks for the fingerprint, and reading the split reads all labels
+        if self._split is None:
+            self._split = self.source.kshot_split()
+        return self._split
 
     def run_name(self, method: str) -> tuple[str, str]:
-        """(experiment, version) naming a training run: ``<dataset>_<method>``, ``k<shots>_seed<seed>``."""
-        return f"{self.name}_{method}", f"k{self.shots}_seed{self.seed}"
+        """(experiment, version) naming a training run: ``<dataset>_<method>``, ``k<shots>_seed<seed>``
+        (``_sel<selection>`` appended for a selection other than the default ``val_split``)."""
+        sel = "" if self.selection == "val_split" else f"_sel{self.selection}"
+        return f"{self.name}_{method}", f"k{self.shots}_seed{self.seed}{sel}"
+
+    @property
+    def val_source(self) -> str:
+        """Where the validation features come from: the val split's name, or ``kshot_val``."""
+        return "kshot_val" if self.selection == "val" else self.hparams.val_split
+
+    def kshot_val_indices(self) -> list[int]:
+        """Rows of the train split forming selection=val's validation set: k per class, drawn with the
+        seed, none of them a k-shot image (the same rows for every method with this k and seed)."""
+        k, train = self.shots, self.hparams.train_split
+        # the label column through Arrow: iterating ds["label"] would decode every image
+        labels = self.source.dsd[train].with_format("arrow")["label"].to_numpy()
+        taken = np.zeros(len(labels), dtype=bool)
+        taken[self._kshot_split().all_indices] = True
+        digest = sum((i + 1) * ord(ch) for i, ch in enumerate(f"{self.name}|{k}|{self.seed}|val"))
+        rng = np.random.default_rng([self.seed, k, digest])
+        rows = []
+        for c in range(len(self.class_names)):
+            free = np.flatnonzero((labels == c) & ~taken)
+            if len(free) < k:
+                raise ValueError(
+                    f"selection=val needs {k} more images of class {c} in {train!r} besides the k-shot ones, "
+                    f"it has {len(free)}: use --data.selection val_split or last"
+                )
+            rows.extend(int(i) for i in rng.choice(free, size=k, replace=False))
+        return sorted(rows)
 
     # ---------------------------------------------------------------------------------- features
     def attach_bundle(self, bundle: ClipBundle) -> None:
@@ -139,12 +193,14 @@ class KShotFeatureDataModule(L.LightningDataModule):
     def split_datasets(self) -> dict:
         """The HF datasets behind each stage: ``train`` (the k-shot rows), ``val`` and maybe ``test``."""
         dsd = self.source.dsd
-        out = {"train": self.source.kshot_dataset()}
+        out = {"train": self.source.dsd[self.hparams.train_split].select(self._kshot_split().all_indices)}
+        if self.selection == "val":
+            out["val"] = dsd[self.hparams.train_split].select(self.kshot_val_indices())
         for key, split, limit in (
             ("val", self.hparams.val_split, self.hparams.val_limit),
             ("test", self.hparams.test_split, self.hparams.test_limit),
         ):
-            if split is None:
+            if split is None or key in out:
                 continue
             ds = dsd[split]
             out[key] = ds.select(range(limit)) if limit is not None and limit < len(ds) else ds
@@ -156,16 +212,21 @@ class KShotFeatureDataModule(L.LightningDataModule):
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
         home = next(bundle.model.visual.parameters()).device
         for key, ds in self.split_datasets().items():
-            split = f"{self.hparams.train_split}_k{self.shots}_seed{self.seed}" if key == "train" else key
+            split = {
+                "train": f"{self.hparams.train_split}_k{self.shots}_seed{self.seed}",
+                "val": f"{self.hparams.train_split}_k{self.shots}_seed{self.seed}_val"
+                if self.selection == "val"
+                else "val",
+            }.get(key, key)
             self.features[key] = image_features(
                 bundle, ds, split, self.cache, self.hparams.feature_batch_size, self.num_workers, device
             )
-            self.targets[key] = [int(x) for x in ds["label"]]
+            self.targets[key] = [int(x) for x in ds.with_format("arrow")["label"].to_pylist()]
         bundle.model.to(home)  # the trained module decides where its own parts live
 
     def prepare_data(self) -> None:
         # One process per node fills the feature cache; setup() on every rank then reads it.
-        if self.cache is not None:
+        if self.cache is not None and not self.features:  # features set up already (attach_bundle + setup)
             self._compute()
 
     def setup(self, stage: str | None = None) -> None:

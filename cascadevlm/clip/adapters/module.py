@@ -245,4 +245,5 @@ class AdapterModule(L.LightningModule):
             seed=getattr(dm, "seed", None),
             dataset=getattr(dm, "name", None),
             kshot_fingerprint=getattr(dm, "kshot_fingerprint", None),
+            selection=getattr(dm, "selection", None),
         )

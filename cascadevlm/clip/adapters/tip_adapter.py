@@ -1,0 +1,331 @@
+"""Tip-Adapter and Tip-Adapter-F (Zhang et al., ECCV 2022): a cache model of the k-shot features.
+
+The cache's keys are the normalised image features of the k-shot images, its values their one-hot labels.
+For a normalised feature ``f``::
+
+    logits = s * f @ W_zs.T + alpha * exp(-beta * (1 - f @ keys.T)) @ values
+
+with ``s`` CLIP's logit scale and ``W_zs`` the zero-shot head: the zero-shot term is computed exactly as
+the zero-shot head's logits (so ``alpha = 0`` is zero-shot CLIP, bit for bit), the cache term as in the
+paper (whose CLIP has ``s = 100``). On a model with another scale the searched ``alpha`` absorbs it. Tip-Adapter is training-free: its ``fit`` builds
+the cache and searches ``alpha`` and ``beta`` on the validation features. Tip-Adapter-F also trains the
+keys (from cached features) and searches ``alpha`` and ``beta`` again at every validation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from cascadevlm.clip.adapters.base import register_adapter_kind
+from cascadevlm.clip.adapters.module import AdapterModule
+
+
+class TipAdapterHead(torch.nn.Module):
+    """The zero-shot head plus the k-shot cache; ``forward(image_features [N, D]) -> logits [N, C]``.
+
+    Args:
+        zero_shot_weight: the normalised zero-shot head [C, D].
+        logit_scale: CLIP's (exponentiated) logit scale.
+        alpha, beta: the cache's weight and sharpness.
+        train_keys: make the keys a trainable parameter (Tip-Adapter-F).
+    """
+
+    kind = "tip_adapter"
+
+    def __init__(
+        self,
+        zero_shot_weight: torch.Tensor,
+        logit_scale: float,
+        alpha: float = 1.0,
+        beta: float = 1.0,
+        train_keys: bool = False,
+    ) -> None:
+        super().__init__()
+        w = zero_shot_weight.detach().float().clone()
+        self.register_buffer("zero_shot_weight", w)
+        # empty until set_cache(): an empty cache adds nothing, so the head is zero-shot CLIP
+        self.keys = torch.nn.Parameter(torch.zeros(0, w.shape[1]), requires_grad=train_keys)
+        self.register_buffer("values", torch.zeros(0, w.shape[0]))
+        self.logit_scale = float(logit_scale)
+        self.alpha = float(alpha)
+        self.beta = float(beta)
+        self.train_keys = bool(train_keys)
+        self.search: dict = {}  # how alpha and beta were chosen (recorded in the file's params)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.zero_shot_weight.shape[0])
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.zero_shot_weight.shape[1])
+
+    @property
+    def cache_size(self) -> int:
+        return int(self.keys.shape[0])
+
+    def set_cache(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Set the cache: ``keys`` [K, D] (normalised here) and ``values`` [K, C] (or labels [K])."""
+        if values.dim() == 1:
+            values = F.one_hot(values.long(), self.num_classes)
+        device = self.zero_shot_weight.device
+        keys = F.normalize(keys.detach().float(), dim=-1).to(device)
+        self.keys = torch.nn.Parameter(keys, requires_grad=self.train_keys)
+        self.values = values.detach().float().to(device)
+
+    def zero_shot_logits(self, feats: torch.Tensor) -> torch.Tensor:
+        """``s * f @ W_zs.T`` of normalised features, computed as :func:`clip_logits` does."""
+        return self.logit_scale * feats @ self.zero_shot_weight.T
+
+    def cache_logits(self, feats: torch.Tensor, beta: float | None = None) -> torch.Tensor:
+        """``exp(-beta * (1 - f @ keys.T)) @ values`` of normalised features [N, C]."""
+        beta = self.beta if beta is None else beta
+        affinity = feats @ self.keys.T
+        return torch.exp(-beta * (1.0 - affinity)) @ self.values
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        feats = F.normalize(image_features.float(), dim=-1)
+        zs = self.zero_shot_logits(feats)
+        return zs + self.alpha * self.cache_logits(feats)
+
+    @torch.no_grad()
+    def search_alpha_beta(
+        self, features: torch.Tensor, labels: torch.Tensor, alphas: list[float], betas: list[float]
+    ) -> tuple[float, float, float]:
+        """Set (and return with its accuracy) the (alpha, beta) of the grid most accurate on ``features``.
+
+        Ties go to the first in the grid (betas outer, alphas inner, both ascending), so with alpha 0 in
+        the grid a cache that does not help leaves zero-shot CLIP.
+        """
+        feats = F.normalize(features.float().to(self.keys.device), dim=-1)
+        labels = labels.to(feats.device)
+        zs = self.zero_shot_logits(feats)
+        best = (-1.0, self.alpha, self.beta)
+        for beta in betas:
+            cache = self.cache_logits(feats, beta)
+            for alpha in alphas:
+                acc = float(((zs + alpha * cache).argmax(-1) == labels).float().mean())
+                if acc > best[0]:
+                    best = (acc, float(alpha), float(beta))
+        acc, self.alpha, self.beta = best
+        return self.alpha, self.beta, acc
+
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        return {"zero_shot_weight": self.zero_shot_weight, "keys": self.keys, "values": self.values}
+
+    def adapter_params(self) -> dict:
+        return {
+            "alpha": self.alpha,
+            "beta": self.beta,
+            "train_keys": self.train_keys,
+            "cache_size": self.cache_size,
+            "search": self.search,
+        }
+
+
+def load_tip_adapter(tensors: dict[str, torch.Tensor], params: dict, logit_scale: float) -> TipAdapterHead:
+    """The saved cache model, frozen (called by :func:`load_adapter`)."""
+    head = TipAdapterHead(
+        tensors["zero_shot_weight"],
+        logit_scale,
+        alpha=float(params["alpha"]),
+        beta=float(params["beta"]),
+        train_keys=bool(params.get("train_keys", False)),
+    )
+    head.keys = torch.nn.Parameter(tensors["keys"].float().clone())  # as trained: not renormalised
+    head.values = tensors["values"].float().clone()
+    head.search = params.get("search") or {}
+    return head.requires_grad_(False).eval()
+
+
+def _check_tip_fits(tensors: dict[str, torch.Tensor], meta: dict[str, str], bundle) -> list[str]:
+    keys, values, w = tensors["keys"], tensors["values"], tensors["zero_shot_weight"]
+    problems = []
+    if keys.shape[0] != values.shape[0] or values.shape[-1] != w.shape[0] or keys.shape[-1] != w.shape[-1]:
+        problems.append(
+            f"cache shapes: keys {tuple(keys.shape)}, values {tuple(values.shape)}, head {tuple(w.shape)}"
+        )
+    return problems
+
+
+register_adapter_kind(
+    "tip_adapter",
+    "tip_adapter",
+    lambda f: load_tip_adapter(f.tensors, f.params, f.logit_scale),
+    check=_check_tip_fits,
+    feature_dim=lambda tensors: int(tensors["zero_shot_weight"].shape[-1]),
+)
+
+
+def _grid(top: float, steps: int) -> list[float]:
+    return [top * i / steps for i in range(steps + 1)]
+
+
+class TipAdapterModule(AdapterModule):
+    """Tip-Adapter: training-free; ``fit`` builds the cache from the k-shot features and searches
+    ``alpha`` in ``[0, alpha_max]`` and ``beta`` in ``(0, beta_max]`` on the validation features.
+
+    The run still goes through a Trainer (one epoch, no optimiser step), so it writes the adapter file,
+    its metrics and TensorBoard logs like the trained methods. With ``data.selection last`` nothing is
+    chosen on validation data: ``alpha`` and ``beta`` stay as given.
+
+    Args (besides :class:`AdapterModule`'s): ``alpha``, ``beta`` (used as given when not searched, and
+    as the start of Tip-Adapter-F's training); ``search`` (False: keep them); ``alpha_max``,
+    ``alpha_steps``, ``beta_max``, ``beta_steps``: the search grid.
+    """
+
+    method = "tip_adapter"
+    train_keys = False
+
+    def __init__(
+        self,
+        model_name: str = "cascadevlm-tiny-vit",
+        pretrained: str | None = None,
+        clip_precision: str = "fp32",
+        class_names: list[str] | None = None,
+        templates: list[str] | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        alpha: float = 1.0,
+        beta: float = 1.0,
+        search: bool = True,
+        alpha_max: float = 3.0,
+        alpha_steps: int = 30,
+        beta_max: float = 7.0,
+        beta_steps: int = 35,
+        class_batch_size: int = 64,
+        log_confusion_matrix: bool = True,
+        optimizer: str = "adamw",
+        model_config: str | None = None,
+    ) -> None:
+        super().__init__(
+            model_name=model_name,
+            pretrained=pretrained,
+            clip_precision=clip_precision,
+            class_names=class_names,
+            templates=templates,
+            lr=lr,
+            weight_decay=weight_decay,
+            warmup_steps=warmup_steps,
+            class_batch_size=class_batch_size,
+            log_confusion_matrix=log_confusion_matrix,
+            optimizer=optimizer,
+            model_config=model_config,
+        )
+        if alpha < 0 or beta <= 0:
+            raise ValueError(
+                f"Tip-Adapter needs alpha >= 0 and beta > 0, got alpha={alpha}, beta={beta}: "
+                "set --model.alpha / --model.beta"
+            )
+        if alpha_max <= 0 or beta_max <= 0 or alpha_steps < 1 or beta_steps < 1:
+            raise ValueError(
+                "Tip-Adapter's search grid needs alpha_max, beta_max > 0 and alpha_steps, beta_steps >= 1: "
+                "set --model.alpha_max, --model.beta_max, --model.alpha_steps, --model.beta_steps"
+            )
+        self.save_hyperparameters()
+        self.automatic_optimization = self.train_keys  # Tip-Adapter itself takes no optimiser step
+        self._validated = False
+        if self.class_names:
+            self.build()
+
+    def build_adapter(self) -> torch.nn.Module:
+        hp = self.hparams
+        return TipAdapterHead(self.zero_shot_head, self.logit_scale, hp.alpha, hp.beta, self.train_keys)
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        return self.adapter(features)
+
+    # ------------------------------------------------------------------------------- the cache
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if self.adapter.cache_size == 0 and dm is not None and "train" in getattr(dm, "features", {}):
+            self.build_cache(dm.features["train"], torch.tensor(dm.targets["train"]))
+            if self._searches() and "val" in dm.features:  # Tip-Adapter-F starts from Tip-Adapter's choice
+                self.search_on(
+                    dm.features["val"], torch.tensor(dm.targets["val"]), getattr(dm, "val_source", "val")
+                )
+
+    def build_cache(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """Keys and values from the k-shot features and labels (the method's whole 'training')."""
+        self.adapter.set_cache(features, labels)
+
+    def search_on(self, features: torch.Tensor, labels: torch.Tensor, split: str) -> float:
+        """Search alpha and beta on ``features`` (recorded in the adapter's params); the accuracy."""
+        hp = self.hparams
+        alpha, beta, acc = self.adapter.search_alpha_beta(
+            features, labels, _grid(hp.alpha_max, hp.alpha_steps), _grid(hp.beta_max, hp.beta_steps)[1:]
+        )
+        self.adapter.search = {
+            "on": split,
+            "size": len(labels),
+            "acc": acc,
+            "alpha_max": hp.alpha_max,
+            "alpha_steps": hp.alpha_steps,
+            "beta_max": hp.beta_max,
+            "beta_steps": hp.beta_steps,
+        }
+        return acc
+
+    def _searches(self) -> bool:
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        return bool(self.hparams.search) and getattr(dm, "selection", "val_split") != "last"
+
+    def on_validation_epoch_start(self) -> None:
+        if self.trainer.sanity_checking or not self._searches():
+            return
+        dm = self.trainer.datamodule
+        feats, labels = dm.features.get("val"), dm.targets.get("val")
+        if feats is not None and len(labels):
+            self.search_on(feats, torch.tensor(labels), getattr(dm, "val_source", "val"))
+        self.log("search/alpha", self.adapter.alpha)
+        self.log("search/beta", self.adapter.beta)
+
+    # ------------------------------------------------------------------------------- training-free fit
+    def training_step(self, batch: dict, batch_idx: int):
+        if self.train_keys:
+            return super().training_step(batch, batch_idx)
+        return None  # nothing to train: the cache was built in setup()
+
+    def configure_optimizers(self):
+        if not self.train_keys:
+            return None
+        return super().configure_optimizers()
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        if not self.trainer.sanity_checking:
+            self._validated = True
+
+    def on_train_epoch_end(self) -> None:
+        # Training-free: one validated epoch gives the final adapter; more would repeat it.
+        if not self.train_keys and self._validated:
+            self.trainer.should_stop = True
+
+    # ------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["tip_adapter"] = {"alpha": self.adapter.alpha, "beta": self.adapter.beta}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint.get("state_dict", {})
+        if self.adapter is not None and "adapter.keys" in state:
+            self.adapter.set_cache(state["adapter.keys"], state["adapter.values"])  # the shapes to load into
+            self.adapter.alpha = float(checkpoint.get("tip_adapter", {}).get("alpha", self.adapter.alpha))
+            self.adapter.beta = float(checkpoint.get("tip_adapter", {}).get("beta", self.adapter.beta))
+
+
+class TipAdapterFModule(TipAdapterModule):
+    """Tip-Adapter-F: the cache keys are trained (cross-entropy on the k-shot features, from the cache
+    Tip-Adapter builds); alpha and beta are searched again on the validation features at every epoch.
+    Same options as :class:`TipAdapterModule`; the paper trains with AdamW, lr 1e-3, cosine schedule.
+    """
+
+    method = "tip_adapter_f"
+    train_keys = True
+
+
+# Tip-Adapter-F files are Tip-Adapter files whose keys were trained: one kind, two methods.
