@@ -190,10 +190,11 @@ def _reference_scores(model, inputs, answers, pad_id):
     return scores
 
 
-@pytest.mark.parametrize("tree_mask", [True, False])
-def test_shared_cache_scores_equal_reference(tiny_lvlm_dir, photos, tree_mask):  # noqa: F811
-    """One shared prompt cache + last-position logits (tree mask, or one forward per candidate slot)
-    give the scores of the copy-the-cache-per-candidate implementation."""
+@pytest.mark.parametrize("tree_mask, one_forward", [(True, True), (True, False), (False, False)])
+def test_shared_cache_scores_equal_reference(tiny_lvlm_dir, photos, tree_mask, one_forward):  # noqa: F811
+    """Prompts and candidates in one forward under one mask, or one shared prompt cache + last-position
+    logits (tree mask, or one forward per candidate slot) give the scores of the copy-the-cache-per-
+    candidate implementation."""
     from cascadevlm.lvlm.scoring import score_candidates
 
     backend = TransformersBackend(str(tiny_lvlm_dir), prompt=PromptConfig(options="names"), device="cpu")
@@ -204,7 +205,7 @@ def test_shared_cache_scores_equal_reference(tiny_lvlm_dir, photos, tree_mask): 
     ids = [[enc.answer_ids(a) for a in p.answers] for p in prompts]
     ids[0][0] = ids[0][0][-1:]  # a one-token answer among longer ones
     assert len({len(a) for row in ids for a in row}) > 2
-    ours = score_candidates(backend.net, inputs, ids, enc.pad_id, tree_mask=tree_mask)
+    ours = score_candidates(backend.net, inputs, ids, enc.pad_id, tree_mask=tree_mask, one_forward=one_forward)
     ref = _reference_scores(backend.net, enc.encode(prompts), ids, enc.pad_id)
     for o, r in zip(ours, ref, strict=True):
         assert o == pytest.approx(r, abs=1e-4)

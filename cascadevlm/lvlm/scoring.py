@@ -1,22 +1,25 @@
 """Candidate scoring: the log-likelihood of each candidate's answer tokens after the prompt.
 
-All candidates of a batch of prompts are scored with two forwards and one key/value cache:
+All candidates of a batch of prompts are scored in one forward, as long as a bare forward of the
+prompts (the floor): row ``b`` holds the (left-padded) prompt ``b``, then candidate 1's answer tokens
+(all but the last), candidate 2's, ...; a 4-D attention mask lets the prompt attend causally as usual
+and each answer token see its prompt and the earlier tokens of its own candidate only. Logits are kept
+for the prompt's last position and the answer tokens only (``logits_to_keep``: a 7B model's
+full-prompt logits would be batch x length x vocabulary floats) and no key/value cache is kept at all
+(the earlier designs kept the prompt's cache, once, or once per candidate: ~77 GiB for LLaVA-1.5-7B
+with 6 images, batch 8, top-5).
 
-1. the (left-padded) prompts, keeping their cache and the logits of the last position only
-   (``logits_to_keep=1``: a 7B model's full-prompt logits would be batch x length x vocabulary floats);
-2. every candidate's answer tokens (all but the last) at once, appended to their prompt's row: row ``b``
-   holds candidate 1's tokens, then candidate 2's, ..., and a 4-D attention mask lets each token see its
-   prompt (through the shared cache) and the earlier tokens of its own candidate only. The prompt's cache
-   is never copied per candidate (the earlier design copied it k times: ~77 GiB for LLaVA-1.5-7B with
-   6 images, batch 8, top-5).
-
-Attention implementations that take no 4-D mask (FlashAttention) score one candidate slot at a time
-instead, on the same cache, cropped back to the prompt after each slot. Nothing is generated, so there
-is nothing to parse.
+Models with a per-token input of their own beside the ids and mask (Gemma 3's and PaliGemma's
+``token_type_ids``, which let image tokens attend both ways) build their prompt mask themselves: their
+prompts run first, keeping the cache and last-position logits, then every candidate's tokens in one
+forward on that cache under the same kind of mask (two forwards). Attention implementations that take
+no 4-D mask (FlashAttention) score one candidate slot at a time on that cache, cropped back to the
+prompt after each slot. Nothing is generated, so there is nothing to parse.
 
 Positions: text-only rotary models (LLaVA's Llama, Idefics3, ...) get ``cumsum(mask) - 1`` so a left-
 padded prompt sees the same positions as an unpadded one. Multimodal-rope models (Qwen2-VL, Qwen2.5-VL)
-compute their 3-D positions from the prompt; answer tokens continue from the offset they store.
+get the 3-D positions their own ``get_rope_index`` computes for the prompt; answer tokens continue from
+the offset it returns (or, on a cache, the offset the model stored).
 """
 
 from __future__ import annotations
@@ -135,6 +138,7 @@ def score_candidates(
     pad_id: int,
     length_norm: bool = False,
     tree_mask: bool | None = None,
+    one_forward: bool | None = None,
 ) -> list[list[float]]:
     """Log-likelihood of every answer of every prompt, sharing each prompt's forward and cache.
 
@@ -146,6 +150,9 @@ def score_candidates(
         length_norm: divide each sum by its number of tokens (mean log-probability per token).
         tree_mask: all candidates in one forward under a 4-D mask (default: where the attention
             implementation takes one), else one forward per candidate slot.
+        one_forward: with the tree mask, the prompts and every candidate in a single forward and no
+            cache (default: where :func:`one_forward_possible`), else the prompts first, then the
+            candidates on their cache.
 
     Returns:
         ``scores[b][i]``: the summed (or mean) log-probability of ``answers[b][i]``.
@@ -158,20 +165,119 @@ def score_candidates(
         raise ValueError("every candidate answer needs at least one token")
     if any(len(row) == 0 for row in answers):
         raise ValueError("every prompt needs at least one candidate answer")
-    out = model(**forward_inputs(model, inputs), use_cache=True, logits_to_keep=1)
-    cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-    first = F.log_softmax(out.logits[:, -1].float(), dim=-1)  # next-token distribution after each prompt
-    del out
     if tree_mask is None:
         tree_mask = supports_tree_mask(model)
-    rest = _tree_scores if tree_mask else _slot_scores
-    sums = rest(model, cache, mask, first, answers)  # per prompt, per candidate: summed log-probability
+    if one_forward is None:
+        one_forward = tree_mask and one_forward_possible(inputs)
+    if one_forward:
+        sums = _one_forward_scores(model, inputs, answers)
+    else:
+        out = model(**forward_inputs(model, inputs), use_cache=True, logits_to_keep=1)
+        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+        first = F.log_softmax(out.logits[:, -1].float(), dim=-1)  # next-token distribution after each prompt
+        del out
+        rest = _tree_scores if tree_mask else _slot_scores
+        sums = rest(model, cache, mask, first, answers)  # per prompt, per candidate: summed log-probability
     if length_norm:
         sums = [
             [v / len(a) for v, a in zip(row, ans, strict=True)]
             for row, ans in zip(sums, answers, strict=True)
         ]
     return sums
+
+
+# Per-token inputs the single forward extends for the candidates' tokens. Any other per-token input
+# (e.g. Gemma 3's or PaliGemma's ``token_type_ids``, which make image tokens attend both ways) means the
+# model builds a prompt mask of its own: those prompts run first, on their own (two forwards).
+_EXTENDED_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids")
+
+
+def one_forward_possible(inputs: Mapping[str, torch.Tensor]) -> bool:
+    """Whether the prompts can run in the same forward as the candidates under one custom causal mask:
+    no per-token input other than ids, mask and Qwen2-VL's modality types."""
+    ids = inputs["input_ids"]
+    return not any(
+        isinstance(v, torch.Tensor) and v.dim() >= 2 and tuple(v.shape[:2]) == tuple(ids.shape)
+        for k, v in inputs.items()
+        if k not in _EXTENDED_INPUTS
+    )
+
+
+def _prompt_positions(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor]):
+    """The prompts' position ids and what the answer tokens' positions add to ``prompt length + offset``:
+    ``cumsum(mask) - 1`` and 0 for 1-D rope; the model's own 3-D positions and offsets for mrope."""
+    mask = inputs["attention_mask"]
+    rope = rope_state_module(model)
+    if rope is None:
+        return text_position_ids(mask), 0
+    import inspect
+
+    params = inspect.signature(rope.get_rope_index).parameters
+    kwargs = {k: v for k, v in inputs.items() if k in params and k != "attention_mask"}
+    positions, deltas = rope.get_rope_index(**kwargs, attention_mask=mask)
+    return positions, deltas.to(mask.device).view(-1, 1)
+
+
+def _one_forward_scores(model, inputs: Mapping[str, torch.Tensor], answers) -> list[list[float]]:
+    """Prompts and every candidate's tokens (but the last) in one forward without a cache: row ``b`` is
+    prompt ``b`` (left-padded, causal) then its candidates one after another, each seeing the prompt and
+    its own earlier tokens only; logits are kept for the prompt's last position and the candidates."""
+    mask = inputs["attention_mask"]
+    device = mask.device
+    batch, length = mask.shape
+    ids, seg, offset, target = _tree_layout(answers, device)
+    width = ids.shape[1]
+    real = seg >= 0
+    valid = mask.bool()
+    causal = torch.ones((length, length), dtype=torch.bool, device=device).tril()
+    diagonal = torch.eye(length, dtype=torch.bool, device=device)  # pads see themselves (no empty row)
+    prompt_rows = torch.cat(
+        [
+            (causal & valid[:, None, :]) | diagonal,
+            torch.zeros((batch, length, width), dtype=torch.bool, device=device),
+        ],
+        -1,
+    )
+    same = (seg[:, :, None] == seg[:, None, :]) & real[:, :, None]
+    own = (same & torch.ones((width, width), dtype=torch.bool, device=device).tril()) | torch.eye(
+        width, dtype=torch.bool, device=device
+    )
+    answer_rows = torch.cat([valid[:, None, :].expand(-1, width, -1) & real[:, :, None], own], -1)
+    allowed = torch.cat([prompt_rows, answer_rows], 1)
+    dtype = _model_dtype(model)
+    full_mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(
+        ~allowed, torch.finfo(dtype).min
+    )
+    positions, shift = _prompt_positions(model, inputs)
+    after = mask.long().sum(-1, keepdim=True) + offset + shift
+    if positions.dim() == 3:  # mrope: (3, batch, length)
+        after = after.unsqueeze(0).expand(positions.shape[0], -1, -1)
+    kwargs = dict(inputs)
+    kwargs["input_ids"] = torch.cat([inputs["input_ids"], ids.to(inputs["input_ids"].dtype)], 1)
+    kwargs["attention_mask"] = full_mask[:, None]
+    if "mm_token_type_ids" in inputs:  # the candidates are text
+        types = inputs["mm_token_type_ids"]
+        kwargs["mm_token_type_ids"] = torch.cat([types, types.new_zeros((batch, width))], 1)
+    kwargs["position_ids"] = torch.cat([positions, after.to(positions.dtype)], -1)
+    out = model(**kwargs, use_cache=False, logits_to_keep=width + 1)
+    logits = out.logits  # (batch, width + 1, vocab): the prompt's last position, then the candidates
+    del out
+    sums = _first_token_scores(F.log_softmax(logits[:, 0].float(), dim=-1), answers)
+    if width == 0:
+        return sums
+    return _add_answer_scores(sums, logits[:, 1:], seg, target, answers)
+
+
+def _add_answer_scores(sums, logits: torch.Tensor, seg: torch.Tensor, target: torch.Tensor, answers):
+    """``sums`` plus, per candidate, the log-probabilities of its tokens after the first (``logits[b, t]``
+    predicts ``target[b, t]`` of candidate ``seg[b, t]``; padding, -1, goes to a dropped extra slot)."""
+    real = seg >= 0
+    logp = F.log_softmax(logits.float(), dim=-1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    most = max(len(row) for row in answers)
+    slot = torch.where(real, seg, most)
+    totals = torch.zeros((seg.shape[0], most + 1), dtype=logp.dtype, device=seg.device)
+    totals = totals.scatter_add_(1, slot, logp * real).tolist()
+    return [[s + totals[b][c] for c, s in enumerate(row)] for b, row in enumerate(sums)]
 
 
 def _continuation_positions(
@@ -185,29 +291,48 @@ def _continuation_positions(
     return pos
 
 
+def _first_token_scores(first: torch.Tensor, answers) -> list[list[float]]:
+    """``log p(first answer token | prompt)`` of every candidate, gathered at once (one host copy)."""
+    most = max(len(row) for row in answers)
+    idx = torch.tensor(
+        [[a[0] for a in row] + [0] * (most - len(row)) for row in answers], device=first.device
+    )
+    got = first.gather(1, idx).tolist()
+    return [got[b][: len(row)] for b, row in enumerate(answers)]
+
+
+def _tree_layout(answers, device) -> tuple[torch.Tensor, ...]:
+    """Per prompt row, every candidate's tokens but the last, one after another: token ids, candidate
+    of each token (-1 on padding), its offset in the candidate and the token it predicts (-1 on padding).
+    Built as Python lists and copied once (not one small tensor per candidate)."""
+    rows = []
+    for row in answers:
+        ids, seg, off, tgt = [], [], [], []
+        for c, a in enumerate(row):
+            n = len(a) - 1
+            ids += a[:-1]
+            seg += [c] * n
+            off += range(n)
+            tgt += a[1:]
+        rows.append((ids, seg, off, tgt))
+    width = max(len(r[0]) for r in rows)
+
+    def padded(j: int, fill: int) -> torch.Tensor:
+        return torch.tensor(
+            [r[j] + [fill] * (width - len(r[j])) for r in rows], dtype=torch.long, device=device
+        )
+
+    return padded(0, 0), padded(1, -1), padded(2, 0), padded(3, -1)
+
+
 def _tree_scores(model, cache, mask: torch.Tensor, first: torch.Tensor, answers) -> list[list[float]]:
     """All candidates' tokens (but the last) in one row per prompt, each seeing only its prompt and itself."""
     device = mask.device
-    batch, length = mask.shape
-    fed = [[tok for a in row for tok in a[:-1]] for row in answers]
-    width = max(len(f) for f in fed)
-    sums = [[float(first[b, a[0]]) for a in row] for b, row in enumerate(answers)]
-    if width == 0:  # one-token answers: the prompt's last logits decide everything
+    sums = _first_token_scores(first, answers)
+    if all(len(a) == 1 for row in answers for a in row):  # one-token answers: the prompt's logits decide
         return sums
-    ids = torch.zeros((batch, width), dtype=torch.long, device=device)
-    seg = torch.full((batch, width), -1, dtype=torch.long, device=device)  # candidate of each token
-    offset = torch.zeros((batch, width), dtype=torch.long, device=device)  # its position in the candidate
-    target = torch.full((batch, width), -1, dtype=torch.long, device=device)  # the token it predicts
-    for b, row in enumerate(answers):
-        i = 0
-        for c, a in enumerate(row):
-            n = len(a) - 1
-            if n:
-                ids[b, i : i + n] = torch.tensor(a[:-1])
-                seg[b, i : i + n] = c
-                offset[b, i : i + n] = torch.arange(n)
-                target[b, i : i + n] = torch.tensor(a[1:])
-                i += n
+    ids, seg, offset, target = _tree_layout(answers, device)
+    width = ids.shape[1]
     real = seg >= 0
     same = (seg[:, :, None] == seg[:, None, :]) & real[:, :, None]
     causal = torch.ones((width, width), dtype=torch.bool, device=device).tril()
@@ -224,20 +349,14 @@ def _tree_scores(model, cache, mask: torch.Tensor, first: torch.Tensor, answers)
         use_cache=True,
         **{_cache_kwarg(model): cache},
     )
-    logp = F.log_softmax(out.logits.float(), dim=-1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    logp = (logp * real).cpu()
-    seg_cpu = seg.cpu()
-    for b, row in enumerate(answers):
-        for c in range(len(row)):
-            sums[b][c] += float(logp[b][seg_cpu[b] == c].sum())
-    return sums
+    return _add_answer_scores(sums, out.logits, seg, target, answers)
 
 
 def _slot_scores(model, cache, mask: torch.Tensor, first: torch.Tensor, answers) -> list[list[float]]:
     """Candidate slot ``j`` of every prompt per forward, on the shared cache cropped back after each."""
     device = mask.device
     batch = mask.shape[0]
-    sums = [[float(first[b, a[0]]) for a in row] for b, row in enumerate(answers)]
+    sums = _first_token_scores(first, answers)
     for j in range(max(len(row) for row in answers)):
         rows = [row[j] if j < len(row) else row[0][:1] for row in answers]
         width = max(len(a) for a in rows) - 1
