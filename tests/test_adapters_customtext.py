@@ -88,10 +88,8 @@ def test_pad_mask_and_class_token_text_towers_are_followed_too(custom_bundle):
             )
 
 
-def test_prompt_tuning_on_a_text_tower_without_token_embeddings_is_refused(custom_bundle):
-    import copy
-
-    model = copy.copy(custom_bundle.model)  # shallow: the shared tiny model keeps its text tower
+def test_prompt_tuning_on_a_text_tower_without_token_embeddings_is_refused(custom_path):
+    model = load_clip(TINY_CUSTOM_TEXT_CLIP, str(custom_path)).model  # its own copy: the tower is replaced
     model.text = torch.nn.Linear(4, 4)  # stands for a Hugging Face text encoder: token ids in only
     with pytest.raises(
         NotImplementedError, match=r"CustomTextCLIP's text tower is a Linear .* token ids only"

@@ -144,12 +144,15 @@ class ClipBundle:
     provenance: dict | None = None  # the project's own mark ({"kind": "random", ...}) or None
     precision: str = "fp32"  # open_clip precision the model was created with
     config_id: str = ""  # hash of the open_clip model config (architecture)
+    # adapters merged into the weights (CLIP-LoRA), by kind and content hash; ``weights_id`` stays the
+    # base weights' (adapters are checked against it), the feature identity names both
+    weight_adapters: tuple[str, ...] = ()
 
     def feature_identity(self) -> dict:
         """Everything about the model that changes its image features (goes into feature-cache keys)."""
         return {
             "model": self.model_name,
-            "weights": self.weights_id,
+            "weights": "+".join((self.weights_id, *self.weight_adapters)),
             "model_config": self.config_id,
             "precision": self.precision,
             "preprocess": repr(self.preprocess),

@@ -67,6 +67,10 @@ class ClipClassifier(L.LightningModule):
         self.bundle = load_clip(
             model_name, pretrained, precision=precision, build_tiny=build_tiny, model_config=model_config
         )
+        if adapter:  # CLIP-LoRA merges into the weights now, before any feature (or cache key) is made
+            from cascadevlm.clip.adapters.clip_lora import merge_clip_lora
+
+            merge_clip_lora(self.bundle, adapter)
         self.clip = self.bundle.model
         self.clip.requires_grad_(False)
         self.class_names = list(class_names) if class_names else None

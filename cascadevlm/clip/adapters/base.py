@@ -90,6 +90,7 @@ ADAPTER_MODULES: list[str] = [
     "cascadevlm.clip.adapters.coop",
     "cascadevlm.clip.adapters.tip_adapter",
     "cascadevlm.clip.adapters.clip_adapter",
+    "cascadevlm.clip.adapters.clip_lora",
 ]
 
 

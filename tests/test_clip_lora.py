@@ -1,0 +1,201 @@
+"""CLIP-LoRA: zero-shot at initialisation, merged for inference, its own feature-cache key, refused
+for another model or weights, and better than zero-shot on held-out Fashion-MNIST photos."""
+
+import lightning as L
+import pytest
+import torch
+
+from cascadevlm.clip.adapters import AdapterMismatchError, adapter_info, load_adapter
+from cascadevlm.clip.adapters.clip_lora import ClipLoraModule, KShotImageDataModule
+from cascadevlm.clip.features import feature_key
+from cascadevlm.clip.model import load_clip
+from cascadevlm.clip.zero_shot import build_zero_shot_head, clip_logits
+from cascadevlm.testing.images import sample_photos
+from cascadevlm.zoo.tiny_clip import (
+    TINY_CLIP,
+    TINY_CUSTOM_TEXT_CLIP,
+    build_tiny_clip,
+    build_tiny_custom_text_clip,
+)
+
+NAMES = ["cat", "horse", "astronaut", "coffee"]
+TEMPLATES = ["a photo of a {}.", "a blurry photo of a {}."]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_paths(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny_lora")
+    return {TINY_CLIP: build_tiny_clip(out), TINY_CUSTOM_TEXT_CLIP: build_tiny_custom_text_clip(out)}
+
+
+@pytest.fixture(scope="module")
+def pixels(tiny_clip_bundle):
+    photos = sample_photos()
+    names = ["chelsea", "horse", "astronaut", "coffee", "rocket", "coins"]
+    return torch.stack([tiny_clip_bundle.preprocess(photos[n]) for n in names])
+
+
+def _module(name, path):
+    return ClipLoraModule(
+        name, str(path), class_names=NAMES, templates=TEMPLATES, rank=4, alpha=8, log_confusion_matrix=False
+    )
+
+
+def _zero_shot(bundle, pixels):
+    with torch.no_grad():
+        head = build_zero_shot_head(bundle.model, bundle.tokenizer, NAMES, TEMPLATES)
+        return clip_logits(
+            bundle.model.encode_image(pixels, normalize=True), head, bundle.model.logit_scale.exp()
+        )
+
+
+def _perturb(module, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in module.adapter.named_parameters():
+            if "lora_B" in n:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.2)
+    return module
+
+
+@pytest.mark.parametrize("name", [TINY_CLIP, TINY_CUSTOM_TEXT_CLIP])
+def test_zero_initialised_lora_is_zero_shot_exactly_and_gets_its_own_feature_key(
+    name, tiny_paths, pixels, tmp_path
+):
+    module = _module(name, tiny_paths[name])
+    plain = load_clip(name, str(tiny_paths[name]))
+    trainable = [n for n, p in module.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert any(n.startswith("adapter.lora.model.visual.") for n in trainable)  # both encoders
+    assert any(".text." in n or n.startswith("adapter.lora.model.transformer.") for n in trainable)
+    tokens = plain.tokenizer(["a photo of a cat."])
+    # the training forward (grad on) of the wrapped model is the plain model's, bit for bit
+    assert torch.equal(module.bundle.model.encode_image(pixels), plain.model.encode_image(pixels))
+    assert torch.equal(module.bundle.model.encode_text(tokens), plain.model.encode_text(tokens))
+
+    path = module.save_adapter(tmp_path / "lora.safetensors")
+    merged = load_clip(name, str(tiny_paths[name]))
+    head = load_adapter(path, merged, NAMES)
+    # B = 0: the merged weights are the zero-shot weights exactly, so are the logits
+    plain_state, merged_state = plain.model.state_dict(), merged.model.state_dict()
+    assert plain_state.keys() == merged_state.keys()
+    assert all(torch.equal(plain_state[k], merged_state[k]) for k in plain_state)
+    with torch.no_grad():
+        logits = head(merged.model.encode_image(pixels, normalize=True))
+    assert torch.equal(logits, _zero_shot(plain, pixels))
+    # ... yet merged features never share a cache entry with plain ones (the adapter's content hash)
+    assert merged.weights_id == plain.weights_id
+    assert merged.feature_identity()["weights"].startswith(plain.weights_id + "+clip_lora:sha256:")
+    assert feature_key(merged.feature_identity(), "fp", "test", 6) != feature_key(
+        plain.feature_identity(), "fp", "test", 6
+    )
+
+
+def test_saved_lora_reloads_with_identical_logits_in_evaluation(tiny_paths, pixels, tmp_path):
+    from cascadevlm.clip.module import ClipClassifier
+
+    module = _perturb(_module(TINY_CLIP, tiny_paths[TINY_CLIP])).eval()
+    path = module.save_adapter(tmp_path / "lora.safetensors", config="model: {}\n")
+    with torch.no_grad():
+        live = module(pixels)
+    first = load_clip(TINY_CLIP, str(tiny_paths[TINY_CLIP]))
+    second = load_clip(TINY_CLIP, str(tiny_paths[TINY_CLIP]))
+    with torch.no_grad():
+        a = load_adapter(path, first, NAMES)(first.model.encode_image(pixels, normalize=True))
+        b = load_adapter(path, second, NAMES)(second.model.encode_image(pixels, normalize=True))
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, live, rtol=1e-4, atol=1e-4)  # merged vs W x + B A x: rounding only
+        zero_shot = _zero_shot(load_clip(TINY_CLIP, str(tiny_paths[TINY_CLIP])), pixels)
+        assert (a - zero_shot).abs().max() > 1e-2  # the perturbed adapter is not zero-shot
+        # evaluate.py's CLIP stage merges at construction, before any feature or cache key is made
+        clf = ClipClassifier(TINY_CLIP, str(tiny_paths[TINY_CLIP]), class_names=NAMES, adapter=str(path))
+        assert clf.bundle.feature_identity() == first.feature_identity()
+        clf.ensure_head()
+        assert torch.equal(clf({"pixel_values": pixels}), a)
+    info = adapter_info(path)
+    assert info["method"] == "clip_lora" and info["kind"] == "clip_lora"
+
+
+def test_lora_for_another_model_or_weights_is_refused(tiny_paths, tmp_path):
+    path = _module(TINY_CLIP, tiny_paths[TINY_CLIP]).save_adapter(tmp_path / "lora.safetensors")
+    other_model = load_clip(TINY_CUSTOM_TEXT_CLIP, str(tiny_paths[TINY_CUSTOM_TEXT_CLIP]))
+    with pytest.raises(
+        AdapterMismatchError, match=r"\(clip_lora\) does not fit: model_name: adapter 'cascadevlm-tiny-vit'"
+    ):
+        load_adapter(path, other_model, NAMES)
+    other_weights = load_clip(TINY_CLIP, str(build_tiny_clip(tmp_path / "seed1", seed=1)))
+    with pytest.raises(AdapterMismatchError, match="weights_id: adapter 'sha256:"):
+        load_adapter(path, other_weights, NAMES)
+    # refused before anything was merged: the loaded CLIP is untouched
+    fresh = load_clip(
+        TINY_CLIP, str(tmp_path / "seed1" / "cascadevlm-tiny-vit-seed1.safetensors")
+    ).model.state_dict()
+    state = other_weights.model.state_dict()
+    assert state.keys() == fresh.keys() and all(torch.equal(state[k], fresh[k]) for k in fresh)
+    assert other_weights.weight_adapters == ()
+
+
+# ------------------------------------------------------------------------------ learning on real photos
+def test_clip_lora_beats_zero_shot_on_held_out_photos_with_the_demo_clip(data_root, tmp_path):
+    """16 Fashion-MNIST photos per class, 3 epochs on CPU; test accuracy on 300 other photos."""
+    from cascadevlm.clip.features import image_features
+    from cascadevlm.zoo.miniature import CLIP_CHECKPOINT, CLIP_MODEL
+
+    dm = KShotImageDataModule(
+        "fashion_mnist",
+        shots=16,
+        seed=1,
+        val_limit=100,
+        test_limit=300,
+        selection="last",
+        data_root=str(data_root),
+        splits_dir=str(tmp_path / "splits"),
+        batch_size=32,
+        eval_batch_size=256,
+    )
+    module = ClipLoraModule(
+        CLIP_MODEL, str(CLIP_CHECKPOINT), lr=5e-3, rank=4, alpha=4, log_confusion_matrix=False
+    )
+    L.seed_everything(0)  # the order the k-shot photos are shuffled in
+    trainer = L.Trainer(
+        max_epochs=3,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(module, datamodule=dm)
+    adapter = tmp_path / "adapter.safetensors"
+    info = adapter_info(adapter)
+    assert (info["method"], info["shots"], info["seed"], info["dataset"], info["selection"]) == (
+        "clip_lora",
+        16,
+        1,
+        "fashion_mnist",
+        "last",
+    )
+    test = dm.source.dsd["test"].select(range(300))
+    labels = torch.tensor(test["label"])
+
+    def accuracy(bundle, head) -> float:
+        feats = image_features(bundle, test, "test", batch_size=300)
+        with torch.no_grad():
+            return float((head(feats).argmax(-1) == labels).float().mean())
+
+    plain = load_clip(CLIP_MODEL, str(CLIP_CHECKPOINT))
+    zero_shot = build_zero_shot_head(plain.model, plain.tokenizer, dm.class_names, dm.templates)
+    zs_acc = accuracy(plain, lambda f: clip_logits(f, zero_shot, 1.0))
+    merged = load_clip(CLIP_MODEL, str(CLIP_CHECKPOINT))
+    lora_acc = accuracy(merged, load_adapter(adapter, merged, dm.class_names))
+    print(f"held-out test accuracy: zero-shot {zs_acc:.3f}, clip_lora {lora_acc:.3f}")
+    assert lora_acc >= zs_acc + 0.03, (zs_acc, lora_acc)
