@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from cascadevlm.errors import one_line_errors, parser_kwargs
+from cascadevlm.logs import add_console_arguments, setup_logging, verbosity, verbosity_from_args, verbosity_of
 
 # Modules defining the classes a command line may name (``--model PromptTuningModule``,
 # ``--lvlm TransformersBackend``): jsonargparse resolves a short class name, and ``--help`` lists a
@@ -71,6 +72,19 @@ class TrainCLI(LightningCLI):
             return
         trainer.test(self.model, datamodule=dm, ckpt_path=ckpt, verbose=False)
 
+    def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs):
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        # validate/test have Lightning's own --verbose (print the results); it brings the details back too
+        own = "verbose" in self._subcommand_method_arguments.get(subcommand, ())
+        add_console_arguments(parser, verbose=not own)
+        return parser
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        own = "verbose" in self._subcommand_method_arguments.get(self.subcommand, ())
+        verbose = verbosity() == "verbose" if own else bool(cfg.get("verbose"))
+        setup_logging(verbosity_of(verbose, bool(cfg.get("quiet"))))
+
     def run_name(self) -> tuple[str, str] | None:
         method = getattr(self.model, "method", None)
         namer = getattr(self.datamodule, "run_name", None)
@@ -96,6 +110,7 @@ def train_main(args: list[str] | None = None) -> TrainCLI:
     """``train.py``: ``python train.py fit --config configs/method/<method>.yaml --data
     configs/data/<dataset>.yaml [--data.shots 4 ...]`` (later files and flags override earlier ones)."""
     register_classes(TRAIN_CLASSES)
+    setup_logging(verbosity_from_args(sys.argv[1:] if args is None else args))
     subcommands = ("fit", "validate", "test", "predict")
     return TrainCLI(
         L.LightningModule,

@@ -53,8 +53,9 @@ def test_run_tensorboard_holds_the_sweep_curve(tmp_path):
     log = write_tensorboard(tmp_path / "tb", rows, {"acc1": 0.6}, "# summary", "t")
     acc = EventAccumulator(str(log), size_guidance={"scalars": 0, "images": 0}).Reload()
     assert [e.value for e in acc.Scalars("sweep/acc1")] == pytest.approx([0.5, 0.6, 0.55])
-    assert [e.value for e in acc.Scalars("sweep/deferral")] == pytest.approx([0.0, 0.4, 1.0])
-    assert [e.step for e in acc.Scalars("sweep/acc1_at_deferral_permille")] == [0, 400, 1000]
+    # step = permille of the images sent to the LVLM
+    assert [e.step for e in acc.Scalars("sweep/acc1")] == [0, 400, 1000]
+    assert [e.value for e in acc.Scalars("sweep/tau")] == pytest.approx([1e9, 0.5, -1e9])
     assert set(acc.Tags()["images"]) == {"plots/accuracy_vs_deferral", "plots/accuracy_vs_tau"}
 
 

@@ -19,6 +19,7 @@ from typing import Literal
 from jsonargparse.typing import register_type
 from lightning.pytorch.cli import LightningCLI
 
+from cascadevlm import progress
 from cascadevlm.cascade.lvlm_stage import (
     LVLMStage,
     check_stage_fingerprint,
@@ -32,13 +33,22 @@ from cascadevlm.clip.module import ClipClassifier
 from cascadevlm.data.datamodule import CascadeDataModule
 from cascadevlm.gating.gate import defer_mask, tau_for_budget, tau_grid
 from cascadevlm.gating.routing import RoutingOptions, apply_routing, fit_routing
+from cascadevlm.logs import (
+    add_console_arguments,
+    get_logger,
+    setup_logging,
+    verbosity_from_args,
+    verbosity_of,
+)
 from cascadevlm.lvlm.base import LVLMBackend, needs_retry
 from cascadevlm.provenance import read_provenance
 from cascadevlm.records import PredictionRecord, atomic_write_text, read_records, write_records
 from cascadevlm.report.analysis import deferred_analysis, sweep
 from cascadevlm.report.metrics import accuracy, classification_metrics
-from cascadevlm.report.plots import save_sweep_plots
+from cascadevlm.report.plots import save_sweep_plots, sweep_references
 from cascadevlm.report.summary import run_name, short_weights, summary_markdown, write_run_outputs
+
+log = get_logger(__name__)
 
 EVAL_TRAINER_DEFAULTS = {
     "logger": False,
@@ -175,6 +185,16 @@ class EvaluateCLI(LightningCLI):
         parser.add_subclass_arguments(LVLMBackend, "lvlm", required=False, default=None)
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
         parser.link_arguments("data.templates", "model.templates", apply_on="instantiate")
+        add_console_arguments(parser)
+
+    def before_instantiate_classes(self) -> None:
+        """``verbose: true`` / ``quiet: true`` may also come from a config file."""
+        setup_logging(verbosity_of(self.config.get("verbose"), self.config.get("quiet")))
+
+    def instantiate_trainer(self, **kwargs):
+        """The trainer with the stage-named progress bar (Lightning's own, "Predicting", otherwise)."""
+        config = self._get(self.config_init, "trainer", default={})
+        return super().instantiate_trainer(**progress.add_stage_progress_bar(config, kwargs))
 
 
 def check_options(opts: CascadeOptions, dm: CascadeDataModule, has_lvlm: bool) -> None:
@@ -426,7 +446,8 @@ def clip_and_gate(run: Run) -> tuple[list[PredictionRecord], dict, set[int] | No
     opts, run_dir = run.opts, run.run_dir
     ro = routing_options(opts)
     paper = ro.is_paper_cascade()
-    clip_records = run_clip_stage(trainer, model, dm, run_dir / "parts", cfg.cache_dir)
+    with progress.stage(trainer, f"CLIP stage: {dm.split}"):
+        clip_records = run_clip_stage(trainer, model, dm, run_dir / "parts", cfg.cache_dir)
     tau, gate = float(opts.tau), {"tau": float(opts.tau), "source": "config"}
     sent_path = run_dir / "parts" / "routing_sent.json"
     val_path = run_dir / "val_records.parquet"
@@ -435,7 +456,9 @@ def clip_and_gate(run: Run) -> tuple[list[PredictionRecord], dict, set[int] | No
         opts.budget is not None or opts.lvlm_on_val or (not paper and ro.needs_val())
     ):
         val_dm = _with_split(dm, opts.budget_split)
-        val_records = run_clip_stage(trainer, model, val_dm, run_dir / "parts" / "budget", cfg.cache_dir)
+        purpose = "for the budget" if opts.budget is not None else "for the routing"
+        with progress.stage(trainer, f"CLIP stage: {val_dm.split} ({purpose})"):
+            val_records = run_clip_stage(trainer, model, val_dm, run_dir / "parts" / "budget", cfg.cache_dir)
         val_answers: dict = {}
         if opts.lvlm_on_val:  # every validation image: its own parts and fingerprint
             val_answers, _ = lvlm_stage(
@@ -557,8 +580,8 @@ def lvlm_stage(
     retried = sum(r.index in answers for r in todo)
     if run.rank0:
         label = f"LVLM stage ({dm.split} split)" if other_split else "LVLM stage"
-        print(f"{label}: {len(wanted)} images, {len(wanted) - len(todo)} answered before, {len(todo)} to ask"
-              + (f" ({retried} failed calls asked again)" if retried else ""), file=sys.stderr)  # fmt: skip
+        log.info(f"{label}: {len(wanted)} images, {len(wanted) - len(todo)} answered before, {len(todo)} to ask"
+                 + (f" ({retried} failed calls asked again)" if retried else ""))  # fmt: skip
         if todo:
             write_stage_fingerprint(parts, fingerprint)
     trainer.strategy.barrier()
@@ -571,8 +594,10 @@ def lvlm_stage(
             shots_per_class=min(opts.incontext_shots, dm.shots), max_examples=opts.max_examples,
         )  # fmt: skip
     stage = LVLMStage(backend, dm.class_names, exemplars)
-    run_lvlm_stage(trainer, stage, dm.eval_dataset(), todo, opts.topk, dm.split, parts, opts.lvlm_batch_size,
-                   dm.num_workers)  # fmt: skip
+    counts = progress.LVLMCounts(backend, len(wanted) - len(todo))
+    with progress.stage(trainer, f"LVLM stage: {dm.split}" if other_split else "LVLM stage", counts):
+        run_lvlm_stage(trainer, stage, dm.eval_dataset(), todo, opts.topk, dm.split, parts,
+                       opts.lvlm_batch_size, dm.num_workers)  # fmt: skip
     trainer.strategy.barrier()
     total = read_lvlm_calls(parts)
     return read_answers(parts), {"total": total, "this_attempt": total - calls_before}
@@ -657,6 +682,9 @@ def report(run: Run, clip_records: list[PredictionRecord], answers: dict, gate: 
         "metrics": metrics,
         "methods": methods,
         "gate": gate,
+        # what the zero-shot head and the LVLM's prompts were built from (after overrides and card templates)
+        "class_names": list(model.class_names or dm.class_names),
+        "templates": list(model.templates),
         "config": _config_dict(cfg),
     }
     if routing_info is not None:
@@ -666,21 +694,22 @@ def report(run: Run, clip_records: list[PredictionRecord], answers: dict, gate: 
     paths = write_run_outputs(run_dir, records, payload, notes, sweep_rows)
     if sweep_rows:
         op = {"tau": tau, "deferral": methods["cascade"]["deferral"], "acc1": methods["cascade"]["acc1"]}
-        save_sweep_plots(sweep_rows, run_dir / "plots", run_dir.name, op)
+        refs = sweep_references(methods, num_classes)
+        save_sweep_plots(sweep_rows, run_dir / "plots", run_dir.name, op, refs)
         from cascadevlm.report.tensorboard import write_tensorboard
 
         md = summary_markdown(run_dir.name, payload, notes, sweep_rows)
-        write_tensorboard(run_dir / "tensorboard", sweep_rows, metrics, md, run_dir.name)
-    print(f"wrote {run_dir}/: records.parquet, metrics.json, summary.md"
-          + (", sweep.csv, plots/, tensorboard/" if sweep_rows else ""), file=sys.stderr)  # fmt: skip
+        write_tensorboard(run_dir / "tensorboard", sweep_rows, metrics, md, run_dir.name, params, op, refs)
+    log.info(f"wrote {run_dir}/: records.parquet, metrics.json, summary.md"
+             + (", sweep.csv, plots/, tensorboard/" if sweep_rows else ""))  # fmt: skip
     if opts.lvlm_on_val and backend is not None and val_path.exists():
         from cascadevlm.report.gates import write_gates_report
 
         try:
             write_gates_report(run_dir, topk=opts.topk)
-            print(f"wrote {run_dir}/gates/: gates.json, gates.md, plots/", file=sys.stderr)
+            log.info(f"wrote {run_dir}/gates/: gates.json, gates.md, plots/")
         except (ValueError, RuntimeError) as err:  # the run's outputs are written; the report is extra
-            print(f"NOTE: no gates report: {err}", file=sys.stderr)
+            log.warning(f"no gates report: {err}")
     print(paths["summary"].read_text())
     return json.loads(paths["metrics"].read_text())
 
@@ -690,9 +719,9 @@ def evaluate(cli: EvaluateCLI) -> dict | None:
     run = prepare(cli)
     if run.rank0:
         for n in run.notes:
-            print(f"NOTE: {n}", file=sys.stderr)
+            log.info(f"NOTE: {n}")
         hit = feature_cache_hit(cli.model, cli.datamodule, cli.config.cache_dir)
-        print(f"image features: {'cached (image encoder skipped)' if hit else 'computing'}", file=sys.stderr)
+        log.info(f"image features: {'cached (image encoder skipped)' if hit else 'computing'}")
     clip_records, gate, sent = clip_and_gate(run)
     answers, calls = {}, {"total": 0, "this_attempt": 0}
     if run.backend is not None:
@@ -708,11 +737,14 @@ def _config_dict(cfg) -> dict:
     """The parsed config as plain data (for metrics.json); secrets never live in it (API keys come
     from environment variables read by the backend)."""
     d = cfg.as_dict() if hasattr(cfg, "as_dict") else dict(cfg)
-    d.pop("config", None)
+    for key in ("config", "verbose", "quiet"):  # console flags change no result
+        d.pop(key, None)
     return json.loads(json.dumps(d, default=str))
 
 
 def main(args: list[str] | None = None) -> dict | None:
+    # before the CLI builds anything: the models' and Lightning's set-up lines follow the console level
+    setup_logging(verbosity_from_args(sys.argv[1:] if args is None else args))
     if args is None:  # LightningCLI reads sys.argv itself (and warns when given both)
         sys.argv[1:] = join_negative_values(sys.argv[1:])
     else:

@@ -22,6 +22,7 @@ from pathlib import Path
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from cascadevlm.errors import one_line_errors, parser_kwargs
+from cascadevlm.logs import add_console_arguments, setup_logging, verbosity_of
 from cascadevlm.report.tables import write_results_tables
 
 # The installed entry points, run with this interpreter (never the repository's scripts by path).
@@ -57,6 +58,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--evaluate_overrides", type=list[str], default=[])
     p.add_argument("--train_overrides", type=list[str], default=[])
     p.add_argument("--dry_run", type=bool, default=False, help="print the commands only")
+    add_console_arguments(p)  # --verbose also gives each step's process --verbose (in its log file)
     return p
 
 
@@ -141,6 +143,9 @@ def run(cfg) -> list[Path]:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     cfg = parser.parse_args(argv)
+    setup_logging(verbosity_of(cfg.verbose, cfg.quiet))
+    if cfg.verbose:
+        cfg.evaluate_overrides = [*cfg.evaluate_overrides, "--verbose"]
     dirs = run(cfg)
     if cfg.dry_run or not dirs:
         return

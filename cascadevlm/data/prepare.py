@@ -565,6 +565,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-overlap", action="store_true", help="keep images that are in two splits (refused by default)"
     )
     p.add_argument("--list", action="store_true", help="list the benchmarks with their expected raw layout")
+    from cascadevlm.logs import add_console_arguments
+
+    add_console_arguments(p)  # --verbose / --quiet
     from cascadevlm.flags import one_flag_style
 
     return one_flag_style(p)  # --skip_bad as in train.py / evaluate.py; --skip-bad still works
@@ -573,6 +576,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from cascadevlm.logs import get_logger, setup_logging, verbosity_of
+
+    if args.verbose and args.quiet:
+        parser.error("give --verbose or --quiet, not both")
+    setup_logging(verbosity_of(args.verbose, args.quiet))
     if args.list:
         for name in sorted(FORMATS):
             spec = get_benchmark(name)
@@ -599,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
         allow_overlap=args.allow_overlap,
     )
     try:
-        log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+        log = get_logger(__name__).info
         if args.wds is not None:
             prepare_wds(args.name, args.wds, args.out, options, log, keep_templates=args.wds_templates)
         else:

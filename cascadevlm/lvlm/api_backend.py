@@ -34,7 +34,6 @@ import logging
 import math
 import os
 import random
-import sys
 import threading
 import time
 from collections import Counter
@@ -632,9 +631,7 @@ class OpenAIBackend(LVLMBackend):
             f"{self.model}: {n} images in {seconds:.1f}s ({n / max(seconds, 1e-9):.1f} images/s): {calls} "
             f"requests, {hits} cache hits, {retries} retries, {errors} API errors"
         )
-        log.info(summary)
-        if self.progress:  # also where the bar is hidden (not a terminal): one line per stage and rank
-            print(f"LVLM stage: {summary}", file=sys.stderr)
+        log.info(f"LVLM stage: {summary}")  # also where the bar is hidden (not a terminal)
 
     # ------------------------------------------------------------------------------------------ choosing
     def choose(self, requests: list[LVLMRequest]) -> list[LVLMAnswer]:

@@ -104,7 +104,10 @@ def write_results_tables(run_dirs: list[str | Path], out_dir: str | Path) -> dic
     (out_dir / "results.csv").write_text(to_csv(agg))
     from torch.utils.tensorboard import SummaryWriter
 
-    with SummaryWriter(str(out_dir / "tensorboard")) as tb:  # the same table in TensorBoard's text tab
+    from cascadevlm.report.tensorboard import fresh_log_dir
+
+    # the same table in TensorBoard's text tab; a rerun replaces it rather than adding a second one
+    with SummaryWriter(str(fresh_log_dir(out_dir / "tensorboard"))) as tb:
         tb.add_text("results", to_markdown(agg), 0)
     paths = {
         "markdown": out_dir / "results.md",
