@@ -4,6 +4,10 @@
    image encoder on the images (the same probe, optimiser and batches otherwise). Target: >= 20x.
 2. Prompt tuning: one CoOp step (text encoder forward + backward over every class prompt, then the
    optimiser) against one plain ``encode_text`` of all prompts ("a photo of a {class}.", no grad).
+3. Every method: one training epoch from the cached k-shot features (batches of 32, AdamW), as a ratio
+   to the linear probe's epoch, and inference (its head on cached features, as ``evaluate.py`` loads
+   it) as a ratio to the zero-shot head. Tip-Adapter trains nothing: its "fit" (cache + alpha/beta
+   search on a validation set of the k-shot set's size) is timed instead.
 
 Real photos (the Fashion-MNIST demo data, 16 shots x 10 classes) and real open_clip architectures
 with random weights (offline). Usage: ``python bench/adapters.py [--threads N] [--repeats R]``.
@@ -19,10 +23,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from cascadevlm.clip.adapters import FrozenTextEncoder, LinearProbe, PromptLearner
+from cascadevlm.clip.adapters import (
+    ClipAdapterHead,
+    FrozenTextEncoder,
+    LinearProbe,
+    PromptHead,
+    PromptLearner,
+    TipAdapterHead,
+)
 from cascadevlm.clip.features import image_features
 from cascadevlm.clip.model import load_clip
-from cascadevlm.clip.zero_shot import build_zero_shot_head
+from cascadevlm.clip.zero_shot import build_zero_shot_head, clip_logits
 from cascadevlm.data.benchmarks import FINE_GRAINED
 from cascadevlm.data.datamodule import CascadeDataModule
 from cascadevlm.data.loading import FeatureDataset, ImageClassificationDataset
@@ -109,6 +120,80 @@ def bench_prompt_tuning(bundle, class_names, repeats: int, batch_size: int = 32)
     }
 
 
+def bench_methods(
+    bundle, ds, class_names, templates, repeats: int, batch_size: int = 32, n_infer: int = 4096
+):
+    """Per method: one epoch from cached features (s) and its head on ``n_infer`` cached features (s)."""
+    labels = torch.tensor([int(x) for x in ds.with_format("arrow")["label"].to_pylist()])
+    feats = image_features(bundle, ds, "bench", cache=None, batch_size=128)
+    head = build_zero_shot_head(bundle.model, bundle.tokenizer, class_names, templates)
+    scale = float(bundle.model.logit_scale.exp())
+    gen = torch.Generator().manual_seed(0)
+    infer = F.normalize(torch.randn(n_infer, feats.shape[1], generator=gen), dim=-1)
+    val = F.normalize(feats + 0.05 * torch.randn(feats.shape, generator=gen), dim=-1)  # a same-size val set
+
+    def epoch(module: torch.nn.Module, logits_fn, params) -> float:
+        opt = torch.optim.AdamW(params, lr=1e-3)
+
+        def run() -> None:
+            order = torch.randperm(len(feats), generator=torch.Generator().manual_seed(0))
+            for i in range(0, len(order), batch_size):
+                idx = order[i : i + batch_size]
+                loss = F.cross_entropy(logits_fn(feats[idx]), labels[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+
+        return timed(run, repeats)
+
+    def inference(fn) -> float:
+        def run() -> None:
+            with torch.no_grad():
+                fn(infer)
+
+        return timed(run, repeats)
+
+    probe = LinearProbe(head, scale)
+    learner = PromptLearner(
+        FrozenTextEncoder(bundle.model), bundle.tokenizer, class_names, ctx_init="a photo of a"
+    )
+    tip = TipAdapterHead(head, scale, alpha=1.0, beta=5.0)
+    tip.set_cache(feats, labels)
+    tip_f = TipAdapterHead(head, scale, alpha=1.0, beta=5.0, train_keys=True)
+    tip_f.set_cache(feats, labels)
+    torch.manual_seed(0)
+    clip_adapter = ClipAdapterHead(head, scale, ratio=0.2, reduction=4)
+    with torch.no_grad():
+        prompt_head = PromptHead(learner(), scale)  # what a CoOp file loads as
+
+    def tip_fit() -> None:
+        cache = TipAdapterHead(head, scale)
+        cache.set_cache(feats, labels)
+        cache.search_alpha_beta(
+            val, labels, [3.0 * i / 30 for i in range(31)], [7.0 * i / 35 for i in range(1, 36)]
+        )
+
+    rows = {
+        "zero-shot head": (None, inference(lambda f: clip_logits(f, head, scale))),
+        "linear_probe": (epoch(probe, probe, list(probe.parameters())), inference(probe)),
+        "coop": (
+            epoch(learner, lambda f: scale * F.normalize(f, dim=-1) @ learner().T, [learner.ctx]),
+            inference(prompt_head),
+        ),
+        "tip_adapter": (timed(tip_fit, repeats), inference(tip)),
+        "tip_adapter_f": (epoch(tip_f, tip_f, [tip_f.keys]), inference(tip_f)),
+        "clip_adapter": (
+            epoch(
+                clip_adapter,
+                clip_adapter,
+                list(clip_adapter.fc1.parameters()) + list(clip_adapter.fc2.parameters()),
+            ),
+            inference(clip_adapter),
+        ),
+    }
+    return {"images": len(ds), "cache": tip.cache_size, "n_infer": n_infer, "rows": rows}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: small models, stable timings)")
@@ -132,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
         f"data: Fashion-MNIST demo, {args.shots}-shot x {len(dm.class_names)} classes = {len(ds)} real photos\n"
     )
 
-    rows_lp, rows_pt = [], []
+    rows_lp, rows_pt, rows_m = [], [], []
     for name in MODELS:
         bundle = load_clip(name, str(build_tiny_clip(work / "clip", name)))
         bundle.model.requires_grad_(False)  # frozen, as in training
@@ -141,6 +226,7 @@ def main(argv: list[str] | None = None) -> None:
         rows_lp.append((f"{name} ({size[0] if isinstance(size, tuple) else size}px)", r))
         for label, names in (("fashion_mnist", dm.class_names), ("cub200", list(cub.class_names))):
             rows_pt.append((name, label, bench_prompt_tuning(bundle, names, args.repeats)))
+        rows_m.append((name, bench_methods(bundle, ds, dm.class_names, dm.templates, args.repeats)))
 
     print("1. Linear probe: one epoch (forward, backward, AdamW step per batch of 32)")
     print(
@@ -166,6 +252,25 @@ def main(argv: list[str] | None = None) -> None:
         "\ntokens: prompt length after cutting the padding past the longest prompt's end token "
         "(exact under the causal mask) / the model's context length, which encode_text always runs."
     )
+    for name, r in rows_m:
+        print(
+            f"\n3. {name}: one epoch from cached features ({r['images']} k-shot features, batches of 32) vs the "
+            f"linear probe's; inference on {r['n_infer']} cached features vs the zero-shot head"
+        )
+        print(f"{'method':16} {'epoch':>11} {'vs probe':>9} {'inference':>11} {'vs zero-shot':>13}")
+        lp_epoch = r["rows"]["linear_probe"][0]
+        zs_infer = r["rows"]["zero-shot head"][1]
+        for method, (train_s, infer_s) in r["rows"].items():
+            if train_s is None:
+                train = f"{'-':>11} {'-':>9}"
+            else:
+                note = "*" if method == "tip_adapter" else " "
+                train = f"{1e3 * train_s:>9.2f}ms{note}{train_s / lp_epoch:>8.2f}x"
+            print(f"{method:16} {train} {1e3 * infer_s:>9.2f}ms {infer_s / zs_infer:>12.2f}x")
+        print(
+            f"* Tip-Adapter trains nothing: its whole fit (cache of {r['cache']} keys + the 31 x 35 alpha/beta "
+            "search on a same-size validation set)"
+        )
 
 
 if __name__ == "__main__":
