@@ -1,31 +1,44 @@
-"""LVLM stage speed: candidate scoring vs generate-then-parse, batched vs one-by-one, preprocessing in
-DataLoader workers vs in the main process, and scoring vs a bare forward of the same prompts.
+"""LVLM stage speed: candidate scoring vs generate-then-parse, batched vs one-by-one, the LVLM stage end
+to end (preprocessing in DataLoader workers) vs the model alone, and scoring vs a bare forward.
 
     python bench/lvlm.py                       # tiny random-weight Qwen2-VL, built offline, CPU
+    python bench/lvlm.py --threads 1 --workers 1 --no-modes   # a 2-core machine: one core each
     python bench/lvlm.py --arch llava
     python bench/lvlm.py --model Qwen/Qwen2-VL-2B-Instruct --device cuda --dtype bfloat16
 
 Same model, same images, same candidates for every mode; each mode is warmed up once, then timed over
-``--repeats`` runs (the best is kept). Tiny random models never stop early, so generation always runs
-``--max-new-tokens`` steps: a fair upper bound for short answers.
+``--repeats`` rounds in which every measurement of a table runs once, side by side (the best of each is
+kept), so a load spike on a shared machine hits all of them alike. Tiny random models never stop early,
+so generation always runs ``--max-new-tokens`` steps: a fair upper bound for short answers.
+``--max-pixels`` (Qwen2-VL) sets the image tokens per prompt: 200704 (448 x 448) gives 256, the
+advised setting for real models; 3136 (the tiny model's own default) gives 4, prompts where the
+processor costs more than the tiny model itself.
 
-Targets (issue 12): end to end with ``--workers`` DataLoader workers doing the preprocessing
-(``backend.prepare`` as ``collate_fn``) >= 0.8x of the model alone on the same batches preprocessed
-beforehand; scoring <= 1.1x of one bare forward (one prefill, last-position logits) of the same prompts.
+Targets (issue 12): the LVLM stage end to end (images decoded from a dataset, requests built, prompts
+rendered and images processed in ``--workers`` DataLoader workers that live for the whole stage:
+``LVLMStage.collate``, then ``predict_step``) >= 0.8x of the model alone on the same batches
+preprocessed beforehand; scoring <= 1.1x of one bare forward (one prefill, last-position logits) of
+the same prompts. On a CPU the workers and the model share the cores: give the model
+``--threads`` = cores - workers, or the two fight over them.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import tempfile
 import time
+from collections.abc import Callable
 
+import datasets
 import torch
 
+from cascadevlm.cascade.lvlm_stage import DeferredImages, LVLMStage
 from cascadevlm.lvlm.base import LVLMRequest
-from cascadevlm.lvlm.prompts import PromptConfig, build_prompt
+from cascadevlm.lvlm.prompts import PromptConfig
 from cascadevlm.lvlm.scoring import forward_inputs, score_candidates
 from cascadevlm.lvlm.transformers_backend import TransformersBackend
+from cascadevlm.records import PredictionRecord
 from cascadevlm.testing.images import sample_photos
 from cascadevlm.zoo.tiny_lvlm import BUILDERS
 
@@ -44,122 +57,135 @@ CLASSES = [
 ]
 
 
+def _candidate_ids(i: int, k: int) -> list[int]:
+    return [(i + j) % len(CLASSES) for j in range(k)]
+
+
 def make_requests(n: int, k: int) -> list[LVLMRequest]:
     photos = [p.convert("RGB") for p in sample_photos().values()]
     reqs = []
     for i in range(n):
-        cands = [CLASSES[(i + j) % len(CLASSES)] for j in range(k)]
-        reqs.append(LVLMRequest(image=photos[i % len(photos)], candidates=cands, key=str(i)))
+        cands = [CLASSES[c] for c in _candidate_ids(i, k)]
+        reqs.append(LVLMRequest(image=photos[i % len(photos)], candidates=cands, key=f"bench/{i}"))
     return reqs
 
 
-def timed(backend: TransformersBackend, reqs: list[LVLMRequest], repeats: int) -> float:
-    """Best wall time (seconds) of ``backend.choose(reqs)`` over ``repeats`` runs, after a warm-up."""
-    backend.choose(reqs[: backend.batch_size])
-    best = float("inf")
+def make_split(n: int, k: int) -> tuple[datasets.Dataset, list[PredictionRecord]]:
+    """The images of :func:`make_requests` as a split (JPEG bytes, as benchmark photos are stored) and
+    records whose CLIP top-k are those requests' candidates: the LVLM stage's input."""
+    jpegs = []
+    for photo in sample_photos().values():
+        buf = io.BytesIO()
+        photo.convert("RGB").save(buf, format="JPEG", quality=90)
+        jpegs.append({"bytes": buf.getvalue(), "path": None})
+    ds = datasets.Dataset.from_dict(
+        {"image": [jpegs[i % len(jpegs)] for i in range(n)], "label": [0] * n},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")}),
+    )
+    records = [
+        PredictionRecord(index=i, label=0, clip_topk=_candidate_ids(i, k), clip_topk_probs=[1.0 / k] * k,
+                         entropy=1.0, clip_pred=_candidate_ids(i, k)[0])
+        for i in range(n)
+    ]  # fmt: skip
+    return ds, records
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def best_of_rounds(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+    """Best wall time (seconds) of each function: one warm-up each, then ``repeats`` rounds that run every
+    function once, side by side, so a load spike on a shared machine hits all of them alike."""
+    for fn in fns.values():
+        fn()
+    best = dict.fromkeys(fns, float("inf"))
     for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        backend.choose(reqs)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
+        for name, fn in fns.items():
+            _sync()
+            t0 = time.perf_counter()
+            fn()
+            _sync()
+            best[name] = min(best[name], time.perf_counter() - t0)
     return best
 
 
-def timed_model_only(backend: TransformersBackend, reqs: list[LVLMRequest], repeats: int) -> float:
-    """Best wall time of the model calls alone: prompts are rendered and images preprocessed beforehand."""
-    enc, net = backend.encoder, backend.net
-    device = backend.torch_device
-    work = []
-    for start in range(0, len(reqs), backend.batch_size):
-        prompts = [build_prompt(r, backend.prompt) for r in reqs[start : start + backend.batch_size]]
-        ids = [[enc.answer_ids(a) for a in p.answers] for p in prompts]
-        work.append((enc.encode(prompts, device), ids))
+def model_only(backend: TransformersBackend, reqs: list[LVLMRequest]) -> Callable[[], None]:
+    """The model calls alone: prompts rendered and images processed beforehand, inputs on the device."""
+    enc, net, device = backend.encoder, backend.net, backend.torch_device
+    work = [(b.inputs.to(device), b.answer_ids) for b in backend.prepare.split(reqs)]
 
-    def run(items) -> None:
-        for inputs, ids in items:
+    def run() -> None:
+        for inputs, ids in work:
             if backend.mode == "score":
                 score_candidates(net, inputs, ids, enc.pad_id)
             else:
                 with torch.inference_mode():
+                    kwargs = forward_inputs(net, inputs)
+                    kwargs.pop("position_ids", None)
                     net.generate(
-                        **inputs,
+                        **kwargs,
                         max_new_tokens=backend.max_new_tokens,
                         do_sample=False,
                         pad_token_id=enc.pad_id,
                     )
 
-    run(work[:1])
-    best = float("inf")
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        run(work)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return best
+    return run
 
 
-def timed_workers(backend: TransformersBackend, reqs: list[LVLMRequest], workers: int, repeats: int) -> float:
-    """Best wall time of choose() fed by a DataLoader whose workers render and preprocess the batches."""
+def bare_forward(backend: TransformersBackend, reqs: list[LVLMRequest]) -> Callable[[], None]:
+    """One prefill forward (last-position logits) of the same prompts: the floor for scoring."""
+    net, device = backend.net, backend.torch_device
+    work = [b.inputs.to(device) for b in backend.prepare.split(reqs)]
 
     def run() -> None:
-        loader = torch.utils.data.DataLoader(
-            reqs,
-            batch_size=backend.batch_size,
-            collate_fn=backend.prepare,
-            num_workers=workers,
-            prefetch_factor=4 if workers else None,
-        )
-        for batch in loader:
-            backend.choose(batch)
-
-    run()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def timed_bare_forward(
-    backend: TransformersBackend, reqs: list[LVLMRequest], repeats: int
-) -> tuple[float, float]:
-    """Best wall times of (one bare prefill forward, scoring) over the same preprocessed batches."""
-    enc, net, device = backend.encoder, backend.net, backend.torch_device
-    work = []
-    for start in range(0, len(reqs), backend.batch_size):
-        prompts = [build_prompt(r, backend.prompt) for r in reqs[start : start + backend.batch_size]]
-        work.append((enc.encode(prompts, device), [[enc.answer_ids(a) for a in p.answers] for p in prompts]))
-
-    def bare() -> None:
         with torch.inference_mode():
-            for inputs, _ in work:
+            for inputs in work:
                 net(**forward_inputs(net, inputs), use_cache=True, logits_to_keep=1)
 
-    def score() -> None:
-        for inputs, ids in work:
-            score_candidates(net, inputs, ids, enc.pad_id)
+    return run
 
-    out = []
-    for fn in (bare, score):
-        fn()
-        best = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - t0)
-        out.append(best)
-    return out[0], out[1]
+
+def stage_end_to_end(
+    backend: TransformersBackend, n: int, k: int, batch_size: int, workers: int, prefetch: int
+) -> Callable[[], None]:
+    """The LVLM stage's own loop: images decoded from a dataset, requests built, prompts rendered and
+    images processed by ``LVLMStage.collate`` in ``workers`` DataLoader workers (persistent: started
+    once, as in a stage that runs over one DataLoader), answers from ``predict_step``."""
+    ds, records = make_split(n, k)
+    stage = LVLMStage(backend, CLASSES)
+    loader = torch.utils.data.DataLoader(
+        DeferredImages(ds, records, k, "bench"),
+        batch_size=batch_size,
+        collate_fn=stage.collate(workers),
+        num_workers=workers,
+        prefetch_factor=prefetch if workers else None,
+        persistent_workers=workers > 0,
+    )
+
+    def run() -> None:
+        for i, batch in enumerate(loader):
+            stage.predict_step(batch, i)
+
+    return run
+
+
+def decode_images(n: int, k: int) -> Callable[[], None]:
+    """The stage's image decoding alone (``DeferredImages``: JPEG bytes -> upright RGB)."""
+    ds, records = make_split(n, k)
+    images = DeferredImages(ds, records, k, "bench")
+    return lambda: [images[i] for i in range(len(images))]
+
+
+def preprocess(backend: TransformersBackend, reqs: list[LVLMRequest]) -> Callable[[], None]:
+    """What the workers do after decoding: prompts rendered, the processor run (``backend.prepare``)."""
+    return lambda: backend.prepare.split(reqs)
+
+
+def choose_end_to_end(backend: TransformersBackend, reqs: list[LVLMRequest]) -> Callable[[], None]:
+    """``backend.choose(requests)``: rendering, image processing, model and parsing in one process."""
+    return lambda: backend.choose(reqs)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -172,51 +198,81 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--candidates", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument(
+        "--max-pixels", type=int, default=None, help="Qwen2-VL image area (tokens = px / 784)"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for the preprocessing")
+    parser.add_argument("--prefetch", type=int, default=2, help="batches each worker prepares ahead")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads of the main process")
+    parser.add_argument("--no-modes", action="store_true", help="skip the scoring vs generate tables")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
+    n, k, b = args.images, args.candidates, args.batch_size
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or str(BUILDERS[args.arch](f"{tmp}/{args.arch}"))
-        reqs = make_requests(args.images, args.candidates)
-        common = dict(device=args.device, dtype=args.dtype, prompt=PromptConfig(options="letters"))
-        modes, model_only, workers = {}, {}, {}
-        for mode in ("score", "generate"):
-            for bs in (args.batch_size, 1):
-                backend = TransformersBackend(
-                    model, mode=mode, batch_size=bs, max_new_tokens=args.max_new_tokens, **common
-                ).load()
-                modes[(mode, bs)] = timed(backend, reqs, args.repeats)
-                model_only[(mode, bs)] = timed_model_only(backend, reqs, args.repeats)
-                if bs == args.batch_size:
-                    workers[mode] = timed_workers(backend, reqs, args.workers, args.repeats)
-                    if mode == "score":
-                        bare, scored = timed_bare_forward(backend, reqs, args.repeats)
+        reqs = make_requests(n, k)
+        common = dict(
+            device=args.device,
+            dtype=args.dtype,
+            prompt=PromptConfig(options="letters"),
+            max_new_tokens=args.max_new_tokens,
+            max_pixels=args.max_pixels,
+        )
+        score = TransformersBackend(model, mode="score", batch_size=b, **common).load()
+        tokens = int(score.prepare([reqs[0]]).inputs["input_ids"].shape[1])
+        targets = best_of_rounds(
+            {
+                "model only": model_only(score, reqs),
+                "stage, workers": stage_end_to_end(score, n, k, b, args.workers, args.prefetch),
+                "stage, main process": stage_end_to_end(score, n, k, b, 0, args.prefetch),
+                "bare forward": bare_forward(score, reqs),
+                "decoding only": decode_images(n, k),
+                "preprocessing only": preprocess(score, reqs),
+            },
+            args.repeats,
+        )
+        modes, alone = {}, {}
+        if not args.no_modes:
+            for mode in ("score", "generate"):
+                for bs in (b, 1):
+                    backend = TransformersBackend(model, mode=mode, batch_size=bs, **common).load()
+                    t = best_of_rounds(
+                        {"e2e": choose_end_to_end(backend, reqs), "model": model_only(backend, reqs)},
+                        args.repeats,
+                    )
+                    modes[(mode, bs)], alone[(mode, bs)] = t["e2e"], t["model"]
 
     name = args.model or f"tiny {args.arch} (random weights)"
     dev = args.device if args.device != "cpu" else f"cpu, {torch.get_num_threads()} threads"
-    print(f"model: {name}; device: {dev}; {args.images} images x {args.candidates} candidates")
-    print(f"generation: {args.max_new_tokens} new tokens; best of {args.repeats} runs\n")
-    print("end to end: choose() = prompt rendering + image preprocessing + model + parsing")
-    report(modes, args.images, args.batch_size)
-    print("\nmodel only: the same batches, rendered and preprocessed beforehand")
-    report(model_only, args.images, args.batch_size)
-    b = args.batch_size
-    print(f"\npreprocessing in {args.workers} DataLoader workers (collate_fn=backend.prepare), batch {b}")
-    for mode, sec in workers.items():
-        main_proc, alone = modes[(mode, b)], model_only[(mode, b)]
-        print(
-            f"  {mode:<10} end to end {args.images / sec:8.1f} images/s; in the main process "
-            f"{args.images / main_proc:8.1f}; model only {args.images / alone:8.1f}; "
-            f"end to end / model only = {alone / sec:.2f} (target >= 0.8)"
-        )
-    print(f"\nscoring vs one bare forward of the same prompts (prefill, last-position logits), batch {b}")
+    print(f"model: {name}; device: {dev}; {n} images x {k} candidates; prompt {tokens} tokens (first image)")
+    print(f"best of {args.repeats} side-by-side rounds after a warm-up\n")
+    print(f"the LVLM stage end to end vs the model alone (score mode, batch {b})")
+    for label, sec in targets.items():
+        print(f"  {label:<22}{1000 * sec / n:>9.2f} ms / image{n / sec:>9.1f} images / s")
+    ratio = targets["model only"] / targets["stage, workers"]
     print(
-        f"  bare forward {1000 * bare / args.images:.2f} ms / image; scoring {1000 * scored / args.images:.2f}"
-        f" ms / image; scoring / bare = {scored / bare:.2f} (target <= 1.1)"
+        f"  stage with {args.workers} workers (prefetch {args.prefetch}) / model only = {ratio:.2f} "
+        f"(target >= 0.8); in the main process: {targets['model only'] / targets['stage, main process']:.2f}"
     )
+    cpu = targets["decoding only"] + targets["preprocessing only"]
+    bound = min(1.0, args.workers * targets["model only"] / cpu) if args.workers else 0.0
+    print(
+        f"  the workers' share (decoding + preprocessing) is {cpu / targets['model only']:.2f}x the model's "
+        f"time: {args.workers} workers on free cores keep up with it up to a ratio of {bound:.2f}"
+    )
+    scored, bare = targets["model only"], targets["bare forward"]
+    print(f"  scoring / one bare forward of the same prompts = {scored / bare:.2f} (target <= 1.1)")
+    if modes:
+        print(f"\nend to end: choose() = prompt rendering + image preprocessing + model + parsing; "
+              f"generation: {args.max_new_tokens} new tokens")  # fmt: skip
+        report(modes, n, b)
+        print("\nmodel only: the same batches, rendered and preprocessed beforehand")
+        report(alone, n, b)
 
 
 def report(times: dict, images: int, b: int) -> None:

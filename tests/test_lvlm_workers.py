@@ -101,3 +101,31 @@ def test_collate_keeps_images_out_of_the_rows_and_splits_by_forward(qwen2vl_dir,
     rows0, requests = stage.collate(workers=0)(batch)
     assert rows0 == rows and [r.candidates for r in requests] == [[names[i], names[i + 1]] for i in range(5)]
     assert stage.predict_step((rows, work)) == stage.predict_step(batch)  # a plain list of rows works too
+
+
+def test_prepared_batch_sends_images_as_tensors_and_gives_them_back(qwen2vl_dir, photos):  # noqa: F811
+    """A worker's batch pickles its images as uint8 tensors (shared memory in a DataLoader), not PIL
+    images; a backend with smaller batches (as after an out-of-memory) re-prepares it from the same pixels."""
+    import pickle
+
+    import numpy as np
+    from PIL import Image
+
+    from cascadevlm.lvlm.base import Exemplar, LVLMRequest
+
+    gray = photos["coins"].convert("L").resize((30, 20))
+    reqs = [
+        LVLMRequest(image=photos["cat"].resize((50, 40)), candidates=["cat", "horse"], key="a"),
+        LVLMRequest(image=gray, candidates=["coins", "china", "cat"], key="b",
+                    examples=[Exemplar(photos["horse"].resize((30, 30)), "horse")]),
+    ]  # fmt: skip
+    backend = TransformersBackend(str(qwen2vl_dir), device="cpu", batch_size=2)
+    sent = pickle.loads(pickle.dumps(backend.prepare(reqs)))
+    assert all(r.image is None for r in sent.requests)  # nothing PIL travelled
+    back = sent.original_requests()
+    for r, b in zip(reqs, back, strict=True):
+        assert isinstance(b.image, Image.Image) and b.image.mode == r.image.mode
+        assert np.array_equal(np.asarray(b.image), np.asarray(r.image))
+    assert np.array_equal(np.asarray(back[1].examples[0].image), np.asarray(reqs[1].examples[0].image))
+    one = TransformersBackend(str(qwen2vl_dir), device="cpu", batch_size=1)
+    assert one.choose(sent) == one.choose(reqs)

@@ -235,6 +235,62 @@ class PreparedBatch:
     def __len__(self) -> int:
         return len(self.requests)
 
+    # Sent back from a DataLoader worker, the requests' images (kept for a re-run at a smaller batch
+    # size after an out-of-memory) travel as uint8 tensors, which torch passes through shared memory:
+    # pickled PIL images cost the main process 4-13 ms per image to unpickle, as much as a tiny model's
+    # forward. They become PIL images again only when needed (:meth:`original_requests`).
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["requests"], state["_images"] = _pack_images(self.original_requests())
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+    def original_requests(self) -> list[LVLMRequest]:
+        """The requests with their images (as PIL images, also after a trip between processes)."""
+        packed = self.__dict__.get("_images")
+        return self.requests if packed is None else _unpack_images(self.requests, packed)
+
+
+_PACKABLE = ("RGB", "L", "RGBA")  # modes a uint8 array gives back exactly
+
+
+def _pack_images(requests: list[LVLMRequest]) -> tuple[list[LVLMRequest], list]:
+    def pack(image):
+        if getattr(image, "mode", None) in _PACKABLE:
+            import numpy as np
+
+            return None, (torch.from_numpy(np.asarray(image).copy()), image.mode)
+        return image, None  # anything else pickles as it is
+
+    light, packed = [], []
+    for r in requests:
+        image, query = pack(r.image)
+        examples, shots = [], []
+        for e in r.examples:
+            ex_image, ex_packed = pack(e.image)
+            examples.append(dataclasses.replace(e, image=ex_image))
+            shots.append(ex_packed)
+        light.append(dataclasses.replace(r, image=image, examples=examples))
+        packed.append((query, shots))
+    return light, packed
+
+
+def _unpack_images(requests: list[LVLMRequest], packed: list) -> list[LVLMRequest]:
+    from PIL import Image
+
+    def unpack(image, item):
+        return image if item is None else Image.fromarray(item[0].numpy(), item[1])
+
+    out = []
+    for r, (query, shots) in zip(requests, packed, strict=True):
+        examples = [
+            dataclasses.replace(e, image=unpack(e.image, s)) for e, s in zip(r.examples, shots, strict=True)
+        ]
+        out.append(dataclasses.replace(r, image=unpack(r.image, query), examples=examples))
+    return out
+
 
 class BatchPreparer:
     """Renders prompts and runs the processor for a list of requests: the CPU side of a batch.
@@ -414,7 +470,7 @@ class TransformersBackend(LVLMBackend):
         """Answers for ``requests`` (or a batch :attr:`prepare` made), ``batch_size`` at a time."""
         if isinstance(requests, PreparedBatch) and len(requests) <= self._fit:
             return self._answer(requests)
-        reqs = requests.requests if isinstance(requests, PreparedBatch) else list(requests)
+        reqs = requests.original_requests() if isinstance(requests, PreparedBatch) else list(requests)
         answers: list[LVLMAnswer] = []
         while len(answers) < len(reqs):
             chunk = reqs[len(answers) : len(answers) + self._fit]
@@ -451,7 +507,7 @@ class TransformersBackend(LVLMBackend):
                 self.torch_device,
                 self._fit,
             )
-            return self.choose(batch.requests)
+            return self.choose(batch.original_requests())
         self._calls += len(batch)
         return answers
 
