@@ -15,6 +15,7 @@ of 250), prepares it once, then alternates the two routes ``--repeats`` times:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
 import random
@@ -81,7 +82,8 @@ def evaluate_rate(dataset: Path, streaming: bool, clip: Path, out: Path, workers
             "--trainer.enable_progress_bar", "false", "--output_dir", str(out / "runs"),
             "--cache_dir", str(out / "cache"), "--run_name", "r"]  # fmt: skip
     start = time.perf_counter()
-    metrics = main(args)
+    with contextlib.redirect_stdout(io.StringIO()):  # the run's summary table
+        metrics = main(args)
     assert metrics["metrics"]["n"] == n, metrics["metrics"]
     return n / (time.perf_counter() - start)
 

@@ -97,7 +97,8 @@ def test_streamed_mirror_gives_the_records_of_its_prepared_copy(
     main(_args(tiny_clip_path, prepared, tmp_path / "table", *lvlm))
     table_images = {r.key: r.image.tobytes() for r in clean_fake_lvlm.log}
     clean_fake_lvlm.log.clear()
-    main(_args(tiny_clip_path, mirror, tmp_path / "stream", *lvlm, "--data.streaming", "true"))
+    streamed = ["--data.streaming", "true", "--data.num_workers", "2"]  # slots: 2 workers, in both stages
+    main(_args(tiny_clip_path, mirror, tmp_path / "stream", *lvlm, *streamed))
     stream_images = {r.key: r.image.tobytes() for r in clean_fake_lvlm.log}
 
     table, stream = _only_run(tmp_path / "table"), _only_run(tmp_path / "stream")

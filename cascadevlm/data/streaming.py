@@ -108,13 +108,11 @@ class StreamedRows(torch.utils.data.IterableDataset):
 
     ``extra`` maps each wanted row to the fields served with it (the LVLM stage's candidates). The
     wanted rows are dealt out over the slots in row order; a slot stops reading after its last row.
+    No ``__len__``: Lightning would read it as the number of batches of all workers together and stop early.
     """
 
     def __init__(self, stream: datasets.IterableDataset, extra: dict[int, dict], split: str) -> None:
         self.stream, self.extra, self.split = stream, extra, split
-
-    def __len__(self) -> int:  # this process's share is unknown to a sampler; the whole is useful to progress
-        return len(self.extra)
 
     def __iter__(self) -> Iterator[dict]:
         slot, slots = _slot()
@@ -165,6 +163,8 @@ def load_stream_dict(
         dsd = datasets.IterableDatasetDict({k: v.to_iterable_dataset() for k, v in saved.items()})
     elif path.is_dir():
         dsd = datasets.load_dataset("imagefolder", data_dir=str(path), streaming=True)
+    elif source.startswith(("/", "./", "../", "~")) or source.count("/") > 1:
+        raise FileNotFoundError(f"dataset directory {source!r} does not exist")
     else:
         try:
             dsd = datasets.load_dataset(source, streaming=True)
