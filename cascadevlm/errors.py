@@ -50,6 +50,18 @@ def one_line(exc: BaseException) -> str:
     return re.sub(r"\s*\n\s*", " ", str(msg)).strip() or type(exc).__name__
 
 
+def project_error(exc: BaseException) -> BaseException:
+    """The project's own error behind a library's wrapper, else ``exc``: jsonargparse re-raises what a
+    class's ``__init__`` refused as "Does not validate against any of the Union subtypes" (a traceback
+    and a dump of the namespace); the user needs the refusal itself."""
+    cause = exc.__cause__
+    while not is_user_error(exc) and cause is not None:
+        if is_user_error(cause) and not isinstance(cause, argparse.ArgumentError):
+            return cause
+        cause = cause.__cause__
+    return exc
+
+
 def one_line_errors(entry: Callable) -> Callable:
     """Wrap an entry point: the project's own errors print as ``error: <message>`` on stderr and exit 2,
     without a traceback; ``--debug`` (removed from the arguments) or ``CASCADEVLM_DEBUG=1`` re-raises."""
@@ -65,9 +77,9 @@ def one_line_errors(entry: Callable) -> Callable:
         try:
             return entry(None if args is None else argv)
         except Exception as exc:
-            if debug or not is_user_error(exc):
+            if debug or not is_user_error(project_error(exc)):
                 raise
-            print(f"error: {one_line(exc)}", file=sys.stderr)
+            print(f"error: {one_line(project_error(exc))}", file=sys.stderr)
             raise SystemExit(2) from None
 
     return run

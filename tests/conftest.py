@@ -1,4 +1,8 @@
-"""Shared fixtures: offline mode, a tiny CLIP checkpoint, the demo data, an image folder of real photos."""
+"""Shared fixtures: offline mode, the tiny demo models, the demo data, an image folder of real photos.
+
+The product loads models from paths; the tiny random-weight ones are built here once per session with
+the builders of :mod:`cascadevlm.zoo` and handed to tests as paths.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import pytest  # noqa: E402
 
 from cascadevlm.testing.images import sample_photos  # noqa: E402
 from cascadevlm.zoo.tiny_clip import TINY_CLIP, build_tiny_clip  # noqa: E402
+from cascadevlm.zoo.tiny_lvlm import build_tiny_llava, build_tiny_qwen2vl  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,7 +33,20 @@ PHOTO_CLASSES = {
 
 @pytest.fixture(scope="session")
 def tiny_clip_path(tmp_path_factory) -> Path:
+    """The tiny random-weight CLIP checkpoint (``cascadevlm-tiny-vit``, seed 0)."""
     return build_tiny_clip(tmp_path_factory.mktemp("tiny_clip"), TINY_CLIP, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tmp_path_factory) -> Path:
+    """The tiny random-weight LLaVA, a model directory."""
+    return build_tiny_llava(tmp_path_factory.mktemp("tiny_llava"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2vl_dir(tmp_path_factory) -> Path:
+    """The tiny random-weight Qwen2-VL, a model directory."""
+    return build_tiny_qwen2vl(tmp_path_factory.mktemp("tiny_qwen2vl"))
 
 
 @pytest.fixture(scope="session")

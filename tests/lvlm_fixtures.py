@@ -1,6 +1,7 @@
-"""Shared fixtures for the LVLM tests: tiny LLaVA / Qwen2-VL directories built once per session.
+"""Shared fixtures for the LVLM tests: photos by class, a photo dataset, the tiny LVLMs by short name.
 
-Import the fixtures by name into a test module (``from lvlm_fixtures import llava_dir``).
+Import the fixtures by name into a test module (``from lvlm_fixtures import llava_dir``). The tiny
+models themselves are conftest's session fixtures ``tiny_llava_dir`` / ``tiny_qwen2vl_dir``.
 """
 
 from __future__ import annotations
@@ -8,7 +9,6 @@ from __future__ import annotations
 import pytest
 
 from cascadevlm.testing.images import sample_photos
-from cascadevlm.zoo.tiny_lvlm import build_tiny_llava, build_tiny_qwen2vl
 
 # Class names for the sample photos: the k-shot "dataset" of the LVLM tests.
 PHOTO_CLASSES = {
@@ -33,13 +33,13 @@ def photos():
 
 
 @pytest.fixture(scope="session")
-def llava_dir(tmp_path_factory):
-    return build_tiny_llava(tmp_path_factory.mktemp("tiny_llava"))
+def llava_dir(tiny_llava_dir):
+    return tiny_llava_dir
 
 
 @pytest.fixture(scope="session")
-def qwen2vl_dir(tmp_path_factory):
-    return build_tiny_qwen2vl(tmp_path_factory.mktemp("tiny_qwen2vl"))
+def qwen2vl_dir(tiny_qwen2vl_dir):
+    return tiny_qwen2vl_dir
 
 
 @pytest.fixture(scope="session", params=["llava", "qwen2vl"])

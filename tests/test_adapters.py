@@ -293,9 +293,15 @@ def test_files_that_are_not_adapters_are_refused(tiny_clip_bundle, tiny_clip_pat
         load_adapter(plain, bundle=tiny_clip_bundle, class_names=["a"])
 
 
-def test_build_tiny_needs_a_tiny_checkpoint_name(tmp_path):
-    with pytest.raises(ValueError, match="build_tiny needs pretrained to be a path named"):
-        LinearProbeModule(model_name="ViT-B-32", pretrained=str(tmp_path / "x.pt"), build_tiny=True)
+def test_a_missing_checkpoint_is_refused_in_one_line_and_never_written(tmp_path):
+    missing = tmp_path / "tiny" / "cascadevlm-tiny-vit-seed0.safetensors"
+    with pytest.raises(FileNotFoundError) as err:
+        LinearProbeModule(model_name=TINY_CLIP, pretrained=str(missing))
+    assert str(err.value) == (
+        f"CLIP checkpoint {str(missing)!r} does not exist; set pretrained (--model.pretrained) to a checkpoint "
+        "file or an open_clip tag"
+    )
+    assert not missing.exists()  # the product loads paths; demo models are built by cascadevlm.zoo
 
 
 # ------------------------------------------------------------------------------ k x seeds report

@@ -16,7 +16,6 @@ from cascadevlm.lvlm.transformers_backend import TransformersBackend
 from cascadevlm.records import read_records
 from cascadevlm.report.analysis import final_at_tau, sweep
 from cascadevlm.report.metrics import accuracy
-from cascadevlm.zoo.tiny_lvlm import build_tiny_llava
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,8 +36,8 @@ def test_tau_for_budget_never_exceeds_it():
 
 
 @pytest.fixture(scope="module")
-def llava_dir(tmp_path_factory):
-    return build_tiny_llava(tmp_path_factory.mktemp("lvlm") / "llava")
+def llava_dir(tiny_llava_dir):
+    return tiny_llava_dir
 
 
 def _args(tiny_clip_path, data_root, llava_dir, out, name, *extra):

@@ -8,6 +8,7 @@ import pytest
 import yaml
 from lvlm_fixtures import llava_dir, photos, qwen2vl_dir  # noqa: F401
 
+from cascadevlm.errors import project_error
 from cascadevlm.lvlm.api_backend import OpenAIBackend
 from cascadevlm.lvlm.base import LVLMRequest
 from cascadevlm.lvlm.config import load_backend
@@ -18,9 +19,17 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "lvlm"
 BACKEND_CONFIGS = sorted(p for p in CONFIGS.glob("*.yaml") if not p.name.startswith("lora_"))
 
 
+def _local_model(path: Path, request) -> dict:
+    """The tiny demo configs name ``artifacts/tiny_lvlm/<kind>``, written by hand; tests pass their own."""
+    model = yaml.safe_load(path.read_text())["init_args"].get("model", "")
+    if model.startswith("artifacts/tiny_lvlm/"):
+        return {"model": str(request.getfixturevalue(f"tiny_{model.rsplit('/', 1)[1]}_dir"))}
+    return {}
+
+
 @pytest.mark.parametrize("path", BACKEND_CONFIGS, ids=lambda p: p.name)
-def test_every_backend_config_builds(path):
-    backend = load_backend(path)  # nothing is loaded or called yet
+def test_every_backend_config_builds(path, request):
+    backend = load_backend(path, **_local_model(path, request))  # nothing is loaded or called yet
     kind = yaml.safe_load(path.read_text())["class_path"].rsplit(".", 1)[1]
     assert type(backend).__name__ == kind
     if isinstance(backend, OpenAIBackend):
@@ -33,7 +42,7 @@ def test_every_backend_config_builds(path):
 )
 def test_tiny_configs_choose(name, fixture, photos, request):  # noqa: F811
     model_dir = request.getfixturevalue(fixture)
-    backend = load_backend(CONFIGS / name, model=str(model_dir), build_tiny=None, device="cpu")
+    backend = load_backend(CONFIGS / name, model=str(model_dir), device="cpu")
     assert isinstance(backend, TransformersBackend)
     reqs = [
         LVLMRequest(image=photos[n], candidates=[n, "coins", "galaxy"], fallback=1) for n in ["cat", "horse"]
@@ -51,12 +60,22 @@ def test_tiny_configs_choose(name, fixture, photos, request):  # noqa: F811
     assert "Which of these clothing items is shown in the image?" in text
 
 
-def test_build_tiny_writes_the_model_on_first_use(tmp_path, photos):  # noqa: F811
-    target = tmp_path / "tiny"
-    backend = TransformersBackend(str(target), build_tiny="llava", device="cpu")
-    assert not target.exists()
-    (answer,) = backend.choose([LVLMRequest(image=photos["cat"], candidates=["cat", "horse"])])
-    assert (target / "config.json").exists() and len(answer.scores) == 2
+def test_a_missing_model_directory_is_refused_in_one_line_when_the_backend_is_built(tmp_path):
+    target = tmp_path / "tiny" / "llava"
+    with pytest.raises(FileNotFoundError) as err:
+        TransformersBackend(str(target), device="cpu")
+    assert str(err.value) == (
+        f"LVLM model directory {str(target)!r} does not exist; set lvlm.init_args.model to a model directory "
+        "or a Hugging Face hub id (org/name)"
+    )
+    assert not target.exists()  # the product never writes a model
+    with pytest.raises(ValueError) as err:  # jsonargparse wraps it; the entry points print the refusal itself
+        load_backend(CONFIGS / "tiny_llava_score.yaml", model="artifacts/nope/llava")
+    assert str(project_error(err.value)).startswith(
+        "LVLM model directory 'artifacts/nope/llava' does not exist"
+    )
+    # an org/name hub id is left to transformers
+    assert TransformersBackend("some-org/some-model").model_name == "some-org/some-model"
 
 
 @pytest.mark.parametrize("option", ["min_pixels", "max_pixels"])
@@ -64,3 +83,24 @@ def test_non_positive_pixel_limits_are_refused_when_the_backend_is_built(option)
     with pytest.raises(ValueError) as err:
         TransformersBackend(model="not-loaded-yet", **{option: -1})
     assert str(err.value) == f"lvlm.init_args.{option} must be >= 1 or null, got -1"
+
+
+def test_evaluate_refuses_a_missing_model_directory_in_one_line(
+    tiny_clip_path, photo_folder, tmp_path, capsys
+):
+    from cascadevlm.cli import evaluate_main
+
+    with pytest.raises(SystemExit) as done:
+        evaluate_main([
+            "--model.model_name", "cascadevlm-tiny-vit", "--model.pretrained", str(tiny_clip_path),
+            "--data.dataset", str(photo_folder), "--trainer.accelerator", "cpu",
+            "--lvlm.class_path", "cascadevlm.lvlm.transformers_backend.TransformersBackend",
+            "--lvlm.init_args.model", str(tmp_path / "no" / "llava"),
+            "--output_dir", str(tmp_path / "runs"), "--cache_dir", str(tmp_path / "cache"),
+        ])  # fmt: skip
+    assert done.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: LVLM model directory {str(tmp_path / 'no' / 'llava')!r} does not exist; set lvlm.init_args.model "
+        "to a model directory or a Hugging Face hub id (org/name)"
+    ]
+    assert not (tmp_path / "runs").exists()

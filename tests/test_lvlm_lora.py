@@ -46,7 +46,7 @@ def test_lora_lowers_the_loss_and_the_adapter_reloads(llava_dir, photo_dataset, 
     best_dir = tmp_path / "adapter"
     config = yaml.safe_load(CONFIG.read_text())  # the shipped config, pointed at the test's model and data
     config["model"]["init_args"].update(
-        model=str(llava_dir), build_tiny=None, adapter_dir=str(best_dir), lr=0.01, prompt={"noun": "object"}
+        model=str(llava_dir), adapter_dir=str(best_dir), lr=0.01, prompt={"noun": "object"}
     )
     config["data"]["init_args"].update(
         dataset=str(data_dir),

@@ -12,11 +12,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_settings_sweep_trains_evaluates_and_tabulates(tiny_clip_path, data_root, tmp_path, capsys):
-    llava = tmp_path / "llava"
+def test_settings_sweep_trains_evaluates_and_tabulates(tiny_clip_path, tiny_llava_dir, data_root, tmp_path, capsys):
+    llava = tiny_llava_dir
     out = tmp_path / "settings"
     common = ["--model.pretrained", str(tiny_clip_path), "--data.data_root", str(data_root), "--data.limit", "40",
-              "--lvlm.init_args.model", str(llava), "--lvlm.init_args.build_tiny", "llava", "--lvlm.init_args.device", "cpu", "--cascade.lvlm_on", "deferred",
+              "--lvlm.init_args.model", str(llava), "--lvlm.init_args.device", "cpu", "--cascade.lvlm_on", "deferred",
               "--cascade.budget", "0.5", "--cache_dir", str(tmp_path / "cache"), "--trainer.enable_progress_bar", "false"]  # fmt: skip
     train = ["--model.init_args.pretrained", str(tiny_clip_path), "--data.init_args.data_root", str(data_root),
              "--trainer.max_epochs", "3", "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu"]  # fmt: skip

@@ -26,7 +26,6 @@ def _train(
         sys.executable, "train.py", "fit", "--config", f"configs/method/{config}",
         "--config", f"configs/experiments/demo_{config}",  # the demo composed on the method
         "--model.init_args.pretrained", str(pretrained),
-        "--model.init_args.build_tiny", "true",
         "--data.init_args.data_root", str(data_root),
         "--data.init_args.cache_dir", str(tmp / "features"),
         "--data.init_args.splits_dir", str(tmp / "splits"),
@@ -43,11 +42,10 @@ def _train(
     return proc
 
 
-def test_train_writes_best_checkpoint_adapter_config_and_tensorboard_curves(data_root, tmp_path):
-    tiny = tmp_path / "tiny" / "cascadevlm-tiny-vit-seed0.safetensors"  # missing: build_tiny writes it
+def test_train_writes_best_checkpoint_adapter_config_and_tensorboard_curves(data_root, tiny_clip_path, tmp_path):
+    tiny = tiny_clip_path
     _train("linear_probe.yaml", data_root, tmp_path, tiny, "--trainer.max_epochs", "4")
     run = tmp_path / "runs" / "fashion_mnist_linear_probe" / "k2_seed1"
-    assert tiny.exists()
     assert [p.relative_to(run).as_posix() for p in run.rglob("*.ckpt")] == ["checkpoints/best.ckpt"]
 
     # The adapter is the best checkpoint's head, and it carries the config that made it.

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -167,28 +166,6 @@ class ClipBundle:
         )
 
 
-_TINY_FILE = re.compile(r"^(?P<model>cascadevlm-[\w-]+)-seed(?P<seed>\d+)\.safetensors$")
-
-
-def ensure_tiny_checkpoint(model_name: str, pretrained: str | None) -> None:
-    """Write the seeded tiny checkpoint named by ``pretrained`` if it is missing (offline demo only).
-
-    ``pretrained`` must be a path named ``<model_name>-seed<N>.safetensors`` for one of the project's
-    tiny configs (``cascadevlm-*``); anything else is an error, so real weights are never faked.
-    """
-    path = Path(pretrained or "")
-    match = _TINY_FILE.match(path.name)
-    if not match or match["model"] != model_name:
-        raise ValueError(
-            f"build_tiny needs pretrained to be a path named '{model_name}-seed<N>.safetensors' "
-            f"for a project tiny model (cascadevlm-*); got model_name={model_name!r}, pretrained={pretrained!r}"
-        )
-    if not path.exists():
-        from cascadevlm.zoo.tiny_clip import build_tiny_clip
-
-        build_tiny_clip(path.parent, model_name=model_name, seed=int(match["seed"]))
-
-
 def register_user_model_config(model_name: str, model_config: str | Path) -> None:
     """Register a user's open_clip model-config JSON (a custom architecture) under ``model_name``.
 
@@ -222,7 +199,6 @@ def load_clip(
     pretrained: str | None = None,
     device: str | torch.device = "cpu",
     precision: str = "fp32",
-    build_tiny: bool = False,
     model_config: str | None = None,
 ) -> ClipBundle:
     """Create an open_clip model, its eval transform and tokenizer.
@@ -233,7 +209,6 @@ def load_clip(
         pretrained: an open_clip tag (``openai``, ``laion2b_s32b_b82k``), a local checkpoint path, or None.
         device: where to put the model.
         precision: open_clip precision (fp32, fp16, bf16, amp, amp_bf16, pure_fp16, pure_bf16).
-        build_tiny: first write the project's seeded tiny checkpoint at ``pretrained`` if missing (demo).
         model_config: path of an open_clip model-config JSON named ``<model_name>.json``: a custom
             architecture, registered before the model is created.
     """
@@ -244,8 +219,6 @@ def load_clip(
         )
     if model_config:
         register_user_model_config(model_name, model_config)
-    if build_tiny:
-        ensure_tiny_checkpoint(model_name, pretrained)
     known = open_clip.list_models()
     if model_name not in known and not model_name.startswith(("hf-hub:", "local-dir:")):
         close = [m for m in known if model_name.lower().replace("/", "-") in m.lower()][:10]
@@ -259,7 +232,10 @@ def load_clip(
             f"CLIP model directory {model_name.removeprefix('local-dir:')!r} does not exist"
         )
     if pretrained and _looks_like_path(pretrained) and not os.path.isfile(pretrained):
-        raise FileNotFoundError(f"CLIP checkpoint {pretrained!r} does not exist")
+        raise FileNotFoundError(
+            f"CLIP checkpoint {pretrained!r} does not exist; set pretrained (--model.pretrained) to a checkpoint "
+            "file or an open_clip tag"
+        )
     model, _, preprocess = open_clip.create_model_and_transforms(
         model_name, pretrained=pretrained or None, device=device, precision=precision
     )

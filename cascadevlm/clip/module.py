@@ -42,7 +42,6 @@ class ClipClassifier(L.LightningModule):
         adapter: path of a trained few-shot adapter (``train.py``) replacing the zero-shot head.
         adapter_mix: WiSE-FT-style interpolation of the adapter with zero-shot CLIP, in [0, 1]: logits
             ``mix * adapter + (1 - mix) * zero-shot`` (1: the adapter alone, 0: zero-shot CLIP).
-        build_tiny: offline demo only: write the project's seeded tiny checkpoint at ``pretrained`` first.
     """
 
     def __init__(
@@ -55,7 +54,6 @@ class ClipClassifier(L.LightningModule):
         class_batch_size: int = 64,
         topk: int = 5,
         adapter: str | None = None,
-        build_tiny: bool = False,
         model_config: str | None = None,
         adapter_mix: float = 1.0,
     ) -> None:
@@ -64,9 +62,7 @@ class ClipClassifier(L.LightningModule):
 
         check_adapter_mix(adapter_mix, adapter)
         self.save_hyperparameters()
-        self.bundle = load_clip(
-            model_name, pretrained, precision=precision, build_tiny=build_tiny, model_config=model_config
-        )
+        self.bundle = load_clip(model_name, pretrained, precision=precision, model_config=model_config)
         if adapter:  # CLIP-LoRA merges into the weights now, before any feature (or cache key) is made
             from cascadevlm.clip.adapters.clip_lora import merge_clip_lora
 

@@ -32,7 +32,7 @@ from cascadevlm.lvlm.prompts import PromptConfig, build_prompt
 from cascadevlm.lvlm.scoring import answer_loss, append_answers, forward_inputs, score_candidates
 from cascadevlm.lvlm.transformers_backend import (
     ChatEncoder,
-    ensure_tiny_model,
+    check_model_path,
     load_model_and_processor,
     resolve_device,
     resolve_dtype,
@@ -231,8 +231,6 @@ class LoRAModule(L.LightningModule):
             the model directory is saved (default: ``<log dir>/finetuned_model``).
         dtype: weights' dtype (``auto``: bfloat16 on GPUs that support it, else float32).
         gradient_checkpointing: trade compute for memory on large models.
-        build_tiny: ``llava`` or ``qwen2vl``: write that tiny random-weight model at ``model`` first when
-            it is missing (offline demos and tests only).
     """
 
     method = "lvlm_lora"
@@ -251,7 +249,6 @@ class LoRAModule(L.LightningModule):
         adapter_dir: str | None = None,
         dtype: str = "auto",
         gradient_checkpointing: bool = False,
-        build_tiny: Literal["llava", "qwen2vl"] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -262,8 +259,7 @@ class LoRAModule(L.LightningModule):
                 f"finetune must be 'lora' or 'full', got {finetune!r} (--model.init_args.finetune)"
             )
         self.finetune = finetune
-        if build_tiny:
-            ensure_tiny_model(model, build_tiny)
+        check_model_path(model, "model.init_args.model")
 
         self.prompt = prompt or PromptConfig()
         # dtype auto: bfloat16 when training will run on a bf16 GPU, created so on the CPU (no float32

@@ -128,16 +128,25 @@ def image_token_count(processor, image) -> int:
     return int((ids == processor.tokenizer.convert_tokens_to_ids(token)).sum())
 
 
-def ensure_tiny_model(path: str, kind: str) -> None:
-    """Write the tiny random-weight ``kind`` model (``llava`` or ``qwen2vl``) at ``path`` if missing."""
+def check_model_path(model: str, option: str) -> None:
+    """Refuse, in one line, a ``model`` that names a local directory which does not exist.
+
+    A name reads as a local path when it starts with ``/``, ``.`` or ``~``, has more than one ``/``, or
+    its first folder exists here; ``org/name`` is left to transformers as a hub id.
+    """
     from pathlib import Path
 
-    from cascadevlm.zoo.tiny_lvlm import BUILDERS
-
-    if kind not in BUILDERS:
-        raise ValueError(f"build_tiny must be one of {sorted(BUILDERS)}, got {kind!r}")
-    if not (Path(path) / "config.json").exists():
-        BUILDERS[kind](path)
+    path = Path(model).expanduser()
+    looks_local = (
+        model.startswith(("/", ".", "~"))
+        or model.count("/") > 1
+        or (len(path.parts) > 1 and Path(path.parts[0]).is_dir())
+    )
+    if looks_local and not path.is_dir():
+        raise FileNotFoundError(
+            f"LVLM model directory {model!r} does not exist; set {option} to a model directory or a Hugging "
+            "Face hub id (org/name)"
+        )
 
 
 class ChatEncoder:
@@ -352,8 +361,6 @@ class TransformersBackend(LVLMBackend):
             default maximum (12845056 pixels) allows 16384 tokens per image, so set ``max_pixels`` (e.g.
             ``448 * 448`` = 256 tokens) to bound memory.
         trust_remote_code: passed to ``from_pretrained``.
-        build_tiny: ``llava`` or ``qwen2vl``: write that tiny random-weight model at ``model`` first when
-            it is missing (offline demos and tests only).
     """
 
     def __init__(
@@ -370,7 +377,6 @@ class TransformersBackend(LVLMBackend):
         merge_lora: bool = True,
         attn_implementation: str | None = "sdpa",
         trust_remote_code: bool = False,
-        build_tiny: Literal["llava", "qwen2vl"] | None = None,
         device_map: str | dict | None = None,
         min_pixels: int | None = None,
         max_pixels: int | None = None,
@@ -382,6 +388,7 @@ class TransformersBackend(LVLMBackend):
         for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
             if value is not None and value < 1:  # refused here, not when the model loads after the CLIP stage
                 raise ValueError(f"lvlm.init_args.{name} must be >= 1 or null, got {value}")
+        check_model_path(model, "lvlm.init_args.model")  # refused here too, not after the CLIP stage
         self.model_name = model
         self.mode = mode
         self.prompt = prompt or PromptConfig()
@@ -394,7 +401,6 @@ class TransformersBackend(LVLMBackend):
         self.merge_lora = merge_lora
         self.attn_implementation = attn_implementation
         self.trust_remote_code = trust_remote_code
-        self.build_tiny = build_tiny
         self.device_map = device_map
         self.min_pixels = min_pixels
         self.max_pixels = max_pixels
@@ -417,8 +423,6 @@ class TransformersBackend(LVLMBackend):
     def load(self) -> TransformersBackend:
         """Load the model now (otherwise it loads on the first :meth:`choose`)."""
         if self._net is None:
-            if self.build_tiny:
-                ensure_tiny_model(self.model_name, self.build_tiny)
             self._net, processor = load_model_and_processor(
                 self.model_name,
                 dtype=self.dtype,

@@ -89,7 +89,6 @@ class LinearProbeModule(AdapterModule):
         self,
         model_name: str = "cascadevlm-tiny-vit",
         pretrained: str | None = None,
-        build_tiny: bool = False,
         clip_precision: str = "fp32",
         class_names: list[str] | None = None,
         templates: list[str] | None = None,
@@ -105,7 +104,6 @@ class LinearProbeModule(AdapterModule):
         super().__init__(
             model_name,
             pretrained,
-            build_tiny,
             clip_precision,
             class_names,
             templates,

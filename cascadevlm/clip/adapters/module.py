@@ -31,7 +31,6 @@ class AdapterModule(L.LightningModule):
 
     Args:
         model_name, pretrained: the frozen open_clip model (as :func:`load_clip`).
-        build_tiny: offline demo only: write the seeded tiny checkpoint ``pretrained`` if missing.
         clip_precision: open_clip precision of the frozen model (``fp32``, ``bf16``, ``fp16``, ``amp``,
             ``amp_bf16``): image features are computed in it, images cast to the model's dtype, and it is
             part of the feature-cache key (mixed precision of the training itself is the Trainer's
@@ -50,7 +49,6 @@ class AdapterModule(L.LightningModule):
         self,
         model_name: str = "cascadevlm-tiny-vit",
         pretrained: str | None = None,
-        build_tiny: bool = False,
         clip_precision: str = "fp32",
         class_names: list[str] | None = None,
         templates: list[str] | None = None,
@@ -65,9 +63,7 @@ class AdapterModule(L.LightningModule):
         super().__init__()
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer {optimizer!r} is not one of {OPTIMIZERS}")
-        self.bundle = load_clip(
-            model_name, pretrained, precision=clip_precision, build_tiny=build_tiny, model_config=model_config
-        )
+        self.bundle = load_clip(model_name, pretrained, precision=clip_precision, model_config=model_config)
         self.bundle.model.requires_grad_(False)
         self.class_names = list(class_names) if class_names else None
         self.templates = list(templates) if templates else None
