@@ -34,6 +34,7 @@ import datasets
 import torch
 
 from cascadevlm.cascade.lvlm_stage import DeferredImages, LVLMStage
+from cascadevlm.flags import one_flag_style
 from cascadevlm.lvlm.base import LVLMRequest
 from cascadevlm.lvlm.prompts import PromptConfig
 from cascadevlm.lvlm.scoring import forward_inputs, score_candidates
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prefetch", type=int, default=2, help="batches each worker prepares ahead")
     parser.add_argument("--threads", type=int, default=None, help="torch threads of the main process")
     parser.add_argument("--no-modes", action="store_true", help="skip the scoring vs generate tables")
-    args = parser.parse_args(argv)
+    args = one_flag_style(parser).parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
