@@ -192,3 +192,11 @@ def test_a_sample_with_a_class_index_outside_classnames_is_refused(images, tmp_p
     with pytest.raises(PrepareError, match=r"sample 's0000012' has cls 2, outside 0\.\.1 \(classnames.txt\)"):
         prepare_wds(None, mirror, tmp_path / "out", **QUIET)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_mirror_with_test_shards_only_gives_a_loadable_test_split(images, tmp_path):
+    mirror = write_mirror(tmp_path / "m", {"test": images["test"]})
+    card = prepare_wds(None, mirror, tmp_path / "out", **QUIET)
+    dd = datasets.load_from_disk(str(tmp_path / "out"))  # empty train/val used to be written, unloadable
+    assert list(dd) == ["test"] and len(dd["test"]) == N_TEST * len(CLASSES)
+    assert card["splits"]["test"]["images"] == N_TEST * len(CLASSES)
