@@ -97,6 +97,12 @@ def test_zero_initialised_lora_is_zero_shot_exactly_and_gets_its_own_feature_key
     assert feature_key(merged.feature_identity(), "fp", "test", 6) != feature_key(
         plain.feature_identity(), "fp", "test", 6
     )
+    # one training step reaches LoRA's B matrices in both encoders (A's gradient is 0 while B = 0)
+    loss = torch.nn.functional.cross_entropy(module(pixels), torch.tensor([0, 1, 2, 3, 0, 1]))
+    loss.backward()
+    grads = {n: p.grad for n, p in module.named_parameters() if "lora_B" in n}
+    assert any(n.startswith("adapter.lora.model.visual.") and g.abs().sum() > 0 for n, g in grads.items())
+    assert any(not n.startswith("adapter.lora.model.visual.") and g.abs().sum() > 0 for n, g in grads.items())
 
 
 def test_saved_lora_reloads_with_identical_logits_in_evaluation(tiny_paths, pixels, tmp_path):
@@ -122,6 +128,21 @@ def test_saved_lora_reloads_with_identical_logits_in_evaluation(tiny_paths, pixe
         assert torch.equal(clf({"pixel_values": pixels}), a)
     info = adapter_info(path)
     assert info["method"] == "clip_lora" and info["kind"] == "clip_lora"
+    # WiSE-FT in weight space: mix 0 is zero-shot CLIP exactly, mix 0.5 neither end, each its own cache key
+    keys = {first.feature_identity()["weights"]}
+    for mix, expected in ((0.0, zero_shot), (0.5, None)):
+        wise = ClipClassifier(
+            TINY_CLIP, str(tiny_paths[TINY_CLIP]), class_names=NAMES, adapter=str(path), adapter_mix=mix
+        )
+        wise.ensure_head()
+        with torch.no_grad():
+            got = wise({"pixel_values": pixels})
+        if expected is not None:
+            assert torch.equal(got, expected)
+        else:
+            assert (got - a).abs().max() > 1e-3 and (got - zero_shot).abs().max() > 1e-3
+        keys.add(wise.bundle.feature_identity()["weights"])
+    assert len(keys) == 3
 
 
 def test_lora_for_another_model_or_weights_is_refused(tiny_paths, tmp_path):

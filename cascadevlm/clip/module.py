@@ -66,7 +66,7 @@ class ClipClassifier(L.LightningModule):
         if adapter:  # CLIP-LoRA merges into the weights now, before any feature (or cache key) is made
             from cascadevlm.clip.adapters.clip_lora import merge_clip_lora
 
-            merge_clip_lora(self.bundle, adapter)
+            merge_clip_lora(self.bundle, adapter, mix=adapter_mix)  # WiSE-FT in weight space
         self.clip = self.bundle.model
         self.clip.requires_grad_(False)
         self.class_names = list(class_names) if class_names else None
@@ -113,7 +113,7 @@ class ClipClassifier(L.LightningModule):
                 self.adapter_module = load_adapter(
                     self.hparams.adapter, bundle=self.bundle, class_names=self.class_names
                 )
-                if self.hparams.adapter_mix != 1.0:
+                if self.hparams.adapter_mix != 1.0 and not self.bundle.weight_adapters:  # else mixed weights
                     from cascadevlm.clip.adapters.base import WiseHead
 
                     scale = float(self.clip.logit_scale.exp())

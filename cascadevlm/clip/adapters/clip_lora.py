@@ -189,19 +189,22 @@ def adapter_weights_tag(path: str | Path) -> str:
     return f"{KIND}:sha256:{file_sha256(path)}"
 
 
-def merge_clip_lora(bundle, path: str | Path) -> bool:
+def merge_clip_lora(bundle, path: str | Path, mix: float = 1.0) -> bool:
     """Merge the CLIP-LoRA adapter at ``path`` into ``bundle.model`` (once); False for other kinds.
 
-    Checks the adapter was made for this model and weights first; records the adapter's content hash in
-    ``bundle.weight_adapters`` so features of the merged model get their own feature-cache key.
+    ``mix`` is WiSE-FT's interpolation in weight space: ``W + mix * (alpha / r) B A`` (1: the adapter,
+    0: zero-shot CLIP's weights exactly). Checks the adapter was made for this model and weights first;
+    records the adapter's content hash (and a mix other than 1) in ``bundle.weight_adapters`` so features
+    of the merged model get their own feature-cache key.
     """
     tensors, meta = read_adapter(path)
     if meta["kind"] != KIND:
         return False
-    tag = adapter_weights_tag(path)
+    base_tag = adapter_weights_tag(path)
+    tag = base_tag if float(mix) == 1.0 else f"{base_tag}@mix{float(mix)!r}"
     merged = tuple(getattr(bundle, "weight_adapters", ()))
-    if tag in merged:
-        return True
+    if any(t == base_tag or t.startswith(base_tag + "@") for t in merged):
+        return True  # merged already (evaluation merges at construction, the head loader finds it done)
     problems = []
     if meta.get("model_name") != bundle.model_name:
         problems.append(f"model_name: adapter {meta.get('model_name')!r}, loaded CLIP {bundle.model_name!r}")
@@ -220,7 +223,8 @@ def merge_clip_lora(bundle, path: str | Path) -> bool:
     from peft import set_peft_model_state_dict
 
     device = next(model.parameters()).device
-    result = set_peft_model_state_dict(model, {k: v.to(device) for k, v in tensors.items()})
+    scaled = {k: (v * float(mix) if "lora_B" in k else v).to(device) for k, v in tensors.items()}
+    result = set_peft_model_state_dict(model, scaled)
     missing = [k for k in result.missing_keys if "lora_" in k]
     if result.unexpected_keys or missing:
         raise AdapterMismatchError(
