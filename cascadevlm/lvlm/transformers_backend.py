@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -265,39 +266,44 @@ class PreparedBatch:
 _PACKABLE = ("RGB", "L", "RGBA")  # modes a uint8 array gives back exactly
 
 
-def _pack_images(requests: list[LVLMRequest]) -> tuple[list[LVLMRequest], list]:
-    def pack(image):
-        if getattr(image, "mode", None) in _PACKABLE:
-            import numpy as np
+def _pack_images(requests: list[LVLMRequest]) -> tuple[list[LVLMRequest], dict]:
+    """The requests without their images, and the images' pixels in one flat uint8 tensor (one
+    shared-memory handle per batch, not one per image) with each image's mode and shape."""
+    import numpy as np
 
-            return None, (torch.from_numpy(np.asarray(image).copy()), image.mode)
-        return image, None  # anything else pickles as it is
+    arrays, index = [], []  # index[i]: (request, example or -1, mode, shape)
 
-    light, packed = [], []
-    for r in requests:
-        image, query = pack(r.image)
-        examples, shots = [], []
-        for e in r.examples:
-            ex_image, ex_packed = pack(e.image)
-            examples.append(dataclasses.replace(e, image=ex_image))
-            shots.append(ex_packed)
-        light.append(dataclasses.replace(r, image=image, examples=examples))
-        packed.append((query, shots))
-    return light, packed
+    def take(image, where: tuple[int, int]):
+        if getattr(image, "mode", None) not in _PACKABLE:
+            return image  # anything else pickles as it is
+        array = np.asarray(image)
+        arrays.append(array.reshape(-1))
+        index.append((*where, image.mode, array.shape))
+        return None
+
+    light = []
+    for i, r in enumerate(requests):
+        examples = [dataclasses.replace(e, image=take(e.image, (i, j))) for j, e in enumerate(r.examples)]
+        light.append(dataclasses.replace(r, image=take(r.image, (i, -1)), examples=examples))
+    pixels = torch.from_numpy(np.concatenate(arrays)) if arrays else torch.empty(0, dtype=torch.uint8)
+    return light, {"pixels": pixels, "index": index}
 
 
-def _unpack_images(requests: list[LVLMRequest], packed: list) -> list[LVLMRequest]:
+def _unpack_images(requests: list[LVLMRequest], packed: dict) -> list[LVLMRequest]:
     from PIL import Image
 
-    def unpack(image, item):
-        return image if item is None else Image.fromarray(item[0].numpy(), item[1])
-
+    flat = packed["pixels"].numpy()
+    images, start = {}, 0
+    for i, j, mode, shape in packed["index"]:
+        size = math.prod(shape)
+        images[(i, j)] = Image.fromarray(flat[start : start + size].reshape(shape), mode)
+        start += size
     out = []
-    for r, (query, shots) in zip(requests, packed, strict=True):
+    for i, r in enumerate(requests):
         examples = [
-            dataclasses.replace(e, image=unpack(e.image, s)) for e, s in zip(r.examples, shots, strict=True)
+            dataclasses.replace(e, image=images.get((i, j), e.image)) for j, e in enumerate(r.examples)
         ]
-        out.append(dataclasses.replace(r, image=unpack(r.image, query), examples=examples))
+        out.append(dataclasses.replace(r, image=images.get((i, -1), r.image), examples=examples))
     return out
 
 
