@@ -145,11 +145,18 @@ def add_stage_progress_bar(trainer_config: dict, kwargs: dict) -> dict:
 
 
 @contextmanager
-def stage(trainer: Any, name: str, counts: LVLMCounts | None = None) -> Iterator[None]:
+def stage(trainer: Any, name: str, counts: LVLMCounts | None = None, show_bar: bool = True) -> Iterator[None]:
     """Name the progress bar ``name`` for the ``trainer.predict`` calls inside, and log when done:
-    ``CLIP stage: test: 150 images in 2.0 s (75.0 images/s)`` (with the LVLM counts when given)."""
+    ``CLIP stage: test: 150 images in 2.0 s (75.0 images/s)`` (with the LVLM counts when given).
+
+    ``show_bar=False``: no bar for this stage (a backend that draws its own, such as the API backend's
+    per-image bar; two live displays on one terminal garble each other)."""
     bar = getattr(trainer, "progress_bar_callback", None)
-    named = isinstance(bar, StageProgressBar)
+    named = isinstance(bar, StageProgressBar) and not bar.is_disabled
+    hidden = named and not show_bar
+    if hidden:
+        bar.disable()
+        named = False
     if named:
         bar.stage_name, bar.counts = name, counts
     counter = _CountingCallback(counts)
@@ -160,15 +167,16 @@ def stage(trainer: Any, name: str, counts: LVLMCounts | None = None) -> Iterator
     finally:
         if named:
             bar.stage_name, bar.counts = None, None
+        if hidden:
+            bar.enable()
         trainer.callbacks.remove(counter)
     seconds = time.perf_counter() - started
     images = counter.images
     rate = f" ({images / seconds:.1f} images/s)" if images and seconds > 0 else ""
     extra = f"; {counts.text()}" if counts is not None else ""
     # the bar already shows this on the console; the line is for logs without one
-    shown = named and not bar.is_disabled
     log.log(
-        logging.DEBUG if shown else logging.INFO, f"{name}: {images} images in {seconds:.1f} s{rate}{extra}"
+        logging.DEBUG if named else logging.INFO, f"{name}: {images} images in {seconds:.1f} s{rate}{extra}"
     )
 
 

@@ -157,3 +157,32 @@ def test_console_flags_are_read_before_parsing():
     assert verbosity_from_args(["fit", "--quiet"]) == "quiet"
     assert verbosity_from_args(["--verbose=true"]) == "verbose"
     assert verbosity_from_args(["test", "--verbose", "false"]) == "normal"
+
+
+def test_stage_counts_images_and_lvlm_answers(console_state, capsys):
+    """progress.stage on a real Trainer: images counted batch by batch, the LVLM's cached/asked/failed."""
+    import lightning as L
+    import torch
+
+    from cascadevlm.progress import LVLMCounts, StageProgressBar, stage
+
+    class Backend:  # answers every other image from its cache; one failed API call
+        calls = 0
+
+    class Stage(L.LightningModule):
+        def predict_step(self, batch, batch_idx):
+            Backend.calls += len(batch) // 2
+            return [type("Answer", (), {"fallback": "api_error" if b == 3 else None})() for b in batch]
+
+    setup_logging("normal")
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, callbacks=[StageProgressBar()], enable_model_summary=False
+    )
+    loader = torch.utils.data.DataLoader(list(range(10)), batch_size=4, collate_fn=list)
+    counts = LVLMCounts(Backend, answered_before=7)
+    with stage(trainer, "LVLM stage", counts, show_bar=False):  # hidden bar: the summary is logged
+        trainer.predict(Stage(), loader, return_predictions=False)
+    assert (counts.images, counts.asked, counts.failed, counts.cached) == (10, 2 + 2 + 1, 1, 7 + 5)
+    err = capsys.readouterr().err
+    assert "LVLM stage: 10 images in" in err and "cached 12 · asked 5 · failed 1" in err
+    assert "Predicting" not in err and trainer.progress_bar_callback.is_enabled  # the bar is back

@@ -595,7 +595,8 @@ def lvlm_stage(
         )  # fmt: skip
     stage = LVLMStage(backend, dm.class_names, exemplars)
     counts = progress.LVLMCounts(backend, len(wanted) - len(todo))
-    with progress.stage(trainer, f"LVLM stage: {dm.split}" if other_split else "LVLM stage", counts):
+    own_bar = bool(getattr(backend, "progress", False)) and hasattr(backend, "begin_stage")  # the API's bar
+    with progress.stage(trainer, f"LVLM stage: {dm.split}" if other_split else "LVLM stage", counts, not own_bar):
         run_lvlm_stage(trainer, stage, dm.eval_dataset(), todo, opts.topk, dm.split, parts,
                        opts.lvlm_batch_size, dm.num_workers)  # fmt: skip
     trainer.strategy.barrier()
