@@ -165,6 +165,7 @@ def test_lora_for_another_model_or_weights_is_refused(tiny_paths, tmp_path):
 
 
 # ------------------------------------------------------------------------------ learning on real photos
+@pytest.mark.slow
 def test_clip_lora_beats_zero_shot_on_held_out_photos_with_the_demo_clip(data_root, tmp_path):
     """16 Fashion-MNIST photos per class, 3 epochs on CPU; test accuracy on 300 other photos."""
     from cascadevlm.clip.features import image_features
@@ -220,3 +221,18 @@ def test_clip_lora_beats_zero_shot_on_held_out_photos_with_the_demo_clip(data_ro
     lora_acc = accuracy(merged, load_adapter(adapter, merged, dm.class_names))
     print(f"held-out test accuracy: zero-shot {zs_acc:.3f}, clip_lora {lora_acc:.3f}")
     assert lora_acc >= zs_acc + 0.03, (zs_acc, lora_acc)
+
+
+@pytest.mark.parametrize("encoders, visual, text", [("text", False, True), ("vision", True, False)])
+def test_lora_goes_only_into_the_chosen_encoder(encoders, visual, text, tiny_paths):
+    """Classic CLIP's text layer names are suffixes of the image tower's: LoRA must not leak across."""
+    module = ClipLoraModule(
+        TINY_CLIP,
+        str(tiny_paths[TINY_CLIP]),
+        class_names=NAMES,
+        encoders=encoders,
+        log_confusion_matrix=False,
+    )
+    names = [n for n, p in module.named_parameters() if p.requires_grad]
+    assert any(n.startswith("adapter.lora.model.visual.") for n in names) == visual
+    assert any(n.startswith("adapter.lora.model.transformer.") for n in names) == text

@@ -15,6 +15,7 @@ feature identity (the adapter's content hash) and never shares feature-cache ent
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -93,8 +94,11 @@ def _lora_config(rank: int, alpha: float, dropout: float, targets: list[str]):
     if rank < 1:
         raise ValueError(f"clip_lora rank must be >= 1, got {rank}; set --model.rank")
     # init_lora_weights=True: A Kaiming-uniform, B zero -> the adapted model starts as the zero-shot one
+    # one regex of the exact names: peft matches a list by name suffix, and classic CLIP's text
+    # "transformer.resblocks.0.attn" is a suffix of the image tower's "visual.transformer.resblocks.0.attn"
+    pattern = "(?:" + "|".join(re.escape(t) for t in targets) + ")"
     return LoraConfig(
-        r=int(rank), lora_alpha=float(alpha), lora_dropout=float(dropout), target_modules=list(targets)
+        r=int(rank), lora_alpha=float(alpha), lora_dropout=float(dropout), target_modules=pattern
     )
 
 
