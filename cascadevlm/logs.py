@@ -25,6 +25,7 @@ Verbosity = Literal["quiet", "normal", "verbose"]
 PROJECT_LOGGER = "cascadevlm"
 # Lightning's own loggers: device lines ("GPU available"), "Seed set to", the cloud-logging tip.
 LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric", "lightning")
+DDP_MEMBERSHIP_LOGGER = "lightning.fabric.utilities.distributed"
 # Messages that mislead or only advertise, kept out of the default console.
 NOISE_MESSAGES = (
     "No pretrained weights loaded",  # open_clip, also for a model whose weights are loaded right after
@@ -153,6 +154,8 @@ def setup_logging(level: Verbosity = "normal") -> None:
     third_party = logging.INFO if level == "verbose" else logging.WARNING
     for name in LIGHTNING_LOGGERS:
         logging.getLogger(name).setLevel(third_party)
+    # DDP's "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2", one per rank: shows every rank joined
+    logging.getLogger(DDP_MEMBERSHIP_LOGGER).setLevel(logging.WARNING if level == "quiet" else logging.INFO)
     root.setLevel(third_party)
     if not any(isinstance(f, DropNoise) for f in root.filters):
         root.addFilter(DropNoise())  # open_clip logs through the root logger
