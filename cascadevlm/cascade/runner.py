@@ -53,7 +53,9 @@ def run_clip_stage(
     if feats is None and key:
         merged = writer.merged_features(trainer.world_size, n)
         if merged is not None:
-            meta = {"model": model.bundle.model_name, "weights": model.bundle.weights_id, "split": dm.split}
+            # the weights as in the key: a merged CLIP-LoRA shows as "<weights>+clip_lora:sha256:..."
+            weights = model.bundle.feature_identity()["weights"]
+            meta = {"model": model.bundle.model_name, "weights": weights, "split": dm.split}
             cache.save(key, merged, meta)
     return records
 
