@@ -236,3 +236,18 @@ def test_lora_goes_only_into_the_chosen_encoder(encoders, visual, text, tiny_pat
     names = [n for n, p in module.named_parameters() if p.requires_grad]
     assert any(n.startswith("adapter.lora.model.visual.") for n in names) == visual
     assert any(n.startswith("adapter.lora.model.transformer.") for n in names) == text
+
+
+def test_clip_lora_with_the_feature_data_module_is_refused_in_one_line(tiny_paths):
+    from types import SimpleNamespace
+
+    module = ClipLoraModule(
+        TINY_CLIP, str(tiny_paths[TINY_CLIP]), class_names=NAMES, log_confusion_matrix=False
+    )
+    module._trainer = SimpleNamespace(datamodule=SimpleNamespace(class_names=NAMES))  # a feature data module
+    with pytest.raises(
+        ValueError, match=r"trains on images, not cached features: use --data .*KShotImageDataModule"
+    ):
+        module.setup("fit")
+    with pytest.raises(ValueError, match="clip_lora encoders must be one of"):
+        ClipLoraModule(TINY_CLIP, str(tiny_paths[TINY_CLIP]), encoders="image")

@@ -30,6 +30,7 @@ from cascadevlm.clip.adapters.base import (
 )
 from cascadevlm.clip.adapters.checkpoint import AdapterCheckpoint, confusion_figure
 from cascadevlm.clip.adapters.clip_adapter import ClipAdapterHead, ClipAdapterModule
+from cascadevlm.clip.adapters.clip_lora import ClipLoraModule, KShotImageDataModule, merge_clip_lora
 from cascadevlm.clip.adapters.coop import (
     FrozenTextEncoder,
     PromptHead,
@@ -55,8 +56,10 @@ __all__ = [
     "AdapterModule",
     "ClipAdapterHead",
     "ClipAdapterModule",
+    "ClipLoraModule",
     "FrozenTextEncoder",
     "KShotFeatureDataModule",
+    "KShotImageDataModule",
     "LinearProbe",
     "LinearProbeModule",
     "PromptHead",
@@ -76,6 +79,7 @@ __all__ = [
     "confusion_figure",
     "count_phrase_tokens",
     "load_adapter",
+    "merge_clip_lora",
     "read_adapter",
     "register_adapter_kind",
     "save_adapter",

@@ -375,7 +375,7 @@ class ClipLoraModule(AdapterModule):
         if dm is not None and getattr(dm, "gives", "features") != "images":
             raise ValueError(
                 "clip_lora changes the image encoder, so it trains on images, not cached features: use "
-                "--data cascadevlm.clip.adapters.clip_lora.KShotImageDataModule"
+                "--data cascadevlm.clip.adapters.KShotImageDataModule"
             )
         super().setup(stage)
 
