@@ -375,7 +375,9 @@ def save_plots(result: dict, out_dir: Path, title: str) -> list[Path]:
     ax.plot(100 * np.asarray(cv["fraction"]), 100 * np.asarray(cv["accuracy"]), "k--", lw=1.5, label="oracle")
     ax.set_xlabel("images sent to the LVLM (%)")
     ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(title, fontsize=9)
+    from cascadevlm.report.plots import wrap_title
+
+    ax.set_title(wrap_title(title), fontsize=9)  # a run directory's name: long, never cut
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
