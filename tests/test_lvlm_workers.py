@@ -129,3 +129,37 @@ def test_prepared_batch_sends_images_as_tensors_and_gives_them_back(qwen2vl_dir,
     assert np.array_equal(np.asarray(back[1].examples[0].image), np.asarray(reqs[1].examples[0].image))
     one = TransformersBackend(str(qwen2vl_dir), device="cpu", batch_size=1)
     assert one.choose(sent) == one.choose(reqs)
+
+
+@pytest.mark.slow
+def test_evaluate_with_lvlm_workers_keeps_the_run_name_and_the_records(
+    tiny_clip_path,
+    data_root,
+    llava_dir,  # noqa: F811
+    tmp_path,
+):
+    """evaluate.py with --data.num_workers 2 (CLIP and LVLM stages in workers) names the run as with 0
+    and writes the same records: the worker count changes no answer, so it is in no name."""
+    from cascadevlm.cascade.evaluate import main
+    from cascadevlm.records import read_records
+
+    def run(workers: int):
+        out = tmp_path / f"w{workers}"
+        main([
+            "--model.model_name", "cascadevlm-tiny-vit", "--model.pretrained", str(tiny_clip_path),
+            "--data.dataset", "fashion_mnist", "--data.data_root", str(data_root), "--data.limit", "12",
+            "--data.num_workers", str(workers), "--trainer.accelerator", "cpu",
+            "--trainer.enable_progress_bar", "false",
+            "--lvlm.class_path", "cascadevlm.lvlm.transformers_backend.TransformersBackend",
+            "--lvlm.init_args.model", str(llava_dir), "--lvlm.init_args.device", "cpu",
+            "--lvlm.init_args.batch_size", "3", "--cascade.lvlm_batch_size", "4",
+            "--cascade.tau", "-inf", "--output_dir", str(out), "--cache_dir", str(tmp_path / "cache"),
+        ])  # fmt: skip
+        (run_dir,) = [d for d in out.iterdir() if d.is_dir()]
+        return run_dir.name, read_records(run_dir / "records.parquet")
+
+    name0, records0 = run(0)
+    name2, records2 = run(2)
+    assert name0 == name2
+    assert len(records0) == 12 and all(r.deferred and r.lvlm_scores for r in records0)
+    assert records2 == records0
