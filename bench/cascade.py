@@ -27,7 +27,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from cascadevlm.cascade.evaluate import main as evaluate  # noqa: E402
+from cascadevlm.cli import run_evaluate as evaluate  # noqa: E402
 from cascadevlm.flags import one_flag_style  # noqa: E402
 from cascadevlm.gating.gate import tau_for_budget  # noqa: E402
 from cascadevlm.records import read_records  # noqa: E402

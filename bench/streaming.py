@@ -74,7 +74,7 @@ def loader_rate(dataset: Path, streaming: bool, transform, workers: int) -> tupl
 
 
 def evaluate_rate(dataset: Path, streaming: bool, clip: Path, out: Path, workers: int, n: int) -> float:
-    from cascadevlm.cascade.evaluate import main
+    from cascadevlm.cli import run_evaluate as main
 
     args = ["--model.model_name", "cascadevlm-tiny-vit", "--model.pretrained", str(clip),
             "--data.dataset", str(dataset), "--data.batch_size", "64", "--data.num_workers", str(workers),

@@ -13,8 +13,13 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
+from cascadevlm import progress
+from cascadevlm.cascade.evaluate import CascadeOptions, evaluate, join_negative_values
+from cascadevlm.clip.module import ClipClassifier
+from cascadevlm.data.datamodule import CascadeDataModule
 from cascadevlm.errors import one_line_errors, parser_kwargs
 from cascadevlm.logs import add_console_arguments, setup_logging, verbosity, verbosity_from_args, verbosity_of
+from cascadevlm.lvlm.base import LVLMBackend
 
 # Modules defining the classes a command line may name (``--model PromptTuningModule``,
 # ``--lvlm TransformersBackend``): jsonargparse resolves a short class name, and ``--help`` lists a
@@ -123,13 +128,65 @@ def train_main(args: list[str] | None = None) -> TrainCLI:
     )
 
 
+EVAL_TRAINER_DEFAULTS = {
+    "logger": False,
+    "enable_checkpointing": False,
+    "enable_model_summary": False,
+    "accelerator": "auto",
+    "devices": 1,
+}
+
+
+class EvaluateCLI(LightningCLI):
+    """``evaluate.py``'s command line: the CLIP module, the data module, the trainer, ``cascade.*`` options
+    and, when given, the ``lvlm`` backend; :func:`cascadevlm.cascade.evaluate.evaluate` runs it."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--output_dir", type=str, default="runs", help="parent of the run directory")
+        parser.add_argument("--run_name", type=str | None, default=None, help="default: from the parameters")
+        parser.add_argument("--cache_dir", type=str, default="artifacts/cache", help="feature cache")
+        parser.add_class_arguments(CascadeOptions, "cascade")
+        parser.add_subclass_arguments(LVLMBackend, "lvlm", required=False, default=None)
+        parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
+        parser.link_arguments("data.templates", "model.templates", apply_on="instantiate")
+        add_console_arguments(parser)
+
+    def before_instantiate_classes(self) -> None:
+        """``verbose: true`` / ``quiet: true`` may also come from a config file."""
+        setup_logging(verbosity_of(self.config.get("verbose"), self.config.get("quiet")))
+
+    def instantiate_trainer(self, **kwargs):
+        """The trainer with the stage-named progress bar (Lightning's own, "Predicting", otherwise)."""
+        config = self._get(self.config_init, "trainer", default={})
+        return super().instantiate_trainer(**progress.add_stage_progress_bar(config, kwargs))
+
+
+def run_evaluate(args: list[str] | None = None) -> dict | None:
+    """Parse ``evaluate.py``'s command line and run the cascade (errors raised as they are)."""
+    register_classes(LVLM_CLASSES)
+    # before the CLI builds anything: the models' and Lightning's set-up lines follow the console level
+    setup_logging(verbosity_from_args(sys.argv[1:] if args is None else args))
+    if args is None:  # LightningCLI reads sys.argv itself (and warns when given both)
+        sys.argv[1:] = join_negative_values(sys.argv[1:])
+    else:
+        args = join_negative_values(list(args))
+    cli = EvaluateCLI(
+        ClipClassifier,
+        CascadeDataModule,
+        run=False,
+        args=args,
+        trainer_defaults=EVAL_TRAINER_DEFAULTS,
+        save_config_callback=None,
+        seed_everything_default=0,
+        parser_kwargs={"exit_on_error": False},  # entry points print parse errors as one line
+    )
+    return evaluate(cli)
+
+
 @one_line_errors
 def evaluate_main(args: list[str] | None = None) -> dict | None:
-    """``evaluate.py``: the cascade evaluation (see :mod:`cascadevlm.cascade.evaluate`)."""
-    from cascadevlm.cascade.evaluate import main
-
-    register_classes(LVLM_CLASSES)
-    return main(args)
+    """``evaluate.py``: the cascade evaluation (see :mod:`cascadevlm.cascade.evaluate`); errors as one line."""
+    return run_evaluate(args)
 
 
 COMMANDS = {"evaluate": evaluate_main, "train": train_main}

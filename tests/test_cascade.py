@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cascadevlm.cascade.evaluate import main
+from cascadevlm.cli import run_evaluate as main
 from cascadevlm.gating.gate import defer_mask, tau_for_budget, tau_grid
 from cascadevlm.lvlm.transformers_backend import TransformersBackend
 from cascadevlm.records import read_records

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from test_lvlm_api import KEY_ENV, SECRET, ChatServer
 
-from cascadevlm.cascade.evaluate import main
+from cascadevlm.cli import run_evaluate as main
 from cascadevlm.lvlm.api_backend import APIFatalError
 from cascadevlm.records import read_records
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from fake_cascade import fake_args
 
-import cascadevlm.cascade.evaluate as evaluate_module
+import cascadevlm.cli as evaluate_module
 from cascadevlm.cli import evaluate_main, train_main
 from cascadevlm.errors import is_user_error, one_line
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import datasets
 import pytest
 
-from cascadevlm.cascade.evaluate import main as evaluate_main
+from cascadevlm.cli import run_evaluate as evaluate_main
 from cascadevlm.data.datamodule import CascadeDataModule
 from cascadevlm.records import read_records
 from cascadevlm.testing.images import sample_photos

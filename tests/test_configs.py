@@ -10,8 +10,7 @@ import pytest
 import yaml
 from jsonargparse import ArgumentParser
 
-from cascadevlm.cascade.evaluate import EVAL_TRAINER_DEFAULTS, EvaluateCLI
-from cascadevlm.cli import train_main
+from cascadevlm.cli import EVAL_TRAINER_DEFAULTS, EvaluateCLI, train_main
 from cascadevlm.clip.adapters import KShotFeatureDataModule
 from cascadevlm.clip.module import ClipClassifier
 from cascadevlm.data.datamodule import CascadeDataModule

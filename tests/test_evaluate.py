@@ -10,7 +10,7 @@ import open_clip
 import pytest
 import torch
 
-from cascadevlm.cascade.evaluate import main
+from cascadevlm.cli import run_evaluate as main
 from cascadevlm.clip.zero_shot import build_zero_shot_head
 from cascadevlm.data.datamodule import CascadeDataModule
 from cascadevlm.data.loading import ImageClassificationDataset

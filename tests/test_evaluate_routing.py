@@ -8,7 +8,8 @@ import math
 import pytest
 from fake_cascade import fake_args
 
-from cascadevlm.cascade.evaluate import NEEDS_VAL_ANSWERS, combine, main
+from cascadevlm.cascade.evaluate import NEEDS_VAL_ANSWERS, combine
+from cascadevlm.cli import run_evaluate as main
 from cascadevlm.gating.routing import RoutingOptions, apply_routing, fit_routing
 from cascadevlm.records import read_records
 from cascadevlm.testing.fake_lvlm import FakeLVLM

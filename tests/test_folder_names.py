@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cascadevlm.cascade.evaluate import main
+from cascadevlm.cli import run_evaluate as main
 from cascadevlm.clip.zero_shot import build_zero_shot_head
 from cascadevlm.data.datamodule import CascadeDataModule
 from cascadevlm.data.names import readable_class_name, readable_class_names

@@ -140,7 +140,7 @@ def test_evaluate_with_lvlm_workers_keeps_the_run_name_and_the_records(
 ):
     """evaluate.py with --data.num_workers 2 (CLIP and LVLM stages in workers) names the run as with 0
     and writes the same records: the worker count changes no answer, so it is in no name."""
-    from cascadevlm.cascade.evaluate import main
+    from cascadevlm.cli import run_evaluate as main
     from cascadevlm.records import read_records
 
     def run(workers: int):

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from cascadevlm.cascade.evaluate import main
 from cascadevlm.cascade.lvlm_stage import DeferredImages
+from cascadevlm.cli import run_evaluate as main
 from cascadevlm.data.registry import FASHION_MNIST
 from cascadevlm.lvlm.transformers_backend import TransformersBackend
 from cascadevlm.provenance import read_provenance

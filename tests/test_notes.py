@@ -8,7 +8,8 @@ import pytest
 from fake_cascade import fake_args
 from safetensors.torch import load_file, save_file
 
-from cascadevlm.cascade.evaluate import RANDOM_WEIGHTS_NOTE, TRAINED_DEMO_NOTE, main
+from cascadevlm.cascade.evaluate import RANDOM_WEIGHTS_NOTE, TRAINED_DEMO_NOTE
+from cascadevlm.cli import run_evaluate as main
 from cascadevlm.provenance import write_provenance
 from cascadevlm.records import PredictionRecord
 from cascadevlm.report.analysis import deferred_analysis

@@ -8,7 +8,8 @@ import math
 import pytest
 from fake_cascade import fake_args
 
-from cascadevlm.cascade.evaluate import join_negative_values, main, parse_threshold
+from cascadevlm.cascade.evaluate import join_negative_values, parse_threshold
+from cascadevlm.cli import run_evaluate as main
 from cascadevlm.gating.gate import tau_grid
 from cascadevlm.records import read_records
 from cascadevlm.testing.fake_lvlm import FakeLVLM

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from fake_cascade import fake_args
 
-from cascadevlm.cascade.evaluate import main
 from cascadevlm.cascade.lvlm_stage import read_answers
+from cascadevlm.cli import run_evaluate as main
 from cascadevlm.lvlm.api_backend import API_ERROR, OpenAIBackend
 from cascadevlm.lvlm.base import RETRY_FALLBACKS, needs_retry
 from cascadevlm.records import atomic_path, atomic_write_text, read_records, repair_torn_tail

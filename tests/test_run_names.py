@@ -7,7 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from cascadevlm.cascade.evaluate import CascadeOptions, Threshold, default_run_name, main
+from cascadevlm.cascade.evaluate import CascadeOptions, Threshold, default_run_name
+from cascadevlm.cli import run_evaluate as main
 from cascadevlm.clip.adapters import LinearProbe, save_adapter
 from cascadevlm.clip.zero_shot import build_zero_shot_head
 from cascadevlm.data.registry import get_benchmark

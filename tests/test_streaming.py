@@ -14,7 +14,7 @@ from pathlib import Path
 import datasets
 import pytest
 
-from cascadevlm.cascade.evaluate import main
+from cascadevlm.cli import run_evaluate as main
 from cascadevlm.data.datamodule import CascadeDataModule
 from cascadevlm.data.prepare import PrepareOptions, prepare_wds
 from cascadevlm.data.streaming import _rows

@@ -10,7 +10,7 @@ from pathlib import Path
 import datasets
 import pytest
 
-from cascadevlm.cascade.evaluate import main as evaluate_main
+from cascadevlm.cli import run_evaluate as evaluate_main
 from cascadevlm.data.datamodule import CascadeDataModule
 from cascadevlm.data.prepare import PrepareError, PrepareOptions, main, prepare_wds
 from cascadevlm.data.registry import get_benchmark

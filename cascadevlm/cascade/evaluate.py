@@ -11,7 +11,6 @@ import copy
 import hashlib
 import json
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -34,11 +33,7 @@ from cascadevlm.data.datamodule import CascadeDataModule
 from cascadevlm.gating.gate import defer_mask, tau_for_budget, tau_grid
 from cascadevlm.gating.routing import RoutingOptions, apply_routing, fit_routing
 from cascadevlm.logs import (
-    add_console_arguments,
     get_logger,
-    setup_logging,
-    verbosity_from_args,
-    verbosity_of,
 )
 from cascadevlm.lvlm.base import LVLMBackend, needs_retry
 from cascadevlm.provenance import read_provenance
@@ -49,14 +44,6 @@ from cascadevlm.report.plots import save_sweep_plots, sweep_references
 from cascadevlm.report.summary import run_name, short_weights, summary_markdown, write_run_outputs
 
 log = get_logger(__name__)
-
-EVAL_TRAINER_DEFAULTS = {
-    "logger": False,
-    "enable_checkpointing": False,
-    "enable_model_summary": False,
-    "accelerator": "auto",
-    "devices": 1,
-}
 
 RANDOM_WEIGHTS_NOTE = {
     "CLIP": "The CLIP weights are random (a tiny offline model of a real architecture): accuracy here is not "
@@ -174,27 +161,6 @@ def routing_options(opts: CascadeOptions) -> RoutingOptions:
         candidates=opts.candidates, topk=opts.topk, alpha=opts.alpha, fusion=opts.fusion,
         fusion_weight=opts.fusion_weight,
     )  # fmt: skip
-
-
-class EvaluateCLI(LightningCLI):
-    def add_arguments_to_parser(self, parser) -> None:
-        parser.add_argument("--output_dir", type=str, default="runs", help="parent of the run directory")
-        parser.add_argument("--run_name", type=str | None, default=None, help="default: from the parameters")
-        parser.add_argument("--cache_dir", type=str, default="artifacts/cache", help="feature cache")
-        parser.add_class_arguments(CascadeOptions, "cascade")
-        parser.add_subclass_arguments(LVLMBackend, "lvlm", required=False, default=None)
-        parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
-        parser.link_arguments("data.templates", "model.templates", apply_on="instantiate")
-        add_console_arguments(parser)
-
-    def before_instantiate_classes(self) -> None:
-        """``verbose: true`` / ``quiet: true`` may also come from a config file."""
-        setup_logging(verbosity_of(self.config.get("verbose"), self.config.get("quiet")))
-
-    def instantiate_trainer(self, **kwargs):
-        """The trainer with the stage-named progress bar (Lightning's own, "Predicting", otherwise)."""
-        config = self._get(self.config_init, "trainer", default={})
-        return super().instantiate_trainer(**progress.add_stage_progress_bar(config, kwargs))
 
 
 def check_options(opts: CascadeOptions, dm: CascadeDataModule, has_lvlm: bool) -> None:
@@ -398,7 +364,7 @@ def combine(
 class Run:
     """One parsed evaluation: what the steps below share."""
 
-    cli: EvaluateCLI
+    cli: LightningCLI
     opts: CascadeOptions
     backend: LVLMBackend | None
     run_dir: Path
@@ -409,7 +375,7 @@ class Run:
         return self.cli.trainer.is_global_zero
 
 
-def prepare(cli: EvaluateCLI) -> Run:
+def prepare(cli: LightningCLI) -> Run:
     """Check every option, name the run and make the CLIP stage keep ``cascade.topk`` candidates."""
     cfg, model, dm = cli.config, cli.model, cli.datamodule
     backend: LVLMBackend | None = cli.config_init.get("lvlm")
@@ -715,8 +681,8 @@ def report(run: Run, clip_records: list[PredictionRecord], answers: dict, gate: 
     return json.loads(paths["metrics"].read_text())
 
 
-def evaluate(cli: EvaluateCLI) -> dict | None:
-    """Run the evaluation described by a parsed CLI; returns metrics.json's content on rank 0."""
+def evaluate(cli: LightningCLI) -> dict | None:
+    """Run the evaluation described by a parsed CLI (:class:`cascadevlm.cli.EvaluateCLI`); returns metrics.json's content on rank 0."""
     run = prepare(cli)
     if run.rank0:
         for n in run.notes:
@@ -743,32 +709,10 @@ def _config_dict(cfg) -> dict:
     return json.loads(json.dumps(d, default=str))
 
 
-def main(args: list[str] | None = None) -> dict | None:
-    # before the CLI builds anything: the models' and Lightning's set-up lines follow the console level
-    setup_logging(verbosity_from_args(sys.argv[1:] if args is None else args))
-    if args is None:  # LightningCLI reads sys.argv itself (and warns when given both)
-        sys.argv[1:] = join_negative_values(sys.argv[1:])
-    else:
-        args = join_negative_values(list(args))
-    cli = EvaluateCLI(
-        ClipClassifier,
-        CascadeDataModule,
-        run=False,
-        args=args,
-        trainer_defaults=EVAL_TRAINER_DEFAULTS,
-        save_config_callback=None,
-        seed_everything_default=0,
-        parser_kwargs={"exit_on_error": False},  # entry points print parse errors as one line
-    )
-    return evaluate(cli)
-
-
 __all__ = [
     "CascadeOptions",
-    "EvaluateCLI",
     "check_options",
     "combine",
     "default_run_name",
     "evaluate",
-    "main",
 ]
