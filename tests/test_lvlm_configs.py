@@ -78,6 +78,27 @@ def test_a_missing_model_directory_is_refused_in_one_line_when_the_backend_is_bu
     assert TransformersBackend("some-org/some-model").model_name == "some-org/some-model"
 
 
+def test_from_model_wraps_a_model_in_memory_whose_name_is_no_path(llava_dir, photos, tmp_path):  # noqa: F811
+    """bench/realsize.py names an in-memory model "Qwen2-VL-2B-Instruct [4/28 text ...]": no path check."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    net = AutoModelForImageTextToText.from_pretrained(llava_dir)
+    processor = AutoProcessor.from_pretrained(llava_dir)
+    backend = TransformersBackend.from_model(
+        net, processor, model="LLaVA [2/32 text, 1/24 vision layers]", device="cpu"
+    )
+    assert backend.model_name == "LLaVA [2/32 text, 1/24 vision layers]"
+    answers = backend.choose([LVLMRequest(image=photos["cat"], candidates=["cat", "coins"], fallback=0)])
+    assert len(answers) == 1 and answers[0].scores is not None
+    with pytest.raises(
+        FileNotFoundError,
+        match="LVLM model directory 'LLaVA \\[2/32 text, 1/24 vision layers\\]' does not exist",
+    ):
+        TransformersBackend(
+            model="LLaVA [2/32 text, 1/24 vision layers]"
+        )  # the path check still holds outside from_model
+
+
 @pytest.mark.parametrize("option", ["min_pixels", "max_pixels"])
 def test_non_positive_pixel_limits_are_refused_when_the_backend_is_built(option):
     with pytest.raises(ValueError) as err:

@@ -12,6 +12,7 @@ Two answer modes:
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import logging
 import math
@@ -25,6 +26,9 @@ from cascadevlm.lvlm.base import LVLMAnswer, LVLMBackend, LVLMRequest
 from cascadevlm.lvlm.parsing import UNPARSEABLE, parse_answer
 from cascadevlm.lvlm.prompts import Prompt, PromptConfig, build_prompt
 from cascadevlm.lvlm.scoring import forward_inputs, score_candidates
+
+# set while from_model builds a backend around a model in memory (its name is no path to check)
+_IN_MEMORY: contextvars.ContextVar[bool] = contextvars.ContextVar("in_memory_model", default=False)
 
 _SENTINEL = "\u2063ANSWER\u2063"
 log = logging.getLogger(__name__)
@@ -394,7 +398,8 @@ class TransformersBackend(LVLMBackend):
         for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
             if value is not None and value < 1:  # refused here, not when the model loads after the CLIP stage
                 raise ValueError(f"lvlm.init_args.{name} must be >= 1 or null, got {value}")
-        check_model_path(model, "lvlm.init_args.model")  # refused here too, not after the CLIP stage
+        if not _IN_MEMORY.get():  # from_model names a model already in memory, not a path
+            check_model_path(model, "lvlm.init_args.model")  # refused here too, not after the CLIP stage
         self.model_name = model
         self.mode = mode
         self.prompt = prompt or PromptConfig()
@@ -419,7 +424,11 @@ class TransformersBackend(LVLMBackend):
     @classmethod
     def from_model(cls, net: torch.nn.Module, processor, **kwargs) -> TransformersBackend:
         """A backend around a model and processor already in memory (benchmarks, notebooks)."""
-        backend = cls(model=kwargs.pop("model", type(net).__name__), **kwargs)
+        token = _IN_MEMORY.set(True)
+        try:
+            backend = cls(model=kwargs.pop("model", type(net).__name__), **kwargs)
+        finally:
+            _IN_MEMORY.reset(token)
         if kwargs.get("min_pixels") is not None or kwargs.get("max_pixels") is not None:
             set_pixel_limits(processor, kwargs.get("min_pixels"), kwargs.get("max_pixels"))
         processor.tokenizer.padding_side = "left"
