@@ -141,7 +141,13 @@ def setup_logging(level: Verbosity = "normal") -> None:
     # One handler, on the root logger: the project's lines and third-party warnings alike (a root logger
     # without handlers would be given one by the first logging.warning() call, doubling every line).
     root = logging.getLogger()
-    for h in [h for h in root.handlers if isinstance(h, StderrHandler)]:
+    # ours from an earlier call, and the stderr handler logging.basicConfig() gives a root logger when a
+    # module-level logging.info() runs first (it printed every line twice as "INFO:name:message")
+    for h in [
+        h
+        for h in root.handlers
+        if isinstance(h, StderrHandler) or (type(h) is logging.StreamHandler and h.stream is sys.stderr)
+    ]:
         root.removeHandler(h)
     handler = StderrHandler()
     handler.setFormatter(ConsoleFormatter("%(message)s"))

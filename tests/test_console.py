@@ -152,6 +152,15 @@ def test_console_levels_and_rank_zero(console_state, capsys, monkeypatch):
     assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "0"
 
 
+def test_a_basic_config_handler_does_not_double_every_line(console_state, capsys):
+    """A module-level ``logging.info()`` before set-up gives the root logger basicConfig's stderr handler;
+    bench/cascade.py then printed each status line twice, once as "INFO:name:message"."""
+    logging.basicConfig(force=True)  # what logging.info() does to a root logger without handlers
+    setup_logging("normal")
+    logging.getLogger("cascadevlm.x").info("status line")
+    assert capsys.readouterr().err.splitlines() == ["status line"]
+
+
 def test_console_flags_are_read_before_parsing():
     assert verbosity_from_args(["--config", "c.yaml"]) == "normal"
     assert verbosity_from_args(["fit", "--quiet"]) == "quiet"
