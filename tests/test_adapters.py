@@ -2,16 +2,15 @@
 
 import json
 
-import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from adapter_fixtures import fit, kshot_features
 from safetensors.torch import save_file
 
 from cascadevlm.clip.adapters import (
     AdapterMismatchError,
     FrozenTextEncoder,
-    KShotFeatureDataModule,
     LinearProbe,
     LinearProbeModule,
     PromptLearner,
@@ -42,20 +41,9 @@ def one_thread():
 def kshot_data(tiny_clip_bundle, data_root, tmp_path_factory):
     """A 4-shot split of Fashion-MNIST (40 real photos) and 200 val photos, as tiny-CLIP features."""
     work = tmp_path_factory.mktemp("kshot")
-    dm = KShotFeatureDataModule(
-        "fashion_mnist",
-        shots=4,
-        seed=1,
-        val_limit=200,
-        test_split=None,
-        data_root=str(data_root),
-        cache_dir=str(work / "features"),
-        splits_dir=str(work / "splits"),
-        batch_size=16,
+    return kshot_features(
+        tiny_clip_bundle, data_root, work, shots=4, val_limit=200, test_split=None, batch_size=16
     )
-    dm.attach_bundle(tiny_clip_bundle)
-    dm.setup("fit")
-    return dm
 
 
 def _module(cls, tiny_clip_path, dm, **kw):
@@ -109,20 +97,6 @@ def test_only_the_context_is_trainable(tiny_clip_path, kshot_data):
 
 
 # ------------------------------------------------------------------------------ learning
-def _fit(module, dm, tmp_path, epochs):
-    trainer = L.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(tmp_path),
-        num_sanity_val_steps=0,
-    )
-    trainer.fit(module, datamodule=dm)
-    return trainer
-
-
 def _loss_acc(module, dm):
     x, y = _train_xy(dm)
     module.eval()
@@ -142,7 +116,7 @@ def _loss_acc(module, dm):
 def test_adapters_learn_the_kshot_photos(cls, kw, epochs, tiny_clip_path, kshot_data, tmp_path):
     module = _module(cls, tiny_clip_path, kshot_data, **kw)
     loss0, acc0 = _loss_acc(module, kshot_data)
-    trainer = _fit(module, kshot_data, tmp_path, epochs)
+    trainer = fit(module, kshot_data, tmp_path, epochs)
     loss1, acc1 = _loss_acc(module, kshot_data)
     assert loss1 < 0.5 * loss0, (loss0, loss1)
     assert acc1 >= 0.5 > acc0 + 0.2, (acc0, acc1)  # 10 classes: chance is 0.1
@@ -168,7 +142,7 @@ def test_adapters_learn_the_kshot_photos(cls, kw, epochs, tiny_clip_path, kshot_
 def test_shared_context_prompt_tuning_lowers_the_loss(tiny_clip_path, kshot_data, tmp_path):
     module = _module(PromptTuningModule, tiny_clip_path, kshot_data, lr=0.01)
     loss0, _ = _loss_acc(module, kshot_data)
-    _fit(module, kshot_data, tmp_path, 10)
+    fit(module, kshot_data, tmp_path, 10)
     loss1, _ = _loss_acc(module, kshot_data)
     assert loss1 < 0.6 * loss0, (loss0, loss1)
 

@@ -4,15 +4,14 @@ The tiny ``cascadevlm-tiny-customtext`` model has a SigLIP-like text tower (``mo
 attention, last-token pooling, biased linear projection) and no classic ``token_embedding`` attributes.
 """
 
-import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from adapter_fixtures import fit, kshot_features
 
 from cascadevlm.clip.adapters import (
     ClipAdapterModule,
     FrozenTextEncoder,
-    KShotFeatureDataModule,
     LinearProbeModule,
     PromptLearner,
     PromptTuningModule,
@@ -104,20 +103,9 @@ def test_prompt_tuning_on_a_text_tower_without_token_embeddings_is_refused(custo
 @pytest.fixture(scope="module")
 def custom_kshot(custom_bundle, data_root, tmp_path_factory):
     work = tmp_path_factory.mktemp("kshot_customtext")
-    dm = KShotFeatureDataModule(
-        "fashion_mnist",
-        shots=2,
-        seed=1,
-        val_limit=100,
-        test_split=None,
-        data_root=str(data_root),
-        cache_dir=str(work / "features"),
-        splits_dir=str(work / "splits"),
-        batch_size=10,
+    return kshot_features(
+        custom_bundle, data_root, work, shots=2, val_limit=100, test_split=None, batch_size=10
     )
-    dm.attach_bundle(custom_bundle)
-    dm.setup("fit")
-    return dm
 
 
 @pytest.mark.parametrize(
@@ -148,16 +136,7 @@ def test_adapters_train_and_evaluate_on_the_custom_text_model(
     x, y = dm.features["train"], torch.tensor(dm.targets["train"])
     with torch.no_grad():
         loss0 = float(F.cross_entropy(module(x), y))
-    trainer = L.Trainer(
-        max_epochs=5,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(tmp_path),
-        num_sanity_val_steps=0,
-    )
-    trainer.fit(module, datamodule=dm)
+    fit(module, dm, tmp_path, 5)
     module.eval()
     with torch.no_grad():
         loss1 = float(F.cross_entropy(module(x), y))

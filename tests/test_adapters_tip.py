@@ -11,6 +11,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from adapter_fixtures import fit, kshot_features
 
 from cascadevlm.clip.adapters import (
     AdapterMismatchError,
@@ -56,20 +57,9 @@ def demo_bundle():
 def data(demo_bundle, data_root, tmp_path_factory):
     """16 shots of Fashion-MNIST, a validation set of the same size (selection=val), 200 test photos."""
     work = tmp_path_factory.mktemp("tip")
-    dm = KShotFeatureDataModule(
-        "fashion_mnist",
-        shots=SHOTS,
-        seed=1,
-        selection="val",
-        test_limit=200,
-        data_root=str(data_root),
-        cache_dir=str(work / "features"),
-        splits_dir=str(work / "splits"),
-        batch_size=16,
+    return kshot_features(
+        demo_bundle, data_root, work, shots=SHOTS, selection="val", test_limit=200, batch_size=16
     )
-    dm.attach_bundle(demo_bundle)
-    dm.setup("fit")
-    return dm
 
 
 @pytest.fixture(scope="module")
@@ -88,23 +78,6 @@ def _module(cls, dm, **kw):
         log_confusion_matrix=False,
         **kw,
     )
-
-
-def _fit(module, dm, root, epochs):
-    trainer = L.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(root),
-        num_sanity_val_steps=0,
-    )
-    trainer.fit(module, datamodule=dm)
-    if dm.hparams.test_split is not None:  # as train.py does after fit: test the exported checkpoint
-        ckpt = trainer.checkpoint_callback.best_model_path
-        trainer.test(module, datamodule=dm, ckpt_path=ckpt, verbose=False)
-    return trainer
 
 
 def _tip_head(data, zero_shot, alpha, beta, train_keys=False):
@@ -172,7 +145,7 @@ def test_wise_mix_interpolates_logits_and_is_the_adapter_at_1(data, zero_shot):
 def test_each_method_beats_zero_shot_on_held_out_photos(cls, kw, epochs, data, tmp_path):
     L.seed_everything(0)
     module = _module(cls, data, **kw)
-    trainer = _fit(module, data, tmp_path, epochs)
+    trainer = fit(module, data, tmp_path, epochs, test=True)
     # test_acc: the exported checkpoint on 200 test photos used neither for training nor for selection
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["test_size"] == 200
@@ -292,7 +265,7 @@ def test_selection_last_exports_the_last_epoch_and_records_it(data, data_root, d
     dm.attach_bundle(demo_bundle)
     L.seed_everything(0)
     module = _module(ClipAdapterModule, dm, lr=0.05)
-    trainer = _fit(module, dm, tmp_path, 3)
+    trainer = fit(module, dm, tmp_path, 3, test=True)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["selection"] == "last" and metrics["epoch"] == 2 == trainer.current_epoch - 1
     assert adapter_info(tmp_path / "adapter.safetensors")["selection"] == "last"
@@ -305,7 +278,7 @@ def test_selection_last_exports_the_last_epoch_and_records_it(data, data_root, d
         assert torch.equal(saved(dm.features["val"]), module.adapter.eval()(dm.features["val"]))
     # Tip-Adapter with selection=last: nothing chosen on validation data, alpha and beta as given
     tip = _module(TipAdapterModule, dm, alpha=0.7, beta=3.0)
-    _fit(tip, dm, tmp_path / "tip", 1)
+    fit(tip, dm, tmp_path / "tip", 1, test=True)
     params = adapter_metadata(tmp_path / "tip" / "adapter.safetensors")["params"]
     assert (params["alpha"], params["beta"], params["search"]) == (0.7, 3.0, {})
 

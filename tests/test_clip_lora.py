@@ -4,6 +4,7 @@ for another model or weights, and better than zero-shot on held-out Fashion-MNIS
 import lightning as L
 import pytest
 import torch
+from adapter_fixtures import fit
 
 from cascadevlm.clip.adapters import AdapterMismatchError, adapter_info, load_adapter
 from cascadevlm.clip.adapters.clip_lora import ClipLoraModule, KShotImageDataModule
@@ -187,16 +188,7 @@ def test_clip_lora_beats_zero_shot_on_held_out_photos_with_the_demo_clip(data_ro
         CLIP_MODEL, str(CLIP_CHECKPOINT), lr=5e-3, rank=4, alpha=4, log_confusion_matrix=False
     )
     L.seed_everything(0)  # the order the k-shot photos are shuffled in
-    trainer = L.Trainer(
-        max_epochs=3,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(tmp_path),
-        num_sanity_val_steps=0,
-    )
-    trainer.fit(module, datamodule=dm)
+    fit(module, dm, tmp_path, 3)
     adapter = tmp_path / "adapter.safetensors"
     info = adapter_info(adapter)
     assert (info["method"], info["shots"], info["seed"], info["dataset"], info["selection"]) == (
