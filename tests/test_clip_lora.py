@@ -243,3 +243,17 @@ def test_clip_lora_with_the_feature_data_module_is_refused_in_one_line(tiny_path
         module.setup("fit")
     with pytest.raises(ValueError, match="clip_lora encoders must be one of"):
         ClipLoraModule(TINY_CLIP, str(tiny_paths[TINY_CLIP]), encoders="image")
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("rank", 0, "clip_lora rank must be >= 1, got 0; set --model.rank"),
+        ("alpha", -1.0, "clip_lora alpha must be > 0, got -1.0; set --model.alpha"),
+        ("dropout", 1.5, "clip_lora dropout must be in [0, 1), got 1.5; set --model.dropout"),
+    ],
+)
+def test_absurd_lora_settings_are_refused_when_the_module_is_built(tiny_paths, option, value, message):
+    with pytest.raises(ValueError) as err:
+        ClipLoraModule(TINY_CLIP, str(tiny_paths[TINY_CLIP]), **{option: value})
+    assert str(err.value) == message

@@ -88,11 +88,20 @@ def lora_targets(model: torch.nn.Module, encoders: str = "both") -> list[str]:
     return sorted(names)
 
 
+def check_lora_options(rank: int, alpha: float, dropout: float) -> None:
+    """Refuse, in one line, LoRA settings that cannot train (before any model is touched)."""
+    if rank < 1:
+        raise ValueError(f"clip_lora rank must be >= 1, got {rank}; set --model.rank")
+    if not alpha > 0:
+        raise ValueError(f"clip_lora alpha must be > 0, got {alpha}; set --model.alpha")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"clip_lora dropout must be in [0, 1), got {dropout}; set --model.dropout")
+
+
 def _lora_config(rank: int, alpha: float, dropout: float, targets: list[str]):
     from peft import LoraConfig
 
-    if rank < 1:
-        raise ValueError(f"clip_lora rank must be >= 1, got {rank}; set --model.rank")
+    check_lora_options(rank, alpha, dropout)
     # init_lora_weights=True: A Kaiming-uniform, B zero -> the adapted model starts as the zero-shot one
     # one regex of the exact names: peft matches a list by name suffix, and classic CLIP's text
     # "transformer.resblocks.0.attn" is a suffix of the image tower's "visual.transformer.resblocks.0.attn"
@@ -347,8 +356,7 @@ class ClipLoraModule(AdapterModule):
             raise ValueError(
                 f"clip_lora encoders must be one of {ENCODERS}, got {encoders!r}; set --model.encoders"
             )
-        if rank < 1:
-            raise ValueError(f"clip_lora rank must be >= 1, got {rank}; set --model.rank")
+        check_lora_options(rank, alpha, dropout)
         super().__init__(
             model_name=model_name,
             pretrained=pretrained,
