@@ -248,6 +248,11 @@ CASES = [
      "dataset 'photos' has 3 classes in its label feature but 2 class names"),
     ("duplicate class names", lambda c: _data(c, class_names=["a", "a", "b"]), ValueError,
      "dataset 'photos' has duplicate class names: ['a']"),
+    ("empty class-names file", lambda c: _data(c, class_names=str(_write(c.tmp / "names.txt", "\n"))), ValueError,
+     "class-names file '{tmp}/names.txt' (--data.class_names) has an empty class list; at least one class name is "
+     "needed"),
+    ("duplicated class-names file", lambda c: _data(c, class_names=str(_write(c.tmp / "names.txt", "a\nb\nA\n"))),
+     ValueError, "class-names file '{tmp}/names.txt' (--data.class_names) has duplicate class names: ['A']"),
     ("empty class list", lambda c: _registry().validate_class_names([], "dataset 'x'"), ValueError,
      "dataset 'x' has an empty class list; at least one class name is needed"),
     ("not a dataset dir", lambda c: _data(SimpleNamespace(photos=_write(c.tmp / "empty" / "x.txt", "x").parent)),
@@ -329,6 +334,64 @@ def test_entry_point_prints_one_error_line(
     else:
         assert err[-1] == line
     assert not (tmp_path / "runs").exists()
+
+
+# ---- prepare (python -m cascadevlm.data.prepare / cascadevlm-prepare): bad downloads, through the entry point
+def _mirror(ctx, names="a\nb\n", shards=2, nshards=None, cut=None) -> str:
+    """A webdataset mirror of ``shards`` test shards (two samples each; ``cut`` truncates shard 0 to
+    that many bytes), with ``names`` as classnames.txt and ``nshards`` in test/nshards.txt."""
+    import io
+    import tarfile
+
+    root = ctx.tmp / "wds_m"
+    (root / "test").mkdir(parents=True)
+    (root / "classnames.txt").write_text(names)
+    if nshards is not None:
+        (root / "test" / "nshards.txt").write_text(f"{nshards}\n")
+    for s in range(shards):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            for k, (ext, data) in enumerate([("cls", b"0"), ("jpg", b"x" * 600)] * 2):
+                info = tarfile.TarInfo(f"s{s}{k // 2}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        (root / "test" / f"{s}.tar").write_bytes(buf.getvalue()[:cut] if s == 0 else buf.getvalue())
+    return str(root)
+
+
+def _empty_shard(ctx) -> str:
+    root = _mirror(ctx)
+    with __import__("tarfile").open(f"{root}/test/1.tar", "w"):
+        pass
+    return root
+
+
+PREPARE_CASES = [
+    ("shard missing", lambda c: _mirror(c, nshards=3),
+     "{tmp}/wds_m/test: nshards.txt says 3 shards but 2 are there (missing: 2.tar); download the missing shards again"),
+    ("empty shard", _empty_shard,
+     "{tmp}/wds_m/test/1.tar is an empty tar shard (no samples); download the shard again"),
+    ("shard cut between members", lambda c: _mirror(c, cut=3 * 512 + 512 * 2),
+     "{tmp}/wds_m/test/0.tar is truncated (it ends before the tar end-of-archive block); download the shard again"),
+    ("shard cut inside a member", lambda c: _mirror(c, cut=700),
+     "{tmp}/wds_m/test/0.tar is truncated or corrupt (unexpected end of data); download the shard again"),
+    ("empty classnames.txt", lambda c: _mirror(c, names="\n"),
+     "class-names file {tmp}/wds_m/classnames.txt has an empty class list; at least one class name is needed"),
+    ("duplicated classnames.txt", lambda c: _mirror(c, names="a\nb\na\n"),
+     "class-names file {tmp}/wds_m/classnames.txt has duplicate class names: ['a']"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("mirror", "message"), [c[1:] for c in PREPARE_CASES], ids=[c[0] for c in PREPARE_CASES])
+def test_prepare_prints_one_error_line(ctx, capsys, monkeypatch, mirror, message):
+    from cascadevlm.data.prepare import main
+
+    monkeypatch.delenv("CASCADEVLM_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as done:
+        main(["--wds", mirror(ctx), "--out", str(ctx.tmp / "out")])
+    assert done.value.code == 2
+    assert capsys.readouterr().err == f"error: {message.format(tmp=ctx.tmp)}\n"
+    assert not (ctx.tmp / "out").exists()
 
 
 def test_the_table_is_large_enough():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -87,11 +88,12 @@ def test_official_layout_prepares_with_official_splits(name, tmp_path):
 def test_eurosat_gets_a_seeded_class_stratified_50_20_30_split(tmp_path):
     tree, dd, card = _prepare("eurosat", tmp_path)
     per_split = {s: Counter(dd[s]["label"]) for s in dd}
-    # 10 images of classes 0 and 1, 5 of class 9 (round(2.5) == 2).
+    # 10 images of classes 0 and 1, 5 of class 9 (round(2.5) == 2), 2 of each other class
+    two = {c: 1 for c in range(2, 9)}  # round(1.0) == 1 train, round(0.4) == 0 val, 1 test
     assert per_split == {
-        "train": {0: 5, 1: 5, 9: 2},
+        "train": {0: 5, 1: 5, 9: 2, **two},
         "val": {0: 2, 1: 2, 9: 1},
-        "test": {0: 3, 1: 3, 9: 2},
+        "test": {0: 3, 1: 3, 9: 2, **two},
     }
     everything = _rows(dd["train"]) + _rows(dd["val"]) + _rows(dd["test"])
     assert sorted(everything) == sorted(tree.expected["all"])
@@ -104,6 +106,18 @@ def test_eurosat_gets_a_seeded_class_stratified_50_20_30_split(tmp_path):
     other = read(root, spec, ReadOptions(seed=1))
     assert first.splits == again.splits
     assert first.splits["test"] != other.splits["test"]
+
+
+def test_eurosat_without_a_class_folder_is_refused(tmp_path):
+    tree = write_raw_tree("eurosat", tmp_path / "raw")
+    shutil.rmtree(tree.raw / "2750" / "Forest")  # used to be prepared as 10 classes, one never seen
+    with pytest.raises(PrepareError) as err:
+        prepare("eurosat", tree.raw, tmp_path / "out", **QUIET)
+    assert str(err.value) == (
+        f"{tree.raw / '2750'}: no folder for 1 of the 10 classes (Forest); the download is incomplete: "
+        "extract EuroSAT.zip again"
+    )
+    assert not (tmp_path / "out").exists()
 
 
 def test_dtd_fold_option_reads_that_folds_files(tmp_path):
@@ -359,6 +373,13 @@ def test_existing_output_needs_overwrite_and_unknown_names_are_listed(tmp_path):
 # --- command line --------------------------------------------------------------------------------
 
 
+def failed(argv: list[str]) -> int:
+    """The exit status of ``prepare`` on ``argv``, which must stop (its error is one line on stderr)."""
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    return done.value.code
+
+
 def test_cli_prepares_and_reports_errors_on_stderr(tmp_path, capsys):
     tree = write_raw_tree("cub200", tmp_path / "raw")
     out = tmp_path / "out"
@@ -368,7 +389,7 @@ def test_cli_prepares_and_reports_errors_on_stderr(tmp_path, capsys):
     assert f"wrote {out}: train 5, val 3, test 3 images, 200 classes" in err
     assert json.loads((out / "card.json").read_text())["options"]["seed"] == 3
 
-    assert main(["cub200", "--raw", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o2")]) == 1
+    assert failed(["cub200", "--raw", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o2")]) == 2
     assert capsys.readouterr().err == (
         f"error: raw directory {tmp_path / 'nowhere'} does not exist or is not a directory\n"
     )
@@ -402,5 +423,5 @@ def test_the_same_image_in_train_and_test_is_refused_naming_both_rows(tmp_path, 
         "have identical bytes; remove the duplicates, or pass --allow-overlap to keep them"
     )
     assert not (tmp_path / "out").exists()
-    assert main(["oxford_pets", "--raw", str(tree.raw), "--out", str(tmp_path / "o2")]) == 1
+    assert failed(["oxford_pets", "--raw", str(tree.raw), "--out", str(tmp_path / "o2")]) == 2
     assert capsys.readouterr().err.strip().endswith("pass --allow-overlap to keep them")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import datasets
 import pytest
+from test_prepare import failed
 
 from cascadevlm.cli import run_evaluate as evaluate_main
 from cascadevlm.data.datamodule import CascadeDataModule
@@ -162,7 +163,7 @@ def test_registry_names_are_checked_against_classnames_txt(images, tmp_path):
         f"  5 | {spec.class_names[5]} | cracked glass",
     ]
     short = write_mirror(tmp_path / "short", images, class_names=list(spec.class_names)[:46])
-    assert main(["dtd", "--wds", str(short), "--out", str(tmp_path / "o2")]) == 1
+    assert failed(["dtd", "--wds", str(short), "--out", str(tmp_path / "o2")]) == 2
     assert not (tmp_path / "o2").exists()
 
     names[2], names[5] = spec.class_names[2], spec.class_names[5]
@@ -180,11 +181,47 @@ def test_cli_and_bad_mirrors(images, tmp_path, capsys):
     mirror = write_mirror(tmp_path / "m", images)
     assert main(["--wds", str(mirror), "--out", str(tmp_path / "out"), "--seed", "3"]) == 0
     assert datasets.load_from_disk(str(tmp_path / "out"))["test"].num_rows == N_TEST * len(CLASSES)
+    capsys.readouterr()
     (mirror / "classnames.txt").unlink()
-    assert main(["--wds", str(mirror), "--out", str(tmp_path / "o3")]) == 1
-    assert "classnames.txt not found" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["dtd", "--raw", str(mirror), "--wds", str(mirror), "--out", str(tmp_path / "o4")])
+    assert failed(["--wds", str(mirror), "--out", str(tmp_path / "o3")]) == 2
+    assert (
+        capsys.readouterr().err
+        == f"error: {mirror} is not a CLIP_benchmark webdataset mirror: classnames.txt not found\n"
+    )
+    assert failed(["dtd", "--raw", str(mirror), "--wds", str(mirror), "--out", str(tmp_path / "o4")]) == 2
+    assert capsys.readouterr().err == "error: give either --raw or --wds, not both\n"
+
+
+def test_python_m_prepare_prints_the_summary_and_one_line_errors(images, tmp_path, capsys, monkeypatch):
+    """Run as ``python -m`` the module is ``__main__``: its summary used to go to a logger outside the
+    project's console (nothing printed), and its errors exited 1."""
+    import runpy
+    import sys
+    import warnings
+
+    import huggingface_hub
+
+    def run_as_main(*argv: str) -> int:
+        monkeypatch.setattr(sys, "argv", ["prepare", *argv])
+        with pytest.raises(SystemExit) as done, warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # runpy: the module is already imported
+            runpy.run_module("cascadevlm.data.prepare", run_name="__main__")
+        return done.value.code
+
+    monkeypatch.delenv("CASCADEVLM_DEBUG", raising=False)
+    out = tmp_path / "out"
+    assert run_as_main("--wds", str(write_mirror(tmp_path / "m", images)), "--out", str(out)) == 0
+    assert f"wrote {out}: train 15, val 3, test 9 images, 3 classes" in capsys.readouterr().err
+
+    def offline(**kwargs):  # the hub client's errors run over several lines
+        raise OSError("We couldn't connect to 'https://huggingface.co'.\nCheck your connection.")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    assert run_as_main("--wds", "clip-benchmark/wds_nope", "--out", str(tmp_path / "o2")) == 2
+    assert capsys.readouterr().err == (
+        "error: --wds clip-benchmark/wds_nope: could not download the hub dataset (OSError: We couldn't connect "
+        "to 'https://huggingface.co'. Check your connection.)\n"
+    )
 
 
 def test_a_sample_with_a_class_index_outside_classnames_is_refused(images, tmp_path):

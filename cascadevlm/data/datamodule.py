@@ -43,7 +43,9 @@ def read_class_names(class_names: list[str] | str | None) -> list[str] | None:
         raise ValueError(
             f"--data.class_names {class_names!r}: give a list of names or a file with one name a line"
         )
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    # an empty file would silently fall back to the dataset's own names
+    return validate_class_names(names, f"class-names file {str(path)!r} (--data.class_names)")
 
 
 class CascadeDataModule(L.LightningDataModule):

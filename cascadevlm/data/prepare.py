@@ -41,6 +41,7 @@ from cascadevlm.data.raw_formats import (
     ReadOptions,
 )
 from cascadevlm.data.registry import BenchmarkSpec, get_benchmark
+from cascadevlm.errors import one_line_errors
 
 SPLITS = ("train", "val", "test")
 _MAX_LISTED_BAD = 50
@@ -536,8 +537,16 @@ def prepare_wds(
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors raise (the entry point prints them as one ``error:`` line, exit 2) instead of
+    printing the usage block."""
+
+    def error(self, message: str):
+        raise argparse.ArgumentError(None, message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="cascadevlm-prepare",
         description="Prepare a benchmark from its official download as a Hugging Face dataset on disk.",
     )
@@ -573,7 +582,13 @@ def build_parser() -> argparse.ArgumentParser:
     return one_flag_style(p)  # --skip_bad as in train.py / evaluate.py; --skip-bad still works
 
 
+# by its package name: run as ``python -m`` the module is ``__main__``, outside the project's console
+LOGGER = "cascadevlm.data.prepare"
+
+
+@one_line_errors
 def main(argv: list[str] | None = None) -> int:
+    """The command line; errors print as one ``error:`` line with exit status 2 (see errors.py)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     from cascadevlm.logs import get_logger, setup_logging, verbosity_of
@@ -606,15 +621,11 @@ def main(argv: list[str] | None = None) -> int:
         overwrite=args.overwrite,
         allow_overlap=args.allow_overlap,
     )
-    try:
-        log = get_logger(__name__).info
-        if args.wds is not None:
-            prepare_wds(args.name, args.wds, args.out, options, log, keep_templates=args.wds_templates)
-        else:
-            prepare(args.name, args.raw, args.out, options, log=log)
-    except PrepareError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    log = get_logger(LOGGER).info
+    if args.wds is not None:
+        prepare_wds(args.name, args.wds, args.out, options, log, keep_templates=args.wds_templates)
+    else:
+        prepare(args.name, args.raw, args.out, options, log=log)
     return 0
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cascadevlm.data.raw_formats import PrepareError
+from cascadevlm.data.registry import validate_class_names
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff")
 # Split names as mirrors spell them -> ours.
@@ -69,14 +70,44 @@ def _read_lines(path: Path) -> tuple[str, ...]:
     return tuple(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
 
 
+def _check_nshards(folder: Path, files: list[Path]) -> None:
+    """A split folder's ``nshards.txt`` (CLIP_benchmark writes one) must match the shards present: a
+    missing shard would silently prepare fewer images."""
+    count_file = folder / "nshards.txt"
+    if not count_file.is_file():
+        return
+    text = count_file.read_text(encoding="utf-8").strip()
+    if not text.isdigit():
+        raise PrepareError(f"{count_file} should hold the number of shards, got {text[:20]!r}")
+    expected = int(text)
+    if len(files) != expected:
+        present = {f.name for f in files}
+        missing = [f"{i}.tar" for i in range(expected) if f"{i}.tar" not in present]
+        which = f" (missing: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''})" if missing else ""
+        raise PrepareError(
+            f"{folder}: nshards.txt says {expected} shards but {len(files)} are there{which}; "
+            "download the missing shards again"
+        )
+
+
 def _shard_files(root: Path) -> dict[str, list[Path]]:
     found: dict[str, list[Path]] = {}
     for alias, split in SPLIT_ALIASES.items():
         files = sorted((root / alias).glob("*.tar")) if (root / alias).is_dir() else []
+        _check_nshards(root / alias, files)
         files += sorted(root.glob(f"{alias}-*.tar")) + sorted(root.glob(f"{alias}.tar"))
         if files:
             found.setdefault(split, []).extend(files)
     return found
+
+
+def _ends_cleanly(file: Path, offset: int) -> bool:
+    """The archive has its end-of-archive (zero) block where :mod:`tarfile` stopped reading: tarfile
+    ends a truncated archive silently when the cut falls on a header boundary."""
+    with open(file, "rb") as fh:
+        fh.seek(offset)
+        block = fh.read(tarfile.BLOCKSIZE)
+    return len(block) == tarfile.BLOCKSIZE and not any(block)
 
 
 def read_shard(file: Path, num_classes: int) -> list[WdsSample]:
@@ -93,8 +124,15 @@ def read_shard(file: Path, num_classes: int) -> list[WdsSample]:
                 stem, _, ext = base.partition(".")
                 key = f"{dirname}/{stem}" if dirname else stem
                 parts.setdefault(key, {})[ext.lower()] = tar.extractfile(member).read()
+            complete = _ends_cleanly(file, tar.offset)
     except tarfile.TarError as err:
-        raise PrepareError(f"{file} is not a readable tar shard ({err})") from None
+        raise PrepareError(f"{file} is truncated or corrupt ({err}); download the shard again") from None
+    if not complete:
+        raise PrepareError(
+            f"{file} is truncated (it ends before the tar end-of-archive block); download the shard again"
+        )
+    if not parts:
+        raise PrepareError(f"{file} is an empty tar shard (no samples); download the shard again")
     samples = []
     for key, fields in parts.items():
         ext = next((e for e in IMAGE_EXTS if e in fields), None)
@@ -121,6 +159,7 @@ def read_mirror(root: Path) -> Mirror:
     if not names_file.is_file():
         raise PrepareError(f"{root} is not a CLIP_benchmark webdataset mirror: classnames.txt not found")
     class_names = _read_lines(names_file)
+    validate_class_names(class_names, f"class-names file {names_file}")  # empty or duplicated: refused
     templates_file = root / "zeroshot_classification_templates.txt"
     templates = _read_lines(templates_file) if templates_file.is_file() else ()
     files = _shard_files(root)

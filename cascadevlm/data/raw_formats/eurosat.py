@@ -33,6 +33,13 @@ def read(root: Path, spec: BenchmarkSpec, options: ReadOptions) -> Listing:
                 f"{folder}: no .jpg/.png images (the multispectral .tif release is not supported)"
             )
         per_class[label] = files
+    raw_names = spec.extra.get("raw_names", spec.class_names)
+    missing = [raw_names[i] for i in range(spec.num_classes) if i not in per_class]
+    if missing:  # else a smaller label set would be prepared under the full class list
+        raise PrepareError(
+            f"{root}: no folder for {len(missing)} of the {spec.num_classes} classes ({', '.join(missing)}); "
+            "the download is incomplete: extract EuroSAT.zip again"
+        )
     rng = np.random.default_rng(options.seed)
     splits: dict[str, list] = {"train": [], "val": [], "test": []}
     for label in sorted(per_class):
