@@ -98,40 +98,6 @@ def markdown_table(table: list[dict], metric: str | None = None, percent: bool =
     return "\n".join(lines) + "\n"
 
 
-def plot_accuracy_vs_k(
-    series: dict[str, list[tuple[int, float, float]]], path: str | Path, title: str = "accuracy vs k"
-) -> Path:
-    """Accuracy against k, one line per method with a mean +/- std band over seeds (the paper's trend
-    figure). ``series``: method -> [(k, mean, std)] in percent; k = 0 is zero-shot."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), layout="constrained")
-    ks = sorted({k for pts in series.values() for k, _, _ in pts})
-    for method, pts in sorted(series.items()):
-        pts = sorted(pts)
-        x = [k for k, _, _ in pts]
-        mean = [m for _, m, _ in pts]
-        low = [m - s for _, m, s in pts]
-        high = [m + s for _, m, s in pts]
-        ax.plot(x, mean, marker="o", label=method)
-        ax.fill_between(x, low, high, alpha=0.2)
-    ax.set_xscale("symlog", linthresh=1)  # k = 0 (zero-shot) stays on the axis beside 1, 2, 4, ...
-    ax.set_xticks(ks, [str(k) for k in ks])
-    ax.set_xlabel("k (labelled images per class)")
-    ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
 def write_csv(table: list[dict], path: str | Path) -> Path:
     cols = ["dataset", "method", "k", "n_seeds", "seeds"] + [
         f"{m}_{s}" for m in METRICS for s in ("mean", "std")

@@ -143,3 +143,121 @@ def save_sweep_plots(
         plt.close(fig)
         paths.append(out_dir / name)
     return paths
+
+
+# ------------------------------------------------------------------------------ figures across runs
+# One style for every figure a study writes: a paper's column width, readable fonts, vector beside PNG.
+PAPER_STYLE = {
+    "figure.figsize": (5.5, 3.8),
+    "font.size": 9,
+    "axes.titlesize": 9,
+    "axes.labelsize": 9,
+    "legend.fontsize": 7,
+    "xtick.labelsize": 8,
+    "ytick.labelsize": 8,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "savefig.dpi": 200,
+    "pdf.fonttype": 42,  # TrueType in the PDF: editable text, accepted by conference checkers
+}
+VECTOR_FORMAT = "pdf"
+SENT_GRID = [i / 100 for i in range(101)]  # the shared x axis of seed bands: fraction sent, 0..1
+
+
+def save_figure(fig, path: str | Path, data: dict) -> dict[str, Path]:
+    """``path`` (PNG), the same figure as PDF beside it, and ``<stem>.json``: the data drawn, so a
+    figure can be checked against its table or redrawn elsewhere. Each written atomically."""
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out = {"png": path, VECTOR_FORMAT: path.with_suffix(f".{VECTOR_FORMAT}"), "data": path.with_suffix(".json")}
+    for fmt in ("png", VECTOR_FORMAT):
+        with atomic_path(out[fmt]) as tmp:
+            fig.savefig(tmp, format=fmt)
+    with atomic_path(out["data"]) as tmp:
+        tmp.write_text(json.dumps(data, indent=1, default=str))
+    plt.close(fig)
+    return out
+
+
+def _mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample std (None for one value: no band to draw)."""
+    import statistics
+
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def accuracy_at_sent(rows: list[dict], grid: list[float] = SENT_GRID) -> list[float]:
+    """A sweep's top-1 accuracy (%) at each fraction sent in ``grid``, linearly interpolated between its
+    points (seeds have different thresholds; on a shared x axis they can be averaged)."""
+    import numpy as np
+
+    pts = sorted((r["deferral"], r["acc1"]) for r in rows)
+    x = np.array([p[0] for p in pts], dtype=float)
+    y = np.array([100 * p[1] for p in pts], dtype=float)
+    return [float(v) for v in np.interp(grid, x, y)]
+
+
+def study_title(what: str, identities: list[dict]) -> str:
+    """``<what>: <datasets>, CLIP <models>, LVLM <models>, k <ks>`` from the runs' parameters."""
+    def values(*keys):
+        return sorted({str(i.get(k)) for i in identities for k in keys if i.get(k) not in (None, "")})
+
+    parts = [", ".join(values("dataset"))]
+    if values("clip_model", "model_name"):
+        parts.append("CLIP " + ", ".join(values("clip_model", "model_name")))
+    if values("lvlm_model"):
+        parts.append("LVLM " + ", ".join(Path(v).name for v in values("lvlm_model")))
+    if values("shots") and len(values("shots")) == 1:
+        parts.append(f"k={values('shots')[0]}")
+    return f"{what}: " + "; ".join(p for p in parts if p)
+
+
+def accuracy_vs_sent_figure(series: list[dict], title: str, references: dict[str, float] | None = None):
+    """Several cascades' accuracy against the share of images sent to the LVLM, one line each (mean over
+    seeds) with a ±1 std band where there are several seeds, and each one's operating point.
+
+    ``series``: ``{"label", "grid", "mean", "std" (or None), "operating_point": {"deferral", "acc1"}}``
+    in percent."""
+    with plt.rc_context(PAPER_STYLE):
+        fig, ax = plt.subplots(layout="constrained")
+        for s in series:
+            (line,) = ax.plot(s["grid"], s["mean"], label=s["label"])
+            if s.get("std") is not None:
+                lo = [m - d for m, d in zip(s["mean"], s["std"], strict=True)]
+                hi = [m + d for m, d in zip(s["mean"], s["std"], strict=True)]
+                ax.fill_between(s["grid"], lo, hi, alpha=0.2, color=line.get_color(), lw=0)
+            op = s.get("operating_point")
+            if op:
+                ax.scatter([op["deferral"]], [op["acc1"]], color=line.get_color(), marker="o", zorder=3)
+        _draw_references(ax, references)
+        ax.set_xlim(-2, 102)
+        ax.set_xlabel("images sent to the LVLM (%)")
+        ax.set_ylabel("top-1 accuracy (%)")
+        ax.set_title(wrap_title(title))
+        ax.legend(loc="best")
+    return fig
+
+
+def accuracy_vs_k_figure(series: dict[str, list[tuple[int, float, float | None]]], title: str):
+    """Accuracy against k, one line per method with a mean ± std band over seeds. ``series``: label ->
+    [(k, mean, std or None)] in percent; k = 0 is zero-shot (kept on a symmetric-log axis)."""
+    with plt.rc_context(PAPER_STYLE):
+        fig, ax = plt.subplots(layout="constrained")
+        ks = sorted({k for pts in series.values() for k, _, _ in pts})
+        for label, pts in sorted(series.items()):
+            pts = sorted(pts)
+            x = [k for k, _, _ in pts]
+            mean = [m for _, m, _ in pts]
+            (line,) = ax.plot(x, mean, marker="o", label=label)
+            if any(s is not None for _, _, s in pts):
+                ax.fill_between(x, [m - (s or 0.0) for _, m, s in pts], [m + (s or 0.0) for _, m, s in pts],
+                                alpha=0.2, color=line.get_color(), lw=0)  # fmt: skip
+        ax.set_xscale("symlog", linthresh=1)
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.set_xlabel("k (labelled images per class)")
+        ax.set_ylabel("top-1 accuracy (%)")
+        ax.set_title(wrap_title(title))
+        ax.legend(loc="best")
+    return fig

@@ -53,7 +53,8 @@ def write_tensorboard(
     """Write a run's TensorBoard directory afresh (an earlier write of the same run is removed first).
 
     - ``sweep/acc1``, ``sweep/mean_per_class_recall``, ``sweep/tau``: step = permille of the images sent to
-      the LVLM (0 = CLIP only, 1000 = the LVLM on every image), so runs line up on one x axis;
+      the LVLM (0 = CLIP only, 1000 = the LVLM on every image), so runs line up on one x axis; the tau
+      curve leaves out tau = +-inf (no finite value to draw; a stand-in like 1e9 flattens the curve);
     - ``metrics/<name>``: the headline metrics at step 0;
     - the run's parameters as hparams (the HPARAMS tab compares runs by them, against ``metrics/*``);
     - the two plots as figures and the summary table as text.
@@ -64,8 +65,8 @@ def write_tensorboard(
         for step, row in sweep_by_permille(sweep_rows):
             w.add_scalar("sweep/acc1", row["acc1"], step)
             w.add_scalar("sweep/mean_per_class_recall", row["mean_per_class_recall"], step)
-            tau = row["tau"]
-            w.add_scalar("sweep/tau", tau if math.isfinite(tau) else (1e9 if tau > 0 else -1e9), step)
+            if math.isfinite(row["tau"]):  # tau = +-inf (CLIP only / all sent) has no point on the curve
+                w.add_scalar("sweep/tau", row["tau"], step)
         scalars = {}
         for k, v in metrics.items():
             if isinstance(v, (int, float)) and math.isfinite(float(v)):
