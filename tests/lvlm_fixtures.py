@@ -1,7 +1,8 @@
 """Shared fixtures for the LVLM tests: photos by class, a photo dataset, the tiny LVLMs by short name.
 
 Import the fixtures by name into a test module (``from lvlm_fixtures import llava_dir``). The tiny
-models themselves are conftest's session fixtures ``tiny_llava_dir`` / ``tiny_qwen2vl_dir``.
+models themselves are conftest's session fixtures ``tiny_llava_dir`` / ``tiny_qwen2vl_dir``; the tiny
+Gemma 3 is built here (only the tests that import ``gemma3_dir`` pay for it).
 """
 
 from __future__ import annotations
@@ -40,6 +41,22 @@ def llava_dir(tiny_llava_dir):
 @pytest.fixture(scope="session")
 def qwen2vl_dir(tiny_qwen2vl_dir):
     return tiny_qwen2vl_dir
+
+
+@pytest.fixture(scope="session")
+def gemma3_dir(tmp_path_factory):
+    """The tiny random-weight Gemma 3 (the scorer's two-forward path), a model directory."""
+    from cascadevlm.zoo.tiny_lvlm import build_tiny_gemma3
+
+    return build_tiny_gemma3(tmp_path_factory.mktemp("tiny_gemma3"))
+
+
+@pytest.fixture(scope="session")
+def gemma3_short_window_dir(tmp_path_factory):
+    """The tiny Gemma 3 with a 24-token sliding window: every cascade prompt is longer."""
+    from cascadevlm.zoo.tiny_lvlm import build_tiny_gemma3
+
+    return build_tiny_gemma3(tmp_path_factory.mktemp("tiny_gemma3_w24"), sliding_window=24)
 
 
 @pytest.fixture(scope="session", params=["llava", "qwen2vl"])

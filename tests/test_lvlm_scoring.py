@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lvlm_fixtures import llava_dir, photos, qwen2vl_dir, tiny_lvlm_dir  # noqa: F401
+from lvlm_fixtures import (  # noqa: F401
+    gemma3_dir,
+    gemma3_short_window_dir,
+    llava_dir,
+    photos,
+    qwen2vl_dir,
+    tiny_lvlm_dir,
+)
 
 from cascadevlm.lvlm.base import Exemplar, LVLMRequest
 from cascadevlm.lvlm.prompts import PromptConfig, build_prompt
@@ -40,10 +47,9 @@ def _hand_logprob(backend: TransformersBackend, request: LVLMRequest, candidate:
     n = inputs["input_ids"].shape[1]
     inputs["input_ids"] = torch.cat([inputs["input_ids"], torch.tensor([answer])], 1)
     inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
-    if "mm_token_type_ids" in inputs:
-        inputs["mm_token_type_ids"] = torch.cat(
-            [inputs["mm_token_type_ids"], torch.zeros((1, len(answer)), dtype=torch.long)], 1
-        )
+    for key in ("mm_token_type_ids", "token_type_ids"):  # Qwen2-VL's / Gemma 3's: the answer is text
+        if key in inputs:
+            inputs[key] = torch.cat([inputs[key], torch.zeros((1, len(answer)), dtype=torch.long)], 1)
     with torch.no_grad():
         logits = backend.net(**inputs).logits[0]
     logp = torch.log_softmax(logits.double(), -1)
@@ -74,6 +80,30 @@ def test_batched_scores_equal_one_by_one(tiny_lvlm_dir, photos):  # noqa: F811
     for b, s in zip(batched, single, strict=True):
         assert b.scores == pytest.approx(s.scores, abs=1e-4)
         assert b.choice == s.choice
+
+
+@pytest.mark.parametrize("batch_size,window", [(3, "long"), (2, "short")])
+def test_gemma3_batched_scores_equal_per_candidate_forwards(request, photos, batch_size, window):  # noqa: F811
+    """Gemma 3 (token_type_ids: the prompts first, then the candidates on their cache) at batch 2 and 3,
+    one prompt with an in-context image (two images in it), against one uncached forward per candidate.
+    The processor used to get one flat image list for the whole batch and refuse it. With prompts longer
+    than the sliding window (``short``), the sliding layers' cache keeps the window only and a custom
+    mask would let them see past it: the candidates are appended to the prompts instead."""
+    from cascadevlm.lvlm.scoring import one_forward_possible
+
+    model = request.getfixturevalue("gemma3_dir" if window == "long" else "gemma3_short_window_dir")
+    backend = TransformersBackend(
+        str(model), prompt=PromptConfig(options="names"), device="cpu", batch_size=batch_size
+    )
+    reqs = _requests(photos)[1:4]
+    batch = backend.prepare(reqs[:batch_size])
+    assert not one_forward_possible(batch.inputs)  # the two-forward path
+    answers = backend.choose(reqs)
+    assert backend.fitted_batch_size == batch_size and backend.calls == len(reqs)
+    for req, ans in zip(reqs, answers, strict=True):
+        hand = [_hand_logprob(backend, req, c) for c in range(len(req.candidates))]
+        assert ans.scores == pytest.approx(hand, abs=2e-4)
+        assert ans.choice == max(range(len(hand)), key=hand.__getitem__)
 
 
 def test_length_norm_divides_by_answer_tokens(llava_dir, photos):  # noqa: F811
@@ -205,7 +235,9 @@ def test_shared_cache_scores_equal_reference(tiny_lvlm_dir, photos, tree_mask, o
     ids = [[enc.answer_ids(a) for a in p.answers] for p in prompts]
     ids[0][0] = ids[0][0][-1:]  # a one-token answer among longer ones
     assert len({len(a) for row in ids for a in row}) > 2
-    ours = score_candidates(backend.net, inputs, ids, enc.pad_id, tree_mask=tree_mask, one_forward=one_forward)
+    ours = score_candidates(
+        backend.net, inputs, ids, enc.pad_id, tree_mask=tree_mask, one_forward=one_forward
+    )
     ref = _reference_scores(backend.net, enc.encode(prompts), ids, enc.pad_id)
     for o, r in zip(ours, ref, strict=True):
         assert o == pytest.approx(r, abs=1e-4)

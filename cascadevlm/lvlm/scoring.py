@@ -14,7 +14,10 @@ Models with a per-token input of their own beside the ids and mask (Gemma 3's an
 prompts run first, keeping the cache and last-position logits, then every candidate's tokens in one
 forward on that cache under the same kind of mask (two forwards). Attention implementations that take
 no 4-D mask (FlashAttention) score one candidate slot at a time on that cache, cropped back to the
-prompt after each slot. Nothing is generated, so there is nothing to parse.
+prompt after each slot. Models with sliding-window layers (Gemma 3) whose prompt outgrows the window
+get each candidate slot appended to the prompts, one plain forward per slot: the sliding layers' cache
+keeps only the window, and a custom mask would let them see past it. Nothing is generated, so there is
+nothing to parse.
 
 Positions: text-only rotary models (LLaVA's Llama, Idefics3, ...) get ``cumsum(mask) - 1`` so a left-
 padded prompt sees the same positions as an unpadded one. Multimodal-rope models (Qwen2-VL, Qwen2.5-VL)
@@ -169,7 +172,10 @@ def score_candidates(
         tree_mask = supports_tree_mask(model)
     if one_forward is None:
         one_forward = tree_mask and one_forward_possible(inputs)
-    if one_forward:
+    window = sliding_window(model)
+    if window is not None and length + max(len(a) for row in answers for a in row) > window:
+        sums = _appended_scores(model, inputs, answers, pad_id)
+    elif one_forward:
         sums = _one_forward_scores(model, inputs, answers)
     else:
         out = model(**forward_inputs(model, inputs), use_cache=True, logits_to_keep=1)
@@ -183,6 +189,35 @@ def score_candidates(
             [v / len(a) for v, a in zip(row, ans, strict=True)]
             for row, ans in zip(sums, answers, strict=True)
         ]
+    return sums
+
+
+def sliding_window(model: torch.nn.Module) -> int | None:
+    """The attention window of the model's sliding-window layers (Gemma 3, Mistral, ...), or None."""
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(text, "sliding_window", None)
+    types = getattr(text, "layer_types", None) or ["sliding_attention"]
+    if not window or getattr(text, "use_sliding_window", True) is False or "sliding_attention" not in types:
+        return None
+    return int(window)
+
+
+def _appended_scores(model, inputs: Mapping[str, torch.Tensor], answers, pad_id: int) -> list[list[float]]:
+    """Candidate slot ``j`` of every prompt appended to it, one plain forward per slot (2-D mask, no
+    cache). For prompts longer than a sliding window: the sliding layers' cache keeps only the window
+    (the shared cache does not fit the candidates' mask) and a custom 4-D mask would let those layers
+    see past it; a plain mask lets the model build its own window."""
+    sums = [[0.0] * len(row) for row in answers]
+    for j in range(max(len(row) for row in answers)):
+        rows = [row[j] if j < len(row) else row[0] for row in answers]
+        extended, labels = append_answers(inputs, rows, pad_id)
+        keep = max(len(a) for a in rows) + 1  # the prompt's last position, then the answers
+        logits = model(**forward_inputs(model, extended), use_cache=False, logits_to_keep=keep).logits
+        got = label_logprobs(logits, labels[:, -keep:]).tolist()
+        for b, row in enumerate(answers):
+            if j < len(row):
+                sums[b][j] = got[b]
     return sums
 
 

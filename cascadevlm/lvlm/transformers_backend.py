@@ -219,9 +219,12 @@ class ChatEncoder:
         return list(self._answer_cache[answer])
 
     def encode(self, prompts: list[Prompt], device: torch.device | None = None):
-        """Processor outputs for a batch of prompts, left-padded, images in order of appearance."""
+        """Processor outputs for a batch of prompts, left-padded, images in order of appearance.
+
+        Images go as one list per prompt: processors that match images to prompts (Gemma 3, Idefics3)
+        refuse one flat list for a batch, and the others flatten the nesting themselves."""
         texts = [self.render(p.messages) for p in prompts]
-        images = [im for p in prompts for im in p.images]
+        images = [list(p.images) for p in prompts]
         inputs = self.processor(
             text=texts,
             images=images,

@@ -1,4 +1,4 @@
-"""Tiny, randomly initialised LVLMs of real architectures (LLaVA, Qwen2-VL), built offline.
+"""Tiny, randomly initialised LVLMs of real architectures (LLaVA, Qwen2-VL, Gemma 3), built offline.
 
 Each builder writes a complete Hugging Face model directory (config, safetensors weights, a byte-level
 BPE tokenizer trained here with ``tokenizers``, a chat template, an image processor and a processor), so
@@ -106,6 +106,26 @@ IDEFICS3_TEMPLATE = (
     "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
 
+# Gemma 3 (gemma-3-4b-it's template, trimmed): the template writes BOS, a system turn is folded into the
+# first user turn, the assistant is "model", "<end_of_turn>" ends turns and images are "<start_of_image>".
+GEMMA3_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{{ '<start_of_image>' }}"
+    "{%- elif item['type'] == 'text' -%}{{ item['text'] | trim }}{%- endif -%}"
+    "{%- endfor -%}"
+    "{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
+
 # kind -> (template, BOS, EOS, pad, tokenizer adds BOS, SentencePiece-style (Llama) or byte-level BPE)
 REAL_SHAPES = {
     "llava15": (LLAVA15_TEMPLATE, "<s>", "</s>", "<pad>", True, True),
@@ -119,6 +139,7 @@ REAL_SHAPES = {
         True,
         False,
     ),
+    "gemma3": (GEMMA3_TEMPLATE, "<bos>", "<eos>", "<pad>", True, True),
 }
 _REAL_SPECIAL = {
     "llava15": ["<unk>", "<s>", "</s>", "<image>", "<pad>"],
@@ -134,6 +155,25 @@ _REAL_SPECIAL = {
     ],
 }
 _REAL_SPECIAL["qwen25vl"] = _REAL_SPECIAL["qwen2vl"]
+_REAL_SPECIAL["gemma3"] = [
+    "<pad>",
+    "<eos>",
+    "<bos>",
+    "<unk>",
+    "<start_of_turn>",
+    "<end_of_turn>",
+    "<start_of_image>",
+    "<end_of_image>",
+    "<image_soft_token>",
+]
+# Named special tokens a family's processor reads off its tokenizer (``tokenizer.image_token`` ...).
+_NAMED_SPECIAL = {
+    "gemma3": {
+        "image_token": "<image_soft_token>",
+        "boi_token": "<start_of_image>",
+        "eoi_token": "<end_of_image>",
+    },
+}
 
 
 def real_shape_tokenizer(kind: str, vocab_size: int = 600):
@@ -179,7 +219,9 @@ def real_shape_tokenizer(kind: str, vocab_size: int = 600):
         eos_token=eos,
         pad_token=pad,
         unk_token="<unk>" if sentencepiece else None,
-        extra_special_tokens={"image_token": "<image>"} if "<image>" in special else None,
+        extra_special_tokens=_NAMED_SPECIAL.get(
+            kind, {"image_token": "<image>"} if "<image>" in special else None
+        ),
     )
     tokenizer.padding_side = "left"
     tokenizer.chat_template = template
@@ -388,11 +430,81 @@ def build_tiny_qwen2vl(out_dir: str | Path, seed: int = 0, real_template: bool =
     return out_dir
 
 
-BUILDERS = {"llava": build_tiny_llava, "qwen2vl": build_tiny_qwen2vl}
+def build_tiny_gemma3(out_dir: str | Path, seed: int = 0, sliding_window: int = 512) -> Path:
+    """Write a tiny ``Gemma3ForConditionalGeneration`` (SigLIP vision tower + Gemma 3 text) and its processor.
+
+    gemma-3's chat template and special tokens (:data:`REAL_SHAPES`); 28x28 images, 14-pixel patches
+    pooled to 4 image tokens. Gemma 3 passes ``token_type_ids`` (image tokens attend both ways), so the
+    scorer takes its two-forward path. ``sliding_window``: the window of its sliding-attention layer
+    (shorter than a prompt to test prompts that outgrow it, as a real Gemma 3's 1024 do with 4+ images).
+    """
+    import torch
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3ImageProcessor,
+        Gemma3Processor,
+        Gemma3TextConfig,
+        SiglipVisionConfig,
+    )
+
+    out_dir = Path(out_dir)
+    tokenizer = real_shape_tokenizer("gemma3")
+    ids = tokenizer.convert_tokens_to_ids
+    vision = SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+    )
+    text = Gemma3TextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        max_position_embeddings=1024,
+        sliding_window=sliding_window,
+        layer_types=["sliding_attention", "full_attention"],  # both of Gemma 3's attention kinds
+        initializer_range=_TEXT_INIT,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=[tokenizer.eos_token_id, ids("<end_of_turn>")],
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config = Gemma3Config(
+        vision_config=vision,
+        text_config=text,
+        mm_tokens_per_image=4,
+        boi_token_index=ids("<start_of_image>"),
+        eoi_token_index=ids("<end_of_image>"),
+        image_token_index=ids("<image_soft_token>"),
+        initializer_range=_TEXT_INIT,
+    )
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(config).eval()
+    _save_generation_config(model, tokenizer, "<end_of_turn>")
+    processor = Gemma3Processor(
+        image_processor=Gemma3ImageProcessor(size={"height": 28, "width": 28}),
+        tokenizer=tokenizer,
+        image_seq_length=4,
+        chat_template=tokenizer.chat_template,
+    )
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    _mark_random(out_dir, "gemma3", seed)
+    return out_dir
+
+
+BUILDERS = {"llava": build_tiny_llava, "qwen2vl": build_tiny_qwen2vl, "gemma3": build_tiny_gemma3}
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m cascadevlm.zoo.tiny_lvlm OUT_DIR``: write ``OUT_DIR/llava`` and ``OUT_DIR/qwen2vl``."""
+    """``python -m cascadevlm.zoo.tiny_lvlm OUT_DIR``: write ``OUT_DIR/llava``, ``OUT_DIR/qwen2vl`` and ``OUT_DIR/gemma3``."""
     import argparse
 
     parser = argparse.ArgumentParser(description=main.__doc__)
