@@ -145,6 +145,8 @@ class EvaluateCLI(LightningCLI):
         parser.add_argument("--output_dir", type=str, default="runs", help="parent of the run directory")
         parser.add_argument("--run_name", type=str | None, default=None, help="default: from the parameters")
         parser.add_argument("--cache_dir", type=str, default="artifacts/cache", help="feature cache")
+        parser.add_argument("--answer_store", type=str | None, default="auto",
+                            help="LVLM answers shared by all runs (auto: <cache_dir>/answers.sqlite; null: off)")  # fmt: skip
         parser.add_class_arguments(CascadeOptions, "cascade")
         parser.add_subclass_arguments(LVLMBackend, "lvlm", required=False, default=None)
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")

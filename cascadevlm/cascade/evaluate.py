@@ -22,6 +22,7 @@ from cascadevlm import progress
 from cascadevlm.cascade.lvlm_stage import (
     LVLMStage,
     check_stage_fingerprint,
+    open_answer_store,
     read_answers,
     read_lvlm_calls,
     run_lvlm_stage,
@@ -559,7 +560,9 @@ def lvlm_stage(
             dm.dsd[dm.train_split], dm.kshot_split(), dm.class_names,
             shots_per_class=min(opts.incontext_shots, dm.shots), max_examples=opts.max_examples,
         )  # fmt: skip
-    stage = LVLMStage(backend, dm.class_names, exemplars)
+    cfg = run.cli.config
+    store = open_answer_store(cfg.get("answer_store", "auto"), cfg.cache_dir)  # answers of earlier runs
+    stage = LVLMStage(backend, dm.class_names, exemplars, store)
     counts = progress.LVLMCounts(backend, len(wanted) - len(todo))
     own_bar = bool(getattr(backend, "progress", False)) and hasattr(backend, "begin_stage")  # the API's bar
     with progress.stage(trainer, f"LVLM stage: {dm.split}" if other_split else "LVLM stage", counts, not own_bar):

@@ -4,6 +4,10 @@ Answers are appended to ``<parts_dir>/lvlm.rank<r>.jsonl`` batch by batch, and t
 made to ``lvlm.calls.rank<r>.jsonl``. A rerun of the same run reads every part file first and sends
 only the images without a usable answer (an answer that is a failed API call is asked again), so an
 interrupted run loses nothing finished and no answered image reaches the LVLM twice.
+
+Across runs, the answer store (:class:`~cascadevlm.lvlm.cache.AnswerStore`, ``<cache_dir>/answers.sqlite``
+by default) is looked up before the backend is asked: a rerun with another budget, tau, gate,
+calibration, conformal rule or fusion (a new run directory) asks nothing that was answered before.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 from cascadevlm.cascade.runner import predict_with_writer
 from cascadevlm.data.loading import IMAGE_COLUMN, decode_image
-from cascadevlm.lvlm.base import LVLMBackend, LVLMRequest, needs_retry
+from cascadevlm.lvlm.base import LVLMAnswer, LVLMBackend, LVLMRequest, needs_retry
+from cascadevlm.lvlm.cache import AnswerStore, StoredAnswer, answer_key, cache_key, model_identity
 from cascadevlm.records import PredictionRecord, append_json_lines, atomic_write_text, read_json_lines
 
 
@@ -71,7 +76,7 @@ def build_requests(batch: list[dict], class_names: list[str], exemplars=None) ->
         for b in batch
     ]
     if exemplars is not None:
-        exemplars.attach(requests)
+        exemplars.attach(requests, [b["index"] for b in batch])  # the query's own row is never its example
     return requests
 
 
@@ -85,25 +90,46 @@ class PreparedRequests:
         return sum(len(b) for b in self.batches)
 
 
+@dataclass
+class StoreLookup:
+    """The answer store as the stage's ``collate_fn`` uses it: the store and the model's identity hash."""
+
+    store: AnswerStore
+    model_key: str
+
+
 class StageCollate:
     """The LVLM stage's ``collate_fn``: a batch of deferred images -> ``(rows, work)``.
 
     ``rows`` keep what the answers need (index, candidate ids, key; not the image) and ``work`` is what
     the backend's ``choose`` takes: the requests, or, with ``prepare`` (a backend's picklable
     preprocessing, e.g. :attr:`TransformersBackend.prepare`), the requests already prepared in
-    forward-sized batches. In DataLoader workers this runs for the next batches while the model
-    answers the current one. Holds no model, so it pickles cheaply to spawned workers.
+    forward-sized batches. With ``lookup`` (the answer store), each row gets its ``store_key`` and, when
+    the store holds its answer, ``stored``; only the other requests are in ``work`` (and prepared).
+    In DataLoader workers this runs for the next batches while the model answers the current one.
+    Holds no model, so it pickles cheaply to spawned workers.
     """
 
-    def __init__(self, class_names: list[str], exemplars=None, prepare=None) -> None:
+    def __init__(self, class_names: list[str], exemplars=None, prepare=None, lookup: StoreLookup | None = None) -> None:
         self.class_names = list(class_names)
         self.exemplars = exemplars
         self.prepare = prepare
+        self.lookup = lookup
 
     def __call__(self, batch: list[dict]) -> tuple[list[dict], object]:
         requests = build_requests(batch, self.class_names, self.exemplars)
         rows = [{k: v for k, v in b.items() if k != "image"} for b in batch]
-        if self.prepare is None:
+        if self.lookup is not None:
+            asked = []
+            for row, req in zip(rows, requests, strict=True):
+                row["store_key"] = answer_key(self.lookup.model_key, req)
+                stored = self.lookup.store.get_answer(row["store_key"], len(req.candidates))
+                if stored is None:
+                    asked.append(req)
+                else:
+                    row["stored"] = stored
+            requests = asked
+        if self.prepare is None or not requests:
             return rows, requests
         split = getattr(self.prepare, "split", None)  # forward-sized batches, as choose() would
         return rows, PreparedRequests(split(requests) if split else [self.prepare(requests)])
@@ -112,11 +138,17 @@ class StageCollate:
 class LVLMStage(L.LightningModule):
     """Wraps a backend so Lightning shards the deferred images over devices; no trainable parameters."""
 
-    def __init__(self, backend: LVLMBackend, class_names: list[str], exemplars=None) -> None:
+    def __init__(
+        self, backend: LVLMBackend, class_names: list[str], exemplars=None, store: AnswerStore | None = None
+    ) -> None:
         super().__init__()
         self.backend = backend
         self.class_names = list(class_names)
         self.exemplars = exemplars  # an ExemplarPool, or None for zero-shot prompts
+        self.store = store  # answers of earlier runs (any run directory); None: ask everything
+        self.lookup = None
+        if store is not None:
+            self.lookup = StoreLookup(store, cache_key(model_identity(backend, store)))
 
     def requests(self, batch: list[dict]) -> list[LVLMRequest]:
         """The backend requests of a batch of deferred images (as :class:`DeferredImages` gives them)."""
@@ -125,9 +157,10 @@ class LVLMStage(L.LightningModule):
     def collate(self, workers: int = 0) -> StageCollate:
         """The DataLoader's ``collate_fn``. With ``workers`` > 0 and a backend that has ``prepare``
         (the transformers backend), prompt rendering and image processing run in the workers, ahead
-        of the model; with none, :meth:`predict_step` hands the backend plain requests, as before."""
+        of the model; with none, :meth:`predict_step` hands the backend plain requests, as before.
+        Requests the answer store holds are answered from it and never prepared."""
         prepare = getattr(self.backend, "prepare", None) if workers > 0 else None
-        return StageCollate(self.class_names, self.exemplars, prepare)
+        return StageCollate(self.class_names, self.exemplars, prepare, self.lookup)
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx: int = 0):
         # The backend places its inputs itself (device_map aware); Lightning's walk over the batch's
@@ -136,13 +169,16 @@ class LVLMStage(L.LightningModule):
 
     def predict_step(self, batch, batch_idx: int = 0) -> list[LVLMResult]:
         """Answers for ``batch``: ``(rows, work)`` from :class:`StageCollate`, or a list of rows."""
-        rows, work = batch if isinstance(batch, tuple) else (batch, self.requests(batch))
+        rows, work = batch if isinstance(batch, tuple) else self.collate()(batch)
         if isinstance(work, PreparedRequests):
-            answers = [a for prepared in work.batches for a in self.backend.choose(prepared)]
+            fresh = [a for prepared in work.batches for a in self.backend.choose(prepared)] if work.batches else []
         else:
-            answers = self.backend.choose(work)
-        if len(answers) != len(rows):
-            raise RuntimeError(f"backend returned {len(answers)} answers for {len(rows)} requests")
+            fresh = self.backend.choose(work) if work else []
+        asked = [b for b in rows if "stored" not in b]
+        if len(fresh) != len(asked):
+            raise RuntimeError(f"backend returned {len(fresh)} answers for {len(asked)} requests")
+        new = iter(fresh)
+        answers = [LVLMAnswer(**b["stored"].__dict__) if "stored" in b else next(new) for b in rows]
         out = []
         for b, a in zip(rows, answers, strict=True):
             if not 0 <= a.choice < len(b["candidate_ids"]):
@@ -154,6 +190,12 @@ class LVLMStage(L.LightningModule):
                     b["index"], b["candidate_ids"], b["candidate_ids"][a.choice], a.raw, a.scores, a.fallback
                 )
             )
+        if self.lookup is not None:  # failed API calls are never stored: a rerun asks them again
+            self.lookup.store.put_answers(
+                self.lookup.model_key,
+                {b["store_key"]: StoredAnswer(a.choice, a.raw, a.scores, a.fallback)
+                 for b, a in zip(asked, fresh, strict=True) if not needs_retry(a.fallback)},
+            )  # fmt: skip
         return out
 
 
@@ -246,6 +288,14 @@ def write_stage_fingerprint(parts_dir: str | Path, config: dict) -> None:
         Path(parts_dir) / FINGERPRINT_FILE,
         json.dumps({"digest": _digest(config), "config": config}, indent=1, default=str),
     )
+
+
+def open_answer_store(setting: str | None, cache_dir: str | Path) -> AnswerStore | None:
+    """The answer store of ``--answer_store``: ``auto`` is ``<cache_dir>/answers.sqlite``, another value
+    a path of its own, ``null`` (or ``none``/``off``) asks the LVLM about every image of the run."""
+    if setting is None or str(setting).lower() in ("none", "null", "off", "false", ""):
+        return None
+    return AnswerStore(Path(cache_dir) / "answers.sqlite" if setting == "auto" else setting)
 
 
 def run_lvlm_stage(

@@ -1,20 +1,34 @@
-"""An on-disk answer cache (SQLite), so a rerun or a resumed run never repeats a finished API call.
+"""The answer store: one content-addressed SQLite file of LVLM answers, so no answer is paid for twice.
 
-Keys are hashes of everything that decides an answer: model, image content, candidates, the rendered
-prompt (in-context images included by content hash) and the generation parameters. Values are the raw
-answers. Nothing secret is stored: no API key, no base URL credentials.
+Every backend's answers go through it (the LVLM stage looks each request up before asking the backend;
+the API backend also keeps its raw responses here as they arrive). Keys are SHA-256 hashes of
+everything that decides an answer: the model's identity (weights content hash for local files, provider
++ model name for APIs), every answer setting (the backend's ``answer_fingerprint``), the image content,
+the candidates in order, the in-context examples and the request key (it seeds the shuffled-options
+ablation). A stored answer from another model, prompt or candidate list therefore never serves a request.
+
+Durability: each write is one SQLite transaction in WAL mode, so a process killed with ``kill -9``
+loses at most the transaction in flight (never the file); several processes (DDP ranks, parallel runs)
+may read and write one file at once (a busy writer is waited for). Each value carries a checksum; an
+entry that does not match it, or that does not decode, is deleted and asked again, never trusted.
+Nothing secret is stored. Size and eviction: see docs/lvlm.md.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sqlite3
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
+
+# Waiting for another process's write (a DDP rank, a parallel run) before giving up, in seconds.
+BUSY_TIMEOUT_S = 60.0
 
 
 def image_digest(image: Image.Image) -> str:
@@ -29,34 +43,155 @@ def cache_key(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
-class AnswerCache:
-    """Raw answers by key in a SQLite file; safe to share between threads of one process."""
+def _checksum(key: str, value: str) -> str:
+    return hashlib.sha256(f"{key}\0{value}".encode()).hexdigest()[:16]
+
+
+@dataclass
+class StoredAnswer:
+    """An answer as the store keeps it: the chosen candidate position, raw text, scores, fallback."""
+
+    choice: int
+    raw: str
+    scores: list[float] | None = None
+    fallback: str | None = None
+
+
+class AnswerStore:
+    """Values by key in one SQLite file: thread-safe in a process, shared between processes, picklable
+    (each process opens its own connection on first use). ``corrupt`` counts entries found damaged."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.corrupt = 0
+        self._init_runtime()
+
+    def _init_runtime(self) -> None:
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False)
-        with self._lock:
-            self._db.execute(
-                "CREATE TABLE IF NOT EXISTS answers ("
-                "key TEXT PRIMARY KEY, model TEXT NOT NULL, raw TEXT NOT NULL, created REAL NOT NULL)"
-            )
-            self._db.commit()
+        self._conn: sqlite3.Connection | None = None
+        self._pid = None
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "corrupt": self.corrupt}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._init_runtime()
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None or self._pid != os.getpid():  # a forked worker opens its own
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                conn = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_S, check_same_thread=False)
+                conn.execute("PRAGMA journal_mode=WAL")  # readers never block the writer; kill -9 safe
+                conn.execute("PRAGMA synchronous=NORMAL")  # durable against a killed process (not power loss)
+                conn.execute(
+                    "CREATE TABLE IF NOT EXISTS answers ("
+                    "key TEXT PRIMARY KEY, model TEXT NOT NULL, raw TEXT NOT NULL, created REAL NOT NULL)"
+                )
+                columns = {row[1] for row in conn.execute("PRAGMA table_info(answers)")}
+                if "checksum" not in columns:  # files written before checksums: their rows stay readable
+                    conn.execute("ALTER TABLE answers ADD COLUMN checksum TEXT")
+                conn.commit()
+            except sqlite3.DatabaseError as err:
+                raise ValueError(
+                    f"the LVLM answer store {self.path} cannot be opened ({err}): delete that file (its "
+                    "answers are asked again) or point --answer_store elsewhere"
+                ) from None
+            self._conn, self._pid = conn, os.getpid()
+        return self._conn
 
     def get(self, key: str) -> str | None:
+        """The value stored under ``key``; None when absent or damaged (a damaged entry is deleted)."""
         with self._lock:
-            row = self._db.execute("SELECT raw FROM answers WHERE key = ?", (key,)).fetchone()
-        return None if row is None else row[0]
+            row = self._db.execute("SELECT raw, checksum FROM answers WHERE key = ?", (key,)).fetchone()
+            if row is None:
+                return None
+            raw, checksum = row
+            if checksum is not None and checksum != _checksum(key, raw):
+                self._forget(key)
+                return None
+        return raw
+
+    def _forget(self, key: str) -> None:
+        """Drop a damaged entry (lock held) so it is asked again and stored afresh."""
+        self.corrupt += 1
+        self._db.execute("DELETE FROM answers WHERE key = ?", (key,))
+        self._db.commit()
 
     def put(self, key: str, model: str, raw: str) -> None:
-        """Store one answer and commit at once, so an interrupted run keeps it."""
+        """Store one value and commit at once, so an interrupted run keeps it."""
+        self.put_many([(key, model, raw)])
+
+    def put_many(self, items: list[tuple[str, str, str]]) -> None:
+        """Store ``(key, model, value)`` items in one transaction: all of them or, if killed, none."""
+        if not items:
+            return
+        now = time.time()
+        rows = [(key, model, raw, now, _checksum(key, raw)) for key, model, raw in items]
         with self._lock:
-            self._db.execute(
-                "INSERT OR REPLACE INTO answers (key, model, raw, created) VALUES (?, ?, ?, ?)",
-                (key, model, raw, time.time()),
-            )
-            self._db.commit()
+            with self._db:  # one transaction, committed on leaving
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO answers (key, model, raw, created, checksum) VALUES (?, ?, ?, ?, ?)",
+                    rows,
+                )
+
+    # --------------------------------------------------------------------------- answers of the stage
+    def get_answer(self, key: str, num_candidates: int) -> StoredAnswer | None:
+        """A stored answer for a request with ``num_candidates`` candidates; None when there is none or
+        it does not decode into one (then it is dropped and the request asked again)."""
+        raw = self.get(key)
+        if raw is None:
+            return None
+        try:
+            a = StoredAnswer(**json.loads(raw))
+            ok = isinstance(a.choice, int) and 0 <= a.choice < num_candidates and isinstance(a.raw, str)
+            ok = ok and (a.scores is None or len(a.scores) == num_candidates)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            with self._lock:
+                self._forget(key)
+            return None
+        return a
+
+    def put_answers(self, model: str, answers: dict[str, StoredAnswer]) -> None:
+        """Store the answers of one batch (key -> answer) in one transaction."""
+        self.put_many(
+            [(key, model, json.dumps(a.__dict__, allow_nan=True)) for key, a in answers.items()]
+        )
+
+    # --------------------------------------------------------------------------- weights identity
+    def file_digest(self, path: str | Path) -> str:
+        """SHA-256 of a file's content, remembered in the store by (path, size, mtime) so a rerun does
+        not read multi-gigabyte weights again."""
+        p = Path(path).resolve()
+        st = p.stat()
+        memo = f"file-digest|{p}|{st.st_size}|{st.st_mtime_ns}"
+        known = self.get(memo)
+        if known is not None:
+            return known
+        h = hashlib.sha256()
+        with p.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        self.put(memo, "file-digest", h.hexdigest())
+        return h.hexdigest()
+
+    def path_digest(self, path: str | Path) -> str:
+        """Content hash of a file, or of every file under a directory (names and contents; hidden
+        files left out): the identity of local weights (a model directory, a LoRA adapter)."""
+        root = Path(path)
+        if root.is_file():
+            return self.file_digest(root)
+        h = hashlib.sha256()
+        for f in sorted(p for p in root.rglob("*") if p.is_file()):
+            rel = f.relative_to(root)
+            if any(part.startswith(".") for part in rel.parts):
+                continue
+            h.update(f"{rel.as_posix()}\0{self.file_digest(f)}\n".encode())
+        return h.hexdigest()
 
     def __len__(self) -> int:
         with self._lock:
@@ -64,4 +199,40 @@ class AnswerCache:
 
     def close(self) -> None:
         with self._lock:
-            self._db.close()
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+
+# The API backend's name for the same store (its raw responses, as they arrive).
+AnswerCache = AnswerStore
+
+
+def model_identity(backend, store: AnswerStore) -> dict:
+    """What identifies a backend's answers: its answer settings (``answer_fingerprint``: model, prompt,
+    mode, ...), the content hash of every local file or directory those settings name (weights, LoRA
+    adapters: the same path with other weights is another model), and for API backends the provider
+    (the endpoint, credentials left out) beside the model name."""
+    fp = backend.answer_fingerprint()
+    weights = {}
+    for name, value in sorted(fp.items()):
+        if isinstance(value, str) and value and os.path.exists(value):
+            weights[name] = store.path_digest(value)
+    provider = getattr(backend, "url", None)
+    return {"answers": fp, "weights": weights, **({"provider": provider} if isinstance(provider, str) else {})}
+
+
+def answer_key(model_key: str, request) -> str:
+    """The store key of one request (an :class:`~cascadevlm.lvlm.base.LVLMRequest`) for the model whose
+    identity hashes to ``model_key``: image content, candidates in order, fallback position, in-context
+    examples (image content and class) and the request key."""
+    return cache_key(
+        {
+            "model": model_key,
+            "image": image_digest(request.image),
+            "candidates": list(request.candidates),
+            "fallback": request.fallback,
+            "examples": [[image_digest(e.image), e.class_name] for e in request.examples],
+            "key": request.key,
+        }
+    )
