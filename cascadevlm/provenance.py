@@ -9,10 +9,14 @@ It lives where the weights live, so it travels with them:
 
 Weights without a mark (every real checkpoint) have no provenance: :func:`read_provenance` gives None.
 Nothing is ever guessed from a name.
+
+The project's trained demo weights also have a ``manifest.json`` beside them with each file's sha256
+(``cascadevlm/zoo/checkpoints``): :func:`check_manifest` refuses weights whose bytes differ from it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -86,3 +90,51 @@ def read_provenance(path: str | Path | None) -> dict | None:
         except Exception:  # not a safetensors file or a malformed mark: no provenance
             return None
     return None
+
+
+_HASHES: dict[tuple[str, int, int], str] = {}
+MANIFEST = "manifest.json"
+
+
+def file_sha256(path: str | Path) -> str:
+    """Content hash of a file, memoised on (path, size, mtime in ns)."""
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        _HASHES[key] = h.hexdigest()
+    return _HASHES[key]
+
+
+def check_manifest(path: str | Path | None, flag: str) -> None:
+    """Refuse the project's own trained weights (a ``trained-demo`` mark) whose files differ from the
+    ``manifest.json`` beside them (in the folder of a checkpoint file, the parent of a model directory):
+    altered demo weights would move scores and choices while the run still claims the demo's numbers.
+    Unmarked weights, and marked ones with no manifest beside them, are not checked. ``flag`` names the
+    option that gave the weights, for the message."""
+    if not path:
+        return
+    weights = Path(str(path).removeprefix("local-dir:")).expanduser()
+    mark = read_provenance(weights)
+    manifest = weights.resolve().parent / MANIFEST
+    if mark is None or mark["kind"] != "trained-demo" or not manifest.is_file():
+        return
+    try:
+        listed = json.loads(manifest.read_text()).get("files", {})
+    except (OSError, json.JSONDecodeError, AttributeError):
+        raise ValueError(f"{manifest} is not a readable manifest; restore it ({flag} {path})") from None
+    root, target = manifest.parent, weights.resolve()
+    for rel, expected in sorted(listed.items()):
+        file = root / rel
+        if file != target and target not in file.parents:
+            continue  # another model's file
+        actual = file_sha256(file) if file.is_file() else None
+        if actual != expected:
+            found = f"sha256 {actual[:12]}..." if actual else "it is missing"
+            raise ValueError(
+                f"{file} differs from {manifest} ({found}, the manifest says {expected[:12]}...): these are not "
+                f"the project's demo weights; restore them (git checkout -- {root}) or give other weights ({flag})"
+            )

@@ -2,8 +2,8 @@
 
 Objects are built directly where no process is needed (options, gate, records, stage bookkeeping, data
 module, CLIP loading, API backend, provenance, tables); a few go through the evaluate entry point
-in-process to pin the ``error: ...`` line. ``{tmp}`` and ``{photos}`` in a message stand for the test's
-temporary directory and the photo-folder dataset. Messages of the data layer and the API backend come
+in-process to pin the ``error: ...`` line. ``{tmp}``, ``{photos}`` and ``{clip}`` in a message stand for the
+test's temporary directory, the photo-folder dataset and the tiny CLIP checkpoint. Messages of the data layer and the API backend come
 from /work/notes/errors_data.md and errors_api.md (their owners' lists), near the end of the table.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -94,10 +95,30 @@ def _data(ctx, **kw):
     return CascadeDataModule(dataset=str(ctx.photos), **kw)
 
 
-def _clip(ctx, name="cascadevlm-tiny-vit", **kw):
+def _clip(ctx, name="cascadevlm-tiny-vit", pretrained=None, **kw):
     from cascadevlm.clip.model import load_clip
 
-    return load_clip(name, None, **kw)
+    return load_clip(name, pretrained, **kw)
+
+
+def _truncated(ctx) -> str:
+    data = ctx.clip.read_bytes()
+    path = ctx.tmp / "cut.safetensors"
+    path.write_bytes(data[: len(data) // 2])
+    return str(path)
+
+
+def _demo_without_weights(ctx):
+    from cascadevlm.lvlm.transformers_backend import load_model_and_processor
+
+    demo = Path(__file__).resolve().parents[1] / "cascadevlm" / "zoo" / "checkpoints"
+    copy = ctx.tmp / "checkpoints"
+    shutil.copytree(demo / "llava", copy / "llava", ignore=shutil.ignore_patterns("model.safetensors"))
+    manifest = json.loads((demo / "manifest.json").read_text())
+    # a listed sha256 of our own: the message stays the same when the demo is retrained
+    manifest["files"]["llava/model.safetensors"] = "0" * 64
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    load_model_and_processor(str(copy / "llava"), device="cpu")
 
 
 def _mark(ctx, target, info):
@@ -236,6 +257,27 @@ CASES = [
      "embed_dim, vision_cfg, text_cfg); fix --model.model_config"),
     ("local-dir missing", lambda c: _clip(c, "local-dir:/nope"), FileNotFoundError,
      "CLIP model directory '/nope' does not exist"),
+    ("text file as checkpoint", lambda c: _clip(c, pretrained=str(_write(c.tmp / "w.safetensors", "hello"))),
+     ValueError, "CLIP checkpoint '{tmp}/w.safetensors' cannot be read (SafetensorError: Error while deserializing "
+     "header: header too small): it is truncated or not a weights file; set --model.pretrained to an open_clip "
+     "checkpoint or tag"),
+    ("junk as checkpoint", lambda c: _clip(c, pretrained=str(_write(c.tmp / "w.pt", "junk" * 50))), ValueError,
+     "CLIP checkpoint '{tmp}/w.pt' cannot be read (not a safetensors or PyTorch checkpoint): it is truncated or not a weights file; set "
+     "--model.pretrained to an open_clip checkpoint or tag"),
+    ("truncated checkpoint", lambda c: _clip(c, pretrained=_truncated(c)), ValueError,
+     "CLIP checkpoint '{tmp}/cut.safetensors' cannot be read (SafetensorError: Error while deserializing header: "
+     "incomplete metadata, file not fully covered): it is truncated or not a weights file; set --model.pretrained "
+     "to an open_clip checkpoint or tag"),
+    ("checkpoint of another architecture", lambda c: _clip(c, "ViT-B-32", pretrained=str(c.clip)), ValueError,
+     "CLIP checkpoint '{clip}' does not fit architecture 'ViT-B-32' (AssertionError: text pos_embed width "
+     "changed!); set --model.model_name to the architecture it was trained as"),
+    ("unknown pretrained tag", lambda c: _clip(c, "RN50", pretrained="laion_nope"), ValueError,
+     "unknown pretrained tag 'laion_nope' for CLIP model 'RN50' (its tags: openai, yfcc15m, cc12m); set "
+     "--model.pretrained to one of them or to a checkpoint file"),
+    ("demo LVLM folder missing a file", _demo_without_weights, ValueError,
+     "{tmp}/checkpoints/llava/model.safetensors differs from {tmp}/checkpoints/manifest.json (it is missing, the "
+     "manifest says 000000000000...): these are not the project's demo weights; restore them (git checkout -- "
+     "{tmp}/checkpoints) or give other weights (--lvlm.init_args.model)"),
     # ---- data module (errors_data.md)
     ("eval split missing", lambda c: _data(c, split="val"), ValueError,
      "dataset '{photos}' has no split 'val'; it has ['train', 'test']: set --data.split"),
@@ -282,17 +324,17 @@ CASES = [
 
 
 @pytest.fixture
-def ctx(tmp_path, photo_folder):
+def ctx(tmp_path, photo_folder, tiny_clip_path):
     photos = tmp_path / "photos"
     shutil.copytree(photo_folder, photos)
-    return SimpleNamespace(tmp=tmp_path, photos=photos)
+    return SimpleNamespace(tmp=tmp_path, photos=photos, clip=tiny_clip_path)
 
 
 @pytest.mark.parametrize(("call", "exc", "message"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_gives_its_one_line_message(ctx, call, exc, message):
     with pytest.raises(exc) as err:
         call(ctx)
-    expected = message.format(tmp=ctx.tmp, photos=ctx.photos)
+    expected = message.format(tmp=ctx.tmp, photos=ctx.photos, clip=ctx.clip)
     got = err.value.args[0] if isinstance(err.value, KeyError) else str(err.value)
     assert "\n" not in got
     if expected.endswith(": "):  # the tail is another library's wording
@@ -312,6 +354,8 @@ CLI_CASES = [
     (["--config", "{tmp}/missing.yaml"], None),
     (["--data.limit", "0"], "error: data.limit must be >= 1 (or null for every image), got 0; set --data.limit"),
     (["--cascade.budget", "7"], "error: cascade.budget must be a fraction in [0, 1], got 7.0"),
+    (["--model.pretrained", "laion_nope"], "error: unknown pretrained tag 'laion_nope' for CLIP model "
+     "'cascadevlm-tiny-vit' (it has no pretrained tags); set --model.pretrained to one of them or to a checkpoint file"),
 ]  # fmt: skip
 
 
@@ -382,7 +426,9 @@ PREPARE_CASES = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(("mirror", "message"), [c[1:] for c in PREPARE_CASES], ids=[c[0] for c in PREPARE_CASES])
+@pytest.mark.parametrize(
+    ("mirror", "message"), [c[1:] for c in PREPARE_CASES], ids=[c[0] for c in PREPARE_CASES]
+)
 def test_prepare_prints_one_error_line(ctx, capsys, monkeypatch, mirror, message):
     from cascadevlm.data.prepare import main
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +12,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from cascadevlm.clip.model import load_clip
-from cascadevlm.provenance import DIR_FILE, METADATA_KEY, read_provenance, write_provenance
+from cascadevlm.provenance import (
+    DIR_FILE,
+    METADATA_KEY,
+    check_manifest,
+    file_sha256,
+    read_provenance,
+    write_provenance,
+)
 from cascadevlm.zoo.tiny_clip import TINY_CLIP
 
 
@@ -53,3 +62,52 @@ def test_tiny_clip_checkpoint_is_marked_random_and_the_bundle_carries_it(tiny_cl
     plain = tmp_path / "tiny-clip-copy.safetensors"
     save_file(load_file(str(tiny_clip_path)), str(plain))
     assert load_clip(TINY_CLIP, str(plain)).provenance is None
+
+
+DEMO = Path(__file__).resolve().parents[1] / "cascadevlm" / "zoo" / "checkpoints"
+
+
+def _altered_demo_copy(tmp_path: Path, rel: str) -> tuple[Path, str, str]:
+    """The demo's manifest and the weights of ``rel`` (a file or the LVLM folder) copied to ``tmp_path``,
+    one byte of ``rel``'s weights flipped; returns the copy, the changed file's new and listed sha256."""
+    copy = tmp_path / "checkpoints"
+    copy.mkdir()
+    shutil.copy(DEMO / "manifest.json", copy)
+    if (DEMO / rel).is_dir():
+        shutil.copytree(DEMO / rel, copy / rel)
+        changed = f"{rel}/model.safetensors"
+    else:
+        shutil.copy(DEMO / rel, copy / rel)
+        changed = rel
+    assert read_provenance(copy / rel)["kind"] == "trained-demo"
+    check_manifest(copy / rel, "--flag")  # the copy as committed passes
+    data = bytearray((copy / changed).read_bytes())
+    data[-1] ^= 0xFF  # the last byte of the last tensor: still a readable checkpoint
+    (copy / changed).write_bytes(bytes(data))
+    listed = json.loads((DEMO / "manifest.json").read_text())["files"][changed]
+    return copy, file_sha256(copy / changed), listed
+
+
+def _refusal(copy: Path, changed: str, actual: str, listed: str, flag: str) -> str:
+    return (
+        f"{copy / changed} differs from {copy / 'manifest.json'} (sha256 {actual[:12]}..., the manifest says "
+        f"{listed[:12]}...): these are not the project's demo weights; restore them (git checkout -- {copy}) or "
+        f"give other weights ({flag})"
+    )
+
+
+def test_demo_clip_whose_bytes_differ_from_the_manifest_is_refused(tmp_path):
+    copy, actual, listed = _altered_demo_copy(tmp_path, "clip.safetensors")
+    with pytest.raises(ValueError) as err:  # it used to load, with other scores than the demo's
+        load_clip("cascadevlm-tiny-vit", str(copy / "clip.safetensors"))
+    assert str(err.value) == _refusal(copy, "clip.safetensors", actual, listed, "--model.pretrained")
+
+
+def test_demo_lvlm_whose_bytes_differ_from_the_manifest_is_refused(tmp_path):
+    from cascadevlm.lvlm.transformers_backend import load_model_and_processor
+
+    copy, actual, listed = _altered_demo_copy(tmp_path, "llava")
+    with pytest.raises(ValueError) as err:
+        load_model_and_processor(str(copy / "llava"), device="cpu")
+    expected = _refusal(copy, "llava/model.safetensors", actual, listed, "--lvlm.init_args.model")
+    assert str(err.value) == expected

@@ -12,7 +12,7 @@ from typing import Any
 import open_clip
 import torch
 
-from cascadevlm.provenance import read_provenance
+from cascadevlm.provenance import check_manifest, file_sha256, read_provenance
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 
@@ -24,26 +24,11 @@ def register_model_configs() -> None:
         open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 
-_HASHES: dict[tuple[str, int, int], str] = {}
-
 # open_clip's precision names. "amp*" keep fp32 weights and run the image encoder under autocast.
 PRECISIONS = ("fp32", "fp16", "bf16", "amp", "amp_bf16", "amp_bfloat16", "pure_fp16", "pure_bf16")
 AUTOCAST_DTYPES = {"amp": torch.float16, "amp_bf16": torch.bfloat16, "amp_bfloat16": torch.bfloat16}
 # Files in a weights directory that do not change the model (our own provenance mark, VCS/OS clutter).
 _NOT_WEIGHTS = ("cascadevlm_provenance.json", ".DS_Store")
-
-
-def file_sha256(path: str | Path) -> str:
-    """Content hash of a file, memoised on (path, size, mtime in ns)."""
-    st = os.stat(path)
-    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _HASHES:
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        _HASHES[key] = h.hexdigest()
-    return _HASHES[key]
 
 
 def dir_sha256(path: str | Path) -> str:
@@ -194,6 +179,42 @@ def register_user_model_config(model_name: str, model_config: str | Path) -> Non
     open_clip.add_model_config(path)
 
 
+def _tag_key(tag: str) -> str:
+    return tag.lower().replace("-", "_")  # open_clip compares tags this way
+
+
+def check_pretrained_tag(model_name: str, tag: str) -> None:
+    """Refuse an open_clip ``pretrained`` tag the architecture does not have (open_clip raises a
+    RuntimeError after logging the known tags on another line)."""
+    if model_name.startswith(("hf-hub:", "local-dir:")):
+        return  # their weights come with the model name
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    if _tag_key(tag) not in {_tag_key(t) for t in tags}:
+        known = f"its tags: {', '.join(tags)}" if tags else "it has no pretrained tags"
+        raise ValueError(
+            f"unknown pretrained tag {tag!r} for CLIP model {model_name!r} ({known}); set --model.pretrained to "
+            "one of them or to a checkpoint file"
+        )
+
+
+def checkpoint_problem(path: str, model_name: str, err: Exception) -> str:
+    """One line on why open_clip could not load the checkpoint file ``path`` into ``model_name``."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    # open_clip asserts on resized position embeddings; torch's load_state_dict lists mismatches
+    if isinstance(err, AssertionError) or "state_dict" in text or "size mismatch" in text:
+        return (
+            f"CLIP checkpoint {path!r} does not fit architecture {model_name!r} ({type(err).__name__}: {text}); set "
+            "--model.model_name to the architecture it was trained as"
+        )
+    # safetensors says what is wrong in its header; torch.load's unpickler errors say nothing useful
+    safetensors = type(err).__name__ == "SafetensorError"
+    detail = f"SafetensorError: {text}" if safetensors else "not a safetensors or PyTorch checkpoint"
+    return (
+        f"CLIP checkpoint {path!r} cannot be read ({detail}): it is truncated or not a weights file; set "
+        "--model.pretrained to an open_clip checkpoint or tag"
+    )
+
+
 def load_clip(
     model_name: str,
     pretrained: str | None = None,
@@ -236,12 +257,21 @@ def load_clip(
             f"CLIP checkpoint {pretrained!r} does not exist; set pretrained (--model.pretrained) to a checkpoint "
             "file or an open_clip tag"
         )
-    model, _, preprocess = open_clip.create_model_and_transforms(
-        model_name, pretrained=pretrained or None, device=device, precision=precision
-    )
+    is_file = bool(pretrained) and os.path.isfile(pretrained)
+    if pretrained and not is_file:
+        check_pretrained_tag(model_name, pretrained)
+    weights_dir = model_name.removeprefix("local-dir:") if model_name.startswith("local-dir:") else None
+    check_manifest(weights_dir or (pretrained if is_file else None), "--model.pretrained")
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            model_name, pretrained=pretrained or None, device=device, precision=precision
+        )
+    except Exception as err:  # a file open_clip cannot read or that is another architecture's
+        if not is_file:
+            raise
+        raise ValueError(checkpoint_problem(pretrained, model_name, err)) from err
     model.eval()
     tokenizer = open_clip.get_tokenizer(model_name)
-    weights_dir = model_name.removeprefix("local-dir:") if model_name.startswith("local-dir:") else None
     return ClipBundle(
         model,
         preprocess,

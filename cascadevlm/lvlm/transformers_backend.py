@@ -83,6 +83,9 @@ def load_model_and_processor(
         kwargs["device_map"] = device_map
     elif dev.type != "cpu":
         kwargs["device_map"] = str(dev)  # load straight onto the device
+    from cascadevlm.provenance import check_manifest
+
+    check_manifest(model, "--lvlm.init_args.model")  # the demo's own weights: as in their manifest
     processor = AutoProcessor.from_pretrained(model, trust_remote_code=trust_remote_code)
     set_pixel_limits(processor, min_pixels, max_pixels)  # refused before the weights load
     net = AutoModelForImageTextToText.from_pretrained(model, **kwargs)
