@@ -125,3 +125,65 @@ def test_evaluate_refuses_a_missing_model_directory_in_one_line(
         "to a model directory or a Hugging Face hub id (org/name)"
     ]
     assert not (tmp_path / "runs").exists()
+
+
+def test_reasoning_prompt_is_in_the_fingerprint_and_sizes_the_answer_length():
+    """``prompt.reasoning`` changes the prompt, so the answer fingerprint (run name, resume) and the API
+    cache key; unset lengths grow for the explanation (16 -> 512 local, 32 -> 512 API)."""
+    from cascadevlm.lvlm.prompts import PromptConfig, user_text
+
+    short = TransformersBackend("not-loaded-yet", mode="generate")
+    reasoning = TransformersBackend("not-loaded-yet", mode="generate", prompt=PromptConfig(reasoning=True))
+    assert (short.max_new_tokens, reasoning.max_new_tokens) == (16, 512)
+    assert short.answer_fingerprint() != reasoning.answer_fingerprint()
+    assert reasoning.answer_fingerprint()["prompt"]["reasoning"] is True
+    set_length = TransformersBackend(
+        "not-loaded-yet", mode="generate", prompt=PromptConfig(reasoning=True), max_new_tokens=200
+    )
+    assert set_length.max_new_tokens == 200
+    api = [
+        OpenAIBackend(
+            model="m", base_url="http://localhost:1/v1", api_key_env=None, prompt=PromptConfig(reasoning=r)
+        )
+        for r in (False, True)
+    ]
+    assert [a.max_tokens for a in api] == [32, 512]
+    assert api[0].answer_fingerprint() != api[1].answer_fingerprint()
+    req = LVLMRequest(image=photos_stub(), candidates=["cat", "horse"], key="k")
+    keys = [a.request_key(req, build_prompt(req, a.prompt)) for a in api]
+    assert keys[0] != keys[1]
+    text = user_text(PromptConfig(reasoning=True), ["cat", "horse"])
+    assert text.endswith(
+        "Then end with a final line of the form 'Answer: X', where X is the letter of the option shown."
+    )
+    named = user_text(PromptConfig(reasoning=True, options="names"), ["cat", "horse"])
+    assert "'Answer: <name>', with the option's name as written above." in named
+
+
+def photos_stub():
+    from PIL import Image
+
+    return Image.new("RGB", (8, 8))
+
+
+def test_reasoning_is_refused_in_score_mode_and_with_a_length_that_cuts_it():
+    from cascadevlm.lvlm.prompts import PromptConfig
+
+    with pytest.raises(ValueError) as err:
+        TransformersBackend("not-loaded-yet", mode="score", prompt=PromptConfig(reasoning=True))
+    assert str(err.value) == (
+        "lvlm.init_args.prompt.reasoning asks the model to explain before answering, which only generate "
+        "mode reads: set lvlm.init_args.mode generate, or prompt.reasoning false (mode is 'score')"
+    )
+    with pytest.raises(ValueError) as err:
+        TransformersBackend(
+            "not-loaded-yet", mode="generate", prompt=PromptConfig(reasoning=True), max_new_tokens=16
+        )
+    assert str(err.value) == (
+        "lvlm.init_args.max_new_tokens 16 cuts a reasoning answer before its final 'Answer:' line: leave it "
+        "unset (512) or set it to at least 64"
+    )
+    with pytest.raises(ValueError, match="lvlm.init_args.max_tokens 32 cuts a reasoning answer"):
+        OpenAIBackend(
+            model="m", base_url="http://localhost:1/v1", prompt=PromptConfig(reasoning=True), max_tokens=32
+        )

@@ -160,6 +160,25 @@ def test_generate_mode_parses_and_maps_back(tiny_lvlm_dir, photos, answer, expec
         assert req.candidates[ans.choice] == expected and ans.fallback is None
 
 
+def test_reasoning_prompt_generates_past_the_short_length_and_reads_the_final_answer(qwen2vl_dir, photos):  # noqa: F811
+    """A reasoning prompt: the model explains (longer than the 16 tokens of a direct answer), names
+    another option on the way, and ends with "Answer: B"; the record keeps the raw text, the choice is B."""
+    prompt = PromptConfig(reasoning=True)
+    backend = TransformersBackend(str(qwen2vl_dir), mode="generate", prompt=prompt, device="cpu")
+    req = LVLMRequest(image=photos["horse"], candidates=["cat", "horse", "rocket"], fallback=0, key="h")
+    said = "<think>A cat? The mane says no.</think>\nThe animal is large, not A. Answer: B"
+    assert len(backend.encoder.tokenizer(said)["input_ids"]) > 16
+    handle = _force_tokens(backend, [said])
+    try:
+        (ans,) = backend.choose([req])
+    finally:
+        handle.remove()
+    assert ans.raw == said
+    assert (ans.choice, ans.fallback) == (1, None)
+    text = backend.encoder.render(build_prompt(req, prompt).messages)
+    assert "end with a final line of the form 'Answer: X'" in text
+
+
 def test_generate_batched_equals_one_by_one_and_falls_back(tiny_lvlm_dir, photos):  # noqa: F811
     backend = TransformersBackend(str(tiny_lvlm_dir), mode="generate", device="cpu", max_new_tokens=6)
     reqs = _requests(photos)

@@ -48,7 +48,7 @@ from PIL import Image
 from cascadevlm.lvlm.base import LVLMAnswer, LVLMBackend, LVLMRequest
 from cascadevlm.lvlm.cache import AnswerCache, cache_key, image_digest
 from cascadevlm.lvlm.parsing import UNPARSEABLE, parse_answer
-from cascadevlm.lvlm.prompts import LETTERS, Prompt, PromptConfig, build_prompt
+from cascadevlm.lvlm.prompts import LETTERS, Prompt, PromptConfig, answer_tokens, build_prompt
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +244,8 @@ class OpenAIBackend(LVLMBackend):
         timeout_s: per-attempt timeout.
         backoff_s / backoff_max_s: first retry delay, doubled each retry up to the maximum (a server's
             ``Retry-After`` is honoured up to the maximum).
-        max_tokens / max_tokens_param: answer length cap (generate mode; score mode sends 1) and the
+        max_tokens / max_tokens_param: answer length cap (generate mode; score mode sends 1; unset: 32,
+            or 512 with ``prompt.reasoning``) and the
             name the endpoint uses for it (``max_tokens``, or ``max_completion_tokens``).
         temperature: sampling temperature (0 for reproducible answers).
         image_format / image_max_side / max_pixels: how images are encoded: longer side and area caps
@@ -289,7 +290,7 @@ class OpenAIBackend(LVLMBackend):
         timeout_s: float = 60.0,
         backoff_s: float = 1.0,
         backoff_max_s: float = 60.0,
-        max_tokens: int = 32,
+        max_tokens: int | None = None,
         max_tokens_param: Literal["max_tokens", "max_completion_tokens"] = "max_tokens",
         temperature: float = 0.0,
         image_format: Literal["JPEG", "PNG", "WEBP"] = "JPEG",
@@ -348,7 +349,7 @@ class OpenAIBackend(LVLMBackend):
         self.timeout_s = timeout_s
         self.backoff_s = backoff_s
         self.backoff_max_s = backoff_max_s
-        self.max_tokens = max_tokens
+        self.max_tokens = answer_tokens(self.prompt, mode, max_tokens, "lvlm.init_args.max_tokens", 32)
         self.max_tokens_param = max_tokens_param
         self.temperature = temperature
         self.image_format = image_format

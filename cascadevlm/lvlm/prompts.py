@@ -20,6 +20,13 @@ from cascadevlm.lvlm.base import Exemplar, LVLMRequest
 
 LETTERS = string.ascii_uppercase
 
+# Generation lengths when none is set: a direct answer is a letter or a name; a reasoning answer is a
+# few sentences, then its "Answer: X" line (8B-class models write 100-300 tokens for it).
+SHORT_ANSWER_TOKENS = 16
+REASONING_ANSWER_TOKENS = 512
+# Below this, a reasoning answer is cut before its final line: refused.
+MIN_REASONING_TOKENS = 64
+
 
 @dataclass
 class PromptConfig:
@@ -34,6 +41,11 @@ class PromptConfig:
         letter_option / name_option: how one option line looks (``{letter}``, ``{name}``).
         letter_instruction / name_instruction: what to answer with.
         letter_answer / name_answer: the answer text for an option (in-context turns, scoring, LoRA).
+        reasoning: ask the model to explain first, then end with a final ``Answer: X`` line
+            (``letter_reasoning_instruction`` / ``name_reasoning_instruction`` replace the instruction);
+            generate mode only. The parser reads the last answer marker; the generation length, unless
+            set, becomes :data:`REASONING_ANSWER_TOKENS`. It changes the answers, so it is part of the
+            answer fingerprint (run name, resume, cache key).
         shuffle: present candidates in a random order (ablation); ``shuffle_seed`` and the request's
             image key and candidates seed the order, so a rerun shows the same order.
         max_images: cap on images per prompt, query included; extra in-context examples are dropped.
@@ -51,6 +63,15 @@ class PromptConfig:
     name_instruction: str = "Answer with the option's name."
     letter_answer: str = "{letter}"
     name_answer: str = "{name}"
+    reasoning: bool = False
+    letter_reasoning_instruction: str = (
+        "First explain briefly, step by step, what in the image tells these options apart. "
+        "Then end with a final line of the form 'Answer: X', where X is the letter of the option shown."
+    )
+    name_reasoning_instruction: str = (
+        "First explain briefly, step by step, what in the image tells these options apart. "
+        "Then end with a final line of the form 'Answer: <name>', with the option's name as written above."
+    )
     shuffle: bool = False
     shuffle_seed: int = 0
     max_images: int = 8
@@ -109,12 +130,42 @@ def user_text(config: PromptConfig, names: list[str]) -> str:
         if len(names) > len(LETTERS):
             raise ValueError(f"{len(names)} candidates but lettered options stop at {len(LETTERS)}")
         lines = [config.letter_option.format(letter=LETTERS[i], name=n) for i, n in enumerate(names)]
-        instruction = config.letter_instruction
+        instruction = config.letter_reasoning_instruction if config.reasoning else config.letter_instruction
     else:
         lines = [config.name_option.format(name=n) for n in names]
-        instruction = config.name_instruction
+        instruction = config.name_reasoning_instruction if config.reasoning else config.name_instruction
     question = config.question.format(noun=config.resolved_noun())
     return config.layout.format(question=question, options="\n".join(lines), instruction=instruction).strip()
+
+
+def answer_tokens(config: PromptConfig, mode: str, requested: int | None, option: str, short: int) -> int:
+    """The generation length for ``config``: ``requested``, else ``short`` for a direct answer and
+    :data:`REASONING_ANSWER_TOKENS` for a reasoning prompt. Refuses a reasoning prompt in score mode
+    (nothing is generated to reason in) and a length that would cut the reasoning before its answer.
+
+    Args:
+        mode: the backend's mode (``score`` or ``generate``).
+        requested: the length the user set, or None.
+        option: the flag that sets the length, for the messages (``lvlm.init_args.max_new_tokens``).
+        short: the backend's default length for a direct answer.
+    """
+    if requested is not None and requested < 1:
+        raise ValueError(f"{option} must be >= 1 or null, got {requested}")
+    if not config.reasoning:
+        return short if requested is None else requested
+    if mode != "generate":
+        raise ValueError(
+            f"lvlm.init_args.prompt.reasoning asks the model to explain before answering, which only "
+            f"generate mode reads: set lvlm.init_args.mode generate, or prompt.reasoning false (mode is {mode!r})"
+        )
+    if requested is None:
+        return REASONING_ANSWER_TOKENS
+    if requested < MIN_REASONING_TOKENS:
+        raise ValueError(
+            f"{option} {requested} cuts a reasoning answer before its final 'Answer:' line: leave it unset "
+            f"({REASONING_ANSWER_TOKENS}) or set it to at least {MIN_REASONING_TOKENS}"
+        )
+    return requested
 
 
 def _user_message(text: str) -> dict:

@@ -24,7 +24,7 @@ import torch
 
 from cascadevlm.lvlm.base import LVLMAnswer, LVLMBackend, LVLMRequest
 from cascadevlm.lvlm.parsing import UNPARSEABLE, parse_answer
-from cascadevlm.lvlm.prompts import Prompt, PromptConfig, build_prompt
+from cascadevlm.lvlm.prompts import SHORT_ANSWER_TOKENS, Prompt, PromptConfig, answer_tokens, build_prompt
 from cascadevlm.lvlm.scoring import forward_inputs, score_candidates
 
 # set while from_model builds a backend around a model in memory (its name is no path to check)
@@ -366,7 +366,8 @@ class TransformersBackend(LVLMBackend):
             dict), for models larger than one GPU; ``device`` is then ignored.
         batch_size: requests per forward. A batch that does not fit in device memory is halved (said
             once) and the run goes on with the smaller size; answers are those of the smaller batches.
-        max_new_tokens: generation length in ``generate`` mode.
+        max_new_tokens: generation length in ``generate`` mode; unset: 16, or 512 with
+            ``prompt.reasoning`` (an explanation, then ``Answer: X``; refused below 64).
         length_norm: in ``score`` mode, rank by mean instead of summed log-probability per token
             (fairer between names of different lengths).
         lora_path: a peft LoRA adapter directory to apply on top of ``model``.
@@ -387,7 +388,7 @@ class TransformersBackend(LVLMBackend):
         dtype: str = "auto",
         device: str = "auto",
         batch_size: int = 8,
-        max_new_tokens: int = 16,
+        max_new_tokens: int | None = None,
         length_norm: bool = False,
         lora_path: str | None = None,
         merge_lora: bool = True,
@@ -412,7 +413,9 @@ class TransformersBackend(LVLMBackend):
         self.dtype = dtype
         self.device = device
         self.batch_size = batch_size
-        self.max_new_tokens = max_new_tokens
+        self.max_new_tokens = answer_tokens(
+            self.prompt, mode, max_new_tokens, "lvlm.init_args.max_new_tokens", SHORT_ANSWER_TOKENS
+        )
         self.length_norm = length_norm
         self.lora_path = lora_path
         self.merge_lora = merge_lora
