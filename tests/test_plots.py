@@ -84,3 +84,70 @@ def test_references_from_methods_and_saved_plots(tmp_path):
     )
     assert [p.name for p in paths] == ["accuracy_vs_deferral.png", "accuracy_vs_tau.png"]
     assert all(p.stat().st_size > 1000 for p in paths)
+
+
+# ------------------------------------------------------------------------------ figures across runs
+def _study_run(tmp_path, name, seed, acc, sweep_acc, shots=0, salt=0):
+    """A finished run: metrics.json (params + the config that tells runs apart) and its sweep.csv."""
+    import json
+
+    d = tmp_path / name
+    d.mkdir()
+    params = {"dataset": "fashion_mnist", "split": "test", "images": 40, "clip_model": "tiny-vit",
+              "lvlm_model": "/m/llava", "shots": shots, "seed": seed}  # fmt: skip
+    config = {"data": {"seed": seed, "shots": shots}, "lvlm": {"init_args": {"salt": salt}}}
+    methods = {"clip": {"acc1": sweep_acc[0], "deferral": 0.0}, "cascade": {"acc1": acc, "deferral": 0.3}}
+    (d / "metrics.json").write_text(json.dumps({"params": params, "config": config, "methods": methods}))
+    rows = ["tau,deferred,deferral,acc1,mean_per_class_recall"]
+    rows += [f"{t},{int(40 * f)},{f},{a},{a}" for t, f, a in zip((9.0, 1.0, 0.0), (0.0, 0.5, 1.0), sweep_acc, strict=True)]
+    (d / "sweep.csv").write_text("\n".join(rows) + "\n")
+    return d
+
+
+def test_figures_data_read_back_equal_the_table(tmp_path):
+    import json
+
+    from cascadevlm.report.tables import write_results_tables
+
+    dirs = [
+        _study_run(tmp_path, "a1", 1, 0.60, (0.5, 0.7, 0.6)),
+        _study_run(tmp_path, "a2", 2, 0.64, (0.5, 0.8, 0.7)),
+        _study_run(tmp_path, "b1", 1, 0.70, (0.5, 0.9, 0.8), salt=1),  # another LVLM setting: its own line
+        _study_run(tmp_path, "k4", 1, 0.75, (0.6, 0.9, 0.8), shots=4),
+    ]
+    paths = write_results_tables(dirs, tmp_path / "tables")
+    table = json.loads(paths["json"].read_text())
+    cascade = {tuple(r["runs"]): r for r in table if r["method"] == "cascade"}
+    sent = json.loads(paths["sent_plot"].with_suffix(".json").read_text())
+    assert paths["sent_plot"].with_suffix(".pdf").stat().st_size > 1000  # vector beside the PNG
+    assert "fashion_mnist" in sent["title"] and "CLIP tiny-vit" in sent["title"] and "LVLM llava" in sent["title"]
+    assert len(sent["series"]) == 3
+    for s in sent["series"]:
+        row = cascade[tuple(s["runs"])]
+        assert s["operating_point"] == {"deferral": row["deferral_mean"], "acc1": row["acc1_mean"]}
+        assert (s["std"] is None) == (row["seeds"] == 1)
+    two = next(s for s in sent["series"] if len(s["runs"]) == 2)
+    assert two["mean"][50] == pytest.approx(75.0) and two["std"][50] == pytest.approx(7.0710678)  # 70, 80 at 50%
+    assert two["mean"][0] == pytest.approx(50.0) and two["std"][0] == pytest.approx(0.0)
+    # the k figure: one point per (method, k) row of the table, mean and std as in the table
+    k_fig = json.loads(paths["plot"].with_suffix(".json").read_text())
+    drawn = sorted((k, m, -1 if s is None else s) for pts in k_fig["series"].values() for k, m, s in pts)
+    rows = sorted((int(r["setting"].split("-")[0]), r["acc1_mean"], -1 if r["acc1_std"] is None else r["acc1_std"])
+                  for r in table)  # fmt: skip
+    assert drawn == rows and len(k_fig["series"]) == 4  # clip and cascade, for each LVLM setting
+
+
+def test_overlay_figure_draws_what_it_was_given():
+    from cascadevlm.report.plots import accuracy_vs_sent_figure
+
+    series = [
+        {"label": "a", "grid": [0, 50, 100], "mean": [50, 75, 65], "std": [0, 7, 7], "operating_point": {"deferral": 30, "acc1": 62}},
+        {"label": "b", "grid": [0, 50, 100], "mean": [50, 90, 80], "std": None, "operating_point": None},
+    ]  # fmt: skip
+    fig = accuracy_vs_sent_figure(series, "t")
+    ax = fig.axes[0]
+    lines = {ln.get_label(): ln for ln in ax.get_lines()}
+    assert list(lines["a"].get_ydata()) == [50, 75, 65] and list(lines["b"].get_ydata()) == [50, 90, 80]
+    assert len(ax.collections) == 2  # a's band and a's operating point; b has neither
+    assert ax.get_xlabel() == "images sent to the LVLM (%)" and ax.get_ylabel() == "top-1 accuracy (%)"
+    plt.close(fig)
