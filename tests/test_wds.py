@@ -237,3 +237,30 @@ def test_a_mirror_with_test_shards_only_gives_a_loadable_test_split(images, tmp_
     dd = datasets.load_from_disk(str(tmp_path / "out"))  # empty train/val used to be written, unloadable
     assert list(dd) == ["test"] and len(dd["test"]) == N_TEST * len(CLASSES)
     assert card["splits"]["test"]["images"] == N_TEST * len(CLASSES)
+
+
+def test_clip_benchmark_templates_with_c_are_accepted_everywhere(images, tmp_path, tiny_clip_bundle):
+    """CLIP_benchmark writes "a photo of a {c}." (it formats with c=name): prepare --wds, the data module and
+    the zero-shot head take it as "{}"; a template with no place for the name stops before any stage."""
+    import torch
+
+    from cascadevlm.clip.zero_shot import build_zero_shot_head
+
+    mirror = write_mirror(tmp_path / "m", {"test": images["test"]})
+    (mirror / "zeroshot_classification_templates.txt").write_text("a photo of a {c}.\nitap of a {c}.\n")
+    card = prepare_wds(None, mirror, tmp_path / "out", **QUIET)
+    assert card["templates"] == TEMPLATES
+    assert CascadeDataModule(str(tmp_path / "out")).templates == TEMPLATES
+    given = CascadeDataModule(str(tmp_path / "out"), templates=["a photo of a {c}.", "a {} photo."])
+    assert given.templates == ["a photo of a {}.", "a {} photo."]
+
+    b, names = tiny_clip_bundle, list(CLASSES)
+    ours = build_zero_shot_head(b.model, b.tokenizer, names, ["a photo of a {c}.", "itap of a {c}."])
+    torch.testing.assert_close(ours, build_zero_shot_head(b.model, b.tokenizer, names, TEMPLATES))
+
+    with pytest.raises(ValueError) as err:
+        CascadeDataModule(str(tmp_path / "out"), templates=["a photo of a {c}.", "a photo of a {name}."])
+    assert str(err.value) == (
+        "prompt templates must contain '{}' or '{c}' where the class name goes, once; --data.templates has "
+        "['a photo of a {name}.']"
+    )

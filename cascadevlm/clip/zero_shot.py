@@ -7,17 +7,14 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from cascadevlm.data.registry import validate_class_names
+from cascadevlm.data.registry import normalise_templates, validate_class_names
 
 
 def validate_templates(templates: Sequence[str]) -> list[str]:
     templates = [str(t) for t in templates]
     if not templates:
         raise ValueError("the prompt template list is empty; give at least one, e.g. 'a photo of a {}.'")
-    bad = [t for t in templates if "{}" not in t]
-    if bad:
-        raise ValueError(f"prompt templates must contain '{{}}' where the class name goes: {bad}")
-    return templates
+    return normalise_templates(templates, "--data.templates")  # CLIP_benchmark's "{c}" becomes "{}"
 
 
 @torch.no_grad()

@@ -29,6 +29,7 @@ from cascadevlm.data.registry import (
     BenchmarkSpec,
     get_benchmark,
     match_class_names,
+    normalise_templates,
     validate_class_names,
 )
 from cascadevlm.data.wds import Mirror, check_class_names, read_mirror
@@ -160,11 +161,13 @@ class CascadeDataModule(L.LightningDataModule):
         self.source_class_names = validate_class_names(names, f"dataset {self.name!r}")
         self.class_names = readable_class_names(names, f"dataset {self.name!r}") if folders else list(names)
         mirror_templates = list(self.mirror.templates) if self.mirror and self.spec is None else None
-        self.templates = list(
+        # checked here, before any stage runs; "{c}" (CLIP_benchmark's spelling) becomes "{}"
+        self.templates = normalise_templates(
             templates
             or mirror_templates
             or self._card_templates()
-            or (self.spec.templates if self.spec else GENERIC_TEMPLATES)
+            or (self.spec.templates if self.spec else GENERIC_TEMPLATES),
+            "--data.templates" if templates else f"the templates of dataset {self.name!r}",
         )
         if not streaming:  # a stream's labels are checked as its rows are read
             self._check_labels()

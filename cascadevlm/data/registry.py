@@ -122,6 +122,9 @@ def validate_class_names(class_names: list[str] | tuple[str, ...], where: str = 
     names = [str(n) for n in class_names]
     if not names:
         raise ValueError(f"{where} has an empty class list; at least one class name is needed")
+    empty = [i for i, n in enumerate(names) if not n.strip()]
+    if empty:  # a blank name gives a prompt without its class ("a photo of a .")
+        raise ValueError(f"{where} has empty class names (class ids {empty[:10]}); give every class a name")
     seen: dict[str, str] = {}
     dups = []
     for n in names:
@@ -132,3 +135,24 @@ def validate_class_names(class_names: list[str] | tuple[str, ...], where: str = 
     if dups:
         raise ValueError(f"{where} has duplicate class names: {sorted(set(dups))}")
     return names
+
+
+def _fills(template: str) -> bool:
+    """``template`` has one ``{}`` and formats with a class name (no other placeholder or stray brace)."""
+    try:
+        return "{}" in template and template.format("x") != template
+    except (IndexError, KeyError, ValueError):
+        return False
+
+
+def normalise_templates(templates: list[str] | tuple[str, ...], where: str) -> list[str]:
+    """Prompt templates with ``{}`` for the class name: CLIP_benchmark's ``{c}`` spelling ("a photo of a
+    {c}.") becomes ``{}``. A template that cannot take the class name is refused, naming ``where`` (the
+    flag or file it came from), so no stage runs with it."""
+    out = [str(t).replace("{c}", "{}") for t in templates]
+    bad = [str(t) for t, n in zip(templates, out, strict=True) if not _fills(n)]
+    if bad:
+        raise ValueError(
+            f"prompt templates must contain '{{}}' or '{{c}}' where the class name goes, once; {where} has {bad}"
+        )
+    return out

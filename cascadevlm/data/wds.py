@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cascadevlm.data.raw_formats import PrepareError
-from cascadevlm.data.registry import validate_class_names
+from cascadevlm.data.registry import normalise_templates, validate_class_names
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff")
 # Split names as mirrors spell them -> ours.
@@ -161,7 +161,8 @@ def read_mirror(root: Path) -> Mirror:
     class_names = _read_lines(names_file)
     validate_class_names(class_names, f"class-names file {names_file}")  # empty or duplicated: refused
     templates_file = root / "zeroshot_classification_templates.txt"
-    templates = _read_lines(templates_file) if templates_file.is_file() else ()
+    lines = _read_lines(templates_file) if templates_file.is_file() else ()
+    templates = tuple(normalise_templates(lines, str(templates_file))) if lines else ()  # "{c}" -> "{}"
     files = _shard_files(root)
     if "test" not in files:
         raise PrepareError(f"{root}: no test shards (expected test/*.tar or test-*.tar)")
