@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -18,8 +20,16 @@ from cascadevlm.cascade.evaluate import CascadeOptions, evaluate, join_negative_
 from cascadevlm.clip.module import ClipClassifier
 from cascadevlm.data.datamodule import CascadeDataModule
 from cascadevlm.errors import one_line_errors, parser_kwargs
-from cascadevlm.logs import add_console_arguments, setup_logging, verbosity, verbosity_from_args, verbosity_of
+from cascadevlm.logs import (
+    add_console_arguments,
+    expected_states_quiet,
+    setup_logging,
+    verbosity,
+    verbosity_from_args,
+    verbosity_of,
+)
 from cascadevlm.lvlm.base import LVLMBackend
+from cascadevlm.report.summary import closing_block
 
 # Modules defining the classes a command line may name (``--model PromptTuningModule``,
 # ``--lvlm TransformersBackend``): jsonargparse resolves a short class name, and ``--help`` lists a
@@ -34,6 +44,56 @@ def register_classes(modules: tuple[str, ...]) -> None:
         importlib.import_module(name)
 
 
+# Lightning's option groups: listed after the project's, and by --help_all only (--help names them).
+LIGHTNING_GROUPS = ("trainer", "optimizer", "lr_scheduler")
+
+
+def _lightning_groups(parser) -> list:
+    groups = getattr(parser, "groups", None) or {}
+    return [groups[k] for k in LIGHTNING_GROUPS if k in groups]
+
+
+class _ShortHelp(argparse._HelpAction):
+    """``--help``: the project's options; Lightning's Trainer options are only named (``--help_all``)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        every = parser._action_groups
+        hidden = _lightning_groups(parser)
+        options = sum(len([a for a in g._group_actions if not a.dest.endswith(".help")]) for g in hidden)
+        parser._action_groups = [g for g in every if g not in hidden]
+        try:
+            text = parser.format_help()
+        finally:
+            parser._action_groups = every
+        if hidden:
+            text += f"\nLightning's Trainer options (--trainer.*, {options} more): --help_all\n"
+        parser._print_message(text, sys.stdout)
+        parser.exit()
+
+
+class ProjectHelp(LightningCLI):
+    """LightningCLI whose ``--help`` lists the project's options (Lightning's under ``--help_all``, after
+    the project's), with a one-line usage instead of every flag."""
+
+    def _add_arguments(self, parser) -> None:
+        super()._add_arguments(parser)
+        lightning = _lightning_groups(parser)
+        for group in lightning:
+            if group is parser.groups.get("trainer"):
+                group.title, group.description = "Lightning's Trainer (--trainer.*)", None
+        parser._action_groups = [g for g in parser._action_groups if g not in lightning] + lightning
+        parser.usage = "%(prog)s [--config FILE] [--<option> VALUE ...] [--help | --help_all]"
+        for action in parser._actions:
+            if type(action) is argparse._HelpAction:
+                action.__class__ = _ShortHelp
+                action.help = "the project's options, then exit"
+        parser.add_argument(
+            "--help_all",
+            action=argparse._HelpAction,
+            help="every option, Lightning's Trainer's too, then exit",
+        )
+
+
 DEFAULT_RUNS_DIR = "runs/train"
 # What a training run writes into its directory; cleared when the same run is started again.
 RUN_OUTPUTS = (
@@ -46,7 +106,7 @@ RUN_OUTPUTS = (
 )
 
 
-class TrainCLI(LightningCLI):
+class TrainCLI(ProjectHelp):
     """LightningCLI whose default logger is TensorBoard in a run directory named after the run.
 
     When the data module has ``run_name(method) -> (experiment, version)`` and the model a ``method``
@@ -65,9 +125,26 @@ class TrainCLI(LightningCLI):
                 )
                 if self.subcommand == "fit":  # validate/test/predict read a run, never replace it
                     clear_run_dir(Path(root) / name[0] / name[1])
-        return super().instantiate_trainer(**kwargs)
+        return super().instantiate_trainer(**progress.add_stage_progress_bar(config, kwargs))
 
     def after_fit(self) -> None:
+        """Test the exported adapter (:meth:`test_exported`), then end with the run's closing block."""
+        self.test_exported()
+        self.print_closing_block()
+
+    def print_closing_block(self) -> None:
+        """Where the run went and its headline numbers (as ``evaluate.py`` ends), on rank 0, on stdout."""
+        callback = self.trainer.checkpoint_callback
+        run_dir = getattr(callback, "run_dir", None)
+        if not self.trainer.is_global_zero or not callable(run_dir):
+            return
+        run_dir = Path(run_dir(self.trainer))
+        metrics_path = run_dir / "metrics.json"
+        metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+        files = [n + ("/" if (run_dir / n).is_dir() else "") for n in RUN_OUTPUTS if (run_dir / n).exists()]
+        print(closing_block(run_dir, files, fit_numbers(run_dir, metrics)))
+
+    def test_exported(self) -> None:
         """Test the checkpoint the adapter was exported from on the data module's test split, through the
         module's ``test_step`` (its torchmetrics), when both exist; the numbers go to ``metrics.json``."""
         trainer, dm = self.trainer, self.datamodule
@@ -96,6 +173,30 @@ class TrainCLI(LightningCLI):
         return namer(method) if method and callable(namer) else None
 
 
+def fit_numbers(run_dir: Path, metrics: dict) -> list[tuple[str, str]]:
+    """The headline of a fit from its ``metrics.json``: the adapter file, the epoch exported with its
+    validation accuracy, the test accuracy; each beside zero-shot CLIP's."""
+
+    def pct(key: str) -> str:
+        return f"{100 * metrics[key]:.2f}%"
+
+    def beside_zero_shot(key: str, zero_shot: str) -> str:
+        return pct(key) + (f" (zero-shot {pct(zero_shot)})" if zero_shot in metrics else "")
+
+    numbers = []
+    if (run_dir / "adapter.safetensors").is_file():
+        numbers.append(("adapter", str(run_dir / "adapter.safetensors")))
+    if "epoch" in metrics:
+        which = "last epoch" if metrics.get("selection") == "last" else "best epoch"
+        numbers.append((which, str(metrics["epoch"])))
+    if "val_acc" in metrics:
+        numbers.append(("val acc", beside_zero_shot("val_acc", "zero_shot_val_acc")))
+    if "test_acc" in metrics:
+        size = f" on {metrics['test_size']} images" if "test_size" in metrics else ""
+        numbers.append(("test acc", beside_zero_shot("test_acc", "zero_shot_test_acc") + size))
+    return numbers
+
+
 @rank_zero_only
 def clear_run_dir(run_dir: Path) -> None:
     """Re-running the same (dataset, method, k, seed) replaces its outputs, so curves never mix runs."""
@@ -117,15 +218,18 @@ def train_main(args: list[str] | None = None) -> TrainCLI:
     register_classes(TRAIN_CLASSES)
     setup_logging(verbosity_from_args(sys.argv[1:] if args is None else args))
     subcommands = ("fit", "validate", "test", "predict")
-    return TrainCLI(
-        L.LightningModule,
-        L.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={**parser_kwargs(), **{c: parser_kwargs() for c in subcommands}},
-        args=args,
-    )
+    with expected_states_quiet(verbosity_from_args(sys.argv[1:] if args is None else args)):
+        return TrainCLI(
+            L.LightningModule,
+            L.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={**parser_kwargs(), **{c: parser_kwargs() for c in subcommands}},
+            args=args,
+            # Lightning's table of submodules is a detail (--verbose, or trainer.enable_model_summary: true)
+            trainer_defaults={"enable_model_summary": verbosity() == "verbose"},
+        )
 
 
 EVAL_TRAINER_DEFAULTS = {
@@ -137,7 +241,7 @@ EVAL_TRAINER_DEFAULTS = {
 }
 
 
-class EvaluateCLI(LightningCLI):
+class EvaluateCLI(ProjectHelp):
     """``evaluate.py``'s command line: the CLIP module, the data module, the trainer, ``cascade.*`` options
     and, when given, the ``lvlm`` backend; :func:`cascadevlm.cascade.evaluate.evaluate` runs it."""
 
@@ -163,6 +267,12 @@ class EvaluateCLI(LightningCLI):
         return super().instantiate_trainer(**progress.add_stage_progress_bar(config, kwargs))
 
 
+EVALUATE_DESCRIPTION = (
+    "Evaluate the CLIP -> entropy gate -> LVLM cascade: python evaluate.py --config configs/demo.yaml "
+    "[--cascade.budget 0.2 ...] (later files and flags override earlier ones)"
+)
+
+
 def run_evaluate(args: list[str] | None = None) -> dict | None:
     """Parse ``evaluate.py``'s command line and run the cascade (errors raised as they are)."""
     register_classes(LVLM_CLASSES)
@@ -172,17 +282,19 @@ def run_evaluate(args: list[str] | None = None) -> dict | None:
         sys.argv[1:] = join_negative_values(sys.argv[1:])
     else:
         args = join_negative_values(list(args))
-    cli = EvaluateCLI(
-        ClipClassifier,
-        CascadeDataModule,
-        run=False,
-        args=args,
-        trainer_defaults=EVAL_TRAINER_DEFAULTS,
-        save_config_callback=None,
-        seed_everything_default=0,
-        parser_kwargs={"exit_on_error": False},  # entry points print parse errors as one line
-    )
-    return evaluate(cli)
+    with expected_states_quiet(verbosity_from_args(sys.argv[1:] if args is None else args)):
+        cli = EvaluateCLI(
+            ClipClassifier,
+            CascadeDataModule,
+            run=False,
+            args=args,
+            trainer_defaults=EVAL_TRAINER_DEFAULTS,
+            save_config_callback=None,
+            seed_everything_default=0,
+            # entry points print parse errors as one line
+            parser_kwargs={"exit_on_error": False, "description": EVALUATE_DESCRIPTION},
+        )
+        return evaluate(cli)
 
 
 @one_line_errors
@@ -202,12 +314,8 @@ def main(argv: list[str] | None = None):
         print(f"usage: python -m cascadevlm.cli {{{','.join(COMMANDS)}}} [options]", file=sys.stderr)
         raise SystemExit(2)
     # sys.argv stays as it is: Lightning's DDP launcher starts the other ranks with the same command line.
-    # LightningCLI then warns that it got both args and a command line; here that is intended.
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-        return COMMANDS[argv[0]](argv[1:])
+    # LightningCLI then warns that it got both args and a command line; the entries keep that quiet.
+    return COMMANDS[argv[0]](argv[1:])
 
 
 if __name__ == "__main__":

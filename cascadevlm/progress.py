@@ -1,23 +1,23 @@
 """Progress bars named by the cascade's stages, with images/s (and the LVLM stage's answer counts).
 
-Lightning's own bar calls every ``trainer.predict`` "Predicting" and counts batches. The evaluation's
-trainer gets a :class:`StageProgressBar` instead (Rich, on stderr, so stdout keeps only the result
-tables); :func:`stage` names the bar for one ``trainer.predict`` call and logs a one-line summary of the
+Lightning's own bar calls every ``trainer.predict`` "Predicting" and counts batches. The trainers of
+``evaluate.py`` and ``train.py`` get a :class:`StageProgressBar` instead (Rich, on stderr, so stdout keeps
+only the results; one line per bar within the terminal's width); :func:`stage` names the bar for one ``trainer.predict`` call and logs a one-line summary of the
 stage when it ends, also when no bar is shown (``--quiet``, ``enable_progress_bar: false``, a log file).
 """
 
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import Callback, ProgressBar, RichProgressBar
-from lightning.pytorch.callbacks.progress.rich_progress import CustomBarColumn
+from lightning.pytorch.callbacks.progress.rich_progress import CustomBarColumn, MetricsTextColumn
 from rich.progress import ProgressColumn
 from rich.text import Text
 
@@ -69,31 +69,62 @@ class LVLMCounts:
         return f"cached {self.cached} · asked {self.asked} · failed {self.failed}"
 
 
-class _ImagesPerSecond(ProgressColumn):
-    """``200 images · 13.6 images/s`` (and the LVLM counts); batches/s for Lightning's own bars."""
+def _cropped(text: Text) -> Text:
+    """One line, cut with an ellipsis where the terminal is narrower (Rich would wrap it: a ladder)."""
+    text.no_wrap, text.overflow = True, "ellipsis"
+    return text
+
+
+class _Info(ProgressColumn):
+    """``200 img · 13.6/s`` (and the LVLM counts) on a stage's bar; ``5/20 · 3.10it/s`` (batches) on
+    Lightning's own bars.
+
+    The one wrappable column of the bar: when a line does not fit, Rich narrows this one and the text is
+    cut, so the name, the bar and the times stay whole."""
 
     def render(self, task) -> Text:
         images = task.fields.get("images")
         if images is None:  # a bar of Lightning's own loops (training epochs)
-            speed = f"{task.speed:.2f}it/s" if task.speed is not None else "0.00it/s"
-            return Text(speed, style="grey70")
+            total = int(task.total) if task.total is not None and task.total != float("inf") else "--"
+            return _cropped(
+                Text(f"{int(task.completed)}/{total} · {task.speed or 0.0:.2f}it/s", style="grey70")
+            )
         elapsed = task.finished_time if task.finished else task.elapsed
         rate = images / elapsed if elapsed else 0.0
         note = task.fields.get("note")
-        return Text(
-            f"{images} images · {rate:.{0 if rate >= 100 else 1}f} images/s" + (f" · {note}" if note else ""),
-            style="grey70",
-        )
+        text = f"{images} img · {rate:.{0 if rate >= 100 else 1}f}/s" + (f" · {note}" if note else "")
+        return _cropped(Text(text, style="grey70"))
+
+
+class _Time(ProgressColumn):
+    """Elapsed, and while running the time left: ``0:01:05<0:02:10`` (``0:03:15`` once done)."""
+
+    max_refresh = 0.5  # as Lightning's time column: no jitter
+
+    def render(self, task) -> Text:
+        elapsed = task.finished_time if task.finished else task.elapsed
+        shown = "-:--:--" if elapsed is None else str(timedelta(seconds=int(elapsed)))
+        if not task.finished and task.time_remaining is not None:
+            shown += f"<{timedelta(seconds=int(task.time_remaining))}"
+        return Text(shown, style="grey70")
+
+
+class _CroppedMetrics(MetricsTextColumn):
+    """Lightning's metrics column (``val/acc: 0.661``), cut rather than wrapped when too long."""
+
+    def render(self, task) -> Text:
+        return _cropped(super().render(task))
 
 
 class StageProgressBar(RichProgressBar):
-    """A Rich bar on stderr whose prediction bar carries the stage's name and images/s."""
+    """The project's Rich bar on stderr, one line per bar within the terminal's width (``COLUMNS``, the
+    terminal, or Rich's 80 for a file): a prediction bar carries the stage's name and images/s; the
+    training bars the epoch, batches and metrics."""
+
+    BAR_WIDTH = 8  # narrow, so a stage's name, times and counts fit 80 columns
 
     def __init__(self, **kwargs: Any) -> None:
-        console = {"stderr": True}
-        if not sys.stderr.isatty():  # a log file or a pipe: Rich's 80 columns would wrap the counts
-            console["width"] = 140
-        kwargs.setdefault("console_kwargs", console)
+        kwargs.setdefault("console_kwargs", {"stderr": True})
         super().__init__(**kwargs)
         self.stage_name: str | None = None
         self.counts: LVLMCounts | None = None
@@ -104,14 +135,25 @@ class StageProgressBar(RichProgressBar):
         return self.stage_name or super().predict_description
 
     def configure_columns(self, trainer) -> list:
-        desc, _bar, batches, elapsed, _speed = super().configure_columns(trainer)
-        bar = CustomBarColumn(  # narrow, so the counts fit an 80-column log on one line
-            bar_width=16,
+        desc = super().configure_columns(trainer)[0]
+        bar = CustomBarColumn(
+            bar_width=self.BAR_WIDTH,
             complete_style=self.theme.progress_bar,
             finished_style=self.theme.progress_bar_finished,
             pulse_style=self.theme.progress_bar_pulse,
         )
-        return [desc, bar, batches, elapsed, _ImagesPerSecond()]
+        return [desc, bar, _Time(), _Info()]
+
+    def _init_progress(self, trainer) -> None:
+        super()._init_progress(trainer)
+        if isinstance(self._metric_component, MetricsTextColumn):
+            self._metric_component.__class__ = _CroppedMetrics
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        """The logged metrics without ``v_num`` (the run's version, already in its directory's name)."""
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics
 
     def on_predict_start(self, trainer, pl_module) -> None:
         self._images = 0

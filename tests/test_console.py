@@ -1,4 +1,5 @@
-"""The console of `evaluate.py` on the demo (stage-named bars, no third-party noise, --quiet), the run's
+"""The console of `evaluate.py` on the demo and of `train.py fit` at 80 columns (stage-named bars on one
+line each, no third-party noise or warnings, the closing block; --quiet), the run's
 TensorBoard (one set of curves after a rerun, sweep steps = permille sent to the LVLM, hparams),
 metrics.json's class names and templates, and the logging set-up (levels, rank 0 only, --verbose)."""
 
@@ -6,6 +7,7 @@ import csv
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,20 +33,56 @@ NOISE = [
     "Predicting",  # Lightning's unnamed prediction bar
     "GPU available",
     "Seed set to",
+    "Warning",  # a raw warnings.warn line ("UserWarning", "PossibleUserWarning")
+    "warning:",  # a logged warning
+    "configure_optimizers",  # Lightning on Tip-Adapter's fit, which has no optimiser on purpose
+    "in eval mode at the start",  # Lightning on a frozen CLIP under a trained adapter
+    "args parameter is intended",  # LightningCLI on an entry given args=
 ]
+COLUMNS = 80
+BAR = "━"
 STAGES = ["CLIP stage: test", "CLIP stage: val (for the budget)", "LVLM stage"]
+
+
+def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+    """``python <script> <args>`` in a fresh process, as in an 80-column terminal (``COLUMNS``)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS", "COLUMNS")}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               COLUMNS=str(COLUMNS))  # fmt: skip
+    cmd = [sys.executable, str(REPO / script), *args]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
 
 
 def _evaluate(data_root: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     """The demo's config (trained miniature CLIP and LLaVA) on 24 test images, in a fresh process."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS", "COLUMNS")}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    cmd = [sys.executable, str(REPO / "evaluate.py"), "--config", "configs/demo.yaml",
-           "--data.data_root", str(data_root), "--data.limit", "24", "--cascade.lvlm_batch_size", "8",
-           "--output_dir", str(out / "runs"), "--cache_dir", str(out / "cache"), "--run_name", "r", *extra]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+    return _run("evaluate.py", "--config", "configs/demo.yaml",
+                "--data.data_root", str(data_root), "--data.limit", "24", "--cascade.lvlm_batch_size", "8",
+                "--output_dir", str(out / "runs"), "--cache_dir", str(out / "cache"), "--run_name", "r", *extra)  # fmt: skip
+
+
+def _assert_clean_console(p: subprocess.CompletedProcess) -> None:
+    """No third-party noise or warning, and every bar on one line that fits the terminal (a bar wider
+    than the terminal wraps, and each refresh then leaves a ladder of partial lines)."""
+    console = p.stdout + p.stderr
+    found = [n for n in NOISE if n in console]
+    assert not found, f"noise on the console: {found}\n{console}"
+    for line in console.splitlines():
+        if BAR in line:
+            assert len(line.rstrip()) <= COLUMNS, f"a bar wider than {COLUMNS} columns:\n{line}"
+        # a wrapped bar's continuation (Lightning's metrics on a second line) starts with blanks
+        assert not (line.startswith(" ") and line.strip()), f"a wrapped line:\n{console}"
+
+
+def _closing_block(stdout: str, labels: list[str]) -> dict[str, str]:
+    """The block stdout ends with: ``run``, ``wrote``, then ``labels``, one "label  value" line each."""
+    lines = stdout.rstrip("\n").splitlines()[-(2 + len(labels)) :]
+    block = {}
+    for line, label in zip(lines, ["run", "wrote", *labels], strict=True):
+        assert line.startswith(label + "  "), f"{label!r} expected:\n{stdout}"
+        block[label] = line[len(label) :].strip()
+    return block
 
 
 def _scalars(log_dir: Path) -> dict[str, list]:
@@ -76,22 +114,67 @@ def demo_runs(data_root, tmp_path_factory):
 
 def test_demo_console_names_each_stage_and_has_no_third_party_noise(demo_runs):
     p = demo_runs["first"]
-    console = p.stdout + p.stderr
-    found = [n for n in NOISE if n in console]
-    assert not found, f"noise on the console: {found}\n{p.stderr}"
+    _assert_clean_console(p)
     for name in STAGES:
         assert name in p.stderr, f"no {name!r} bar:\n{p.stderr}"
-    assert "images/s" in p.stderr
     lvlm_bar = next(line for line in p.stderr.splitlines() if line.startswith("LVLM stage ━"))
-    assert "24 images" in lvlm_bar and "cached 0 · asked 24 · failed 0" in lvlm_bar
-    # stdout holds the results table only; status and bars are on stderr
-    assert p.stdout.startswith("# r\n") and "CLIP stage" not in p.stdout
+    assert "24 img · " in lvlm_bar and "/s · cached 0 · asked 24 · failed 0" in lvlm_bar
+    # stdout holds the results: the headline table first, the details, the closing block
+    assert (
+        p.stdout.startswith("# r\n\n| method | top-1 acc | sent to LVLM |\n") and "CLIP stage" not in p.stdout
+    )
+    block = _closing_block(p.stdout, ["CLIP", "cascade", "LVLM on all"])
+    run_dir = demo_runs["run_dir"]
+    assert block["run"] == f"{run_dir}/"
+    assert block["wrote"] == "records.parquet, metrics.json, summary.md, sweep.csv, plots/, tensorboard/"
+    methods = json.loads((run_dir / "metrics.json").read_text())["methods"]
+    cascade = methods["cascade"]
+    assert (
+        block["cascade"]
+        == f"{100 * cascade['acc1']:.2f}% ({100 * cascade['deferral']:.1f}% sent to the LVLM)"
+    )
+    assert block["CLIP"] == f"{100 * methods['clip']['acc1']:.2f}%"
+
+
+def test_train_fit_console_ends_with_the_adapter_and_its_numbers(data_root, tmp_path):
+    """Tip-Adapter's fit (no optimiser on purpose: Lightning warned) on 1 shot, 30 val and 40 test images."""
+    p = _run("train.py", "fit", "--config", "configs/method/tip_adapter.yaml",
+             "--config", "configs/experiments/demo_linear_probe.yaml", "--data.shots", "1",
+             "--data.val_limit", "30", "--data.test_limit", "40", "--data.data_root", str(data_root),
+             "--data.cache_dir", str(tmp_path / "features"), "--data.splits_dir", str(tmp_path / "splits"),
+             "--trainer.default_root_dir", str(tmp_path / "runs"))  # fmt: skip
+    _assert_clean_console(p)
+    assert BAR in p.stderr and BAR not in p.stdout  # bars on stderr; stdout is the result
+    block = _closing_block(p.stdout, ["adapter", "best epoch", "val acc", "test acc"])
+    run_dir = Path(block["run"].rstrip("/"))
+    assert run_dir.parent.parent == tmp_path / "runs" and block["adapter"] == str(
+        run_dir / "adapter.safetensors"
+    )
+    assert (run_dir / "adapter.safetensors").is_file()
+    assert (
+        block["wrote"]
+        == "checkpoints/, adapter.safetensors, adapter.yaml, metrics.json, config.yaml, hparams.yaml"
+    )
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert block["best epoch"] == str(m["epoch"])
+    assert block["test acc"] == (
+        f"{100 * m['test_acc']:.2f}% (zero-shot {100 * m['zero_shot_test_acc']:.2f}%) on 40 images"
+    )
 
 
 def test_quiet_rerun_prints_no_status_and_keeps_the_table(demo_runs):
     p = demo_runs["second"]
     assert p.stderr.strip() == "", p.stderr
     assert p.stdout.startswith("# r\n") and "| top-1 acc |" in p.stdout
+    assert p.stdout.rstrip().splitlines()[-3].startswith("CLIP  ")  # the closing block stays
+
+
+def test_demo_page_states_the_pretraining_cpu_time_of_the_manifest():
+    """docs/demo.md said "about 20 minutes of CPU" on the pretraining command, 5.3 in its table."""
+    manifest = json.loads((REPO / "cascadevlm" / "zoo" / "checkpoints" / "manifest.json").read_text())
+    minutes = f"{manifest['total_cpu_seconds'] / 60:.1f}"
+    stated = re.findall(r"([\d.]+) min(?:utes)? of CPU", (REPO / "docs" / "demo.md").read_text())
+    assert stated and set(stated) == {minutes}, stated
 
 
 def test_rerun_leaves_one_curve_per_tag_stepped_by_permille_sent_to_the_lvlm(demo_runs):

@@ -42,7 +42,13 @@ from cascadevlm.records import PredictionRecord, atomic_write_text, read_records
 from cascadevlm.report.analysis import deferred_analysis, sweep
 from cascadevlm.report.metrics import accuracy, classification_metrics
 from cascadevlm.report.plots import save_sweep_plots, sweep_references
-from cascadevlm.report.summary import run_name, short_weights, summary_markdown, write_run_outputs
+from cascadevlm.report.summary import (
+    evaluate_closing_block,
+    run_name,
+    short_weights,
+    summary_markdown,
+    write_run_outputs,
+)
 
 log = get_logger(__name__)
 
@@ -670,17 +676,18 @@ def report(run: Run, clip_records: list[PredictionRecord], answers: dict, gate: 
 
         md = summary_markdown(run_dir.name, payload, notes, sweep_rows)
         write_tensorboard(run_dir / "tensorboard", sweep_rows, metrics, md, run_dir.name, params, op, refs)
-    log.info(f"wrote {run_dir}/: records.parquet, metrics.json, summary.md"
-             + (", sweep.csv, plots/, tensorboard/" if sweep_rows else ""))  # fmt: skip
+    files = ["records.parquet", "metrics.json", "summary.md"]
+    files += ["sweep.csv", "plots/", "tensorboard/"] if sweep_rows else []
     if opts.lvlm_on_val and backend is not None and val_path.exists():
         from cascadevlm.report.gates import write_gates_report
 
         try:
             write_gates_report(run_dir, topk=opts.topk)
-            log.info(f"wrote {run_dir}/gates/: gates.json, gates.md, plots/")
+            files.append("gates/")
         except (ValueError, RuntimeError) as err:  # the run's outputs are written; the report is extra
             log.warning(f"no gates report: {err}")
     print(paths["summary"].read_text())
+    print(evaluate_closing_block(run_dir, files, methods))  # the last lines, as train.py fit ends
     return json.loads(paths["metrics"].read_text())
 
 

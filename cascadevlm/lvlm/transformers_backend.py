@@ -18,11 +18,13 @@ import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
 
 from cascadevlm.lvlm.base import LVLMAnswer, LVLMBackend, LVLMRequest
+from cascadevlm.lvlm.folders import check_lora_folder, check_model_folder
 from cascadevlm.lvlm.parsing import UNPARSEABLE, parse_answer
 from cascadevlm.lvlm.prompts import SHORT_ANSWER_TOKENS, Prompt, PromptConfig, answer_tokens, build_prompt
 from cascadevlm.lvlm.scoring import forward_inputs, score_candidates
@@ -407,6 +409,10 @@ class TransformersBackend(LVLMBackend):
                 raise ValueError(f"lvlm.init_args.{name} must be >= 1 or null, got {value}")
         if not _IN_MEMORY.get():  # from_model names a model already in memory, not a path
             check_model_path(model, "lvlm.init_args.model")  # refused here too, not after the CLIP stage
+            if Path(model).expanduser().is_dir():
+                check_model_folder(model, "lvlm.init_args.model")
+            if lora_path:
+                check_lora_folder(lora_path, model, "lvlm.init_args.lora_path")
         self.model_name = model
         self.mode = mode
         self.prompt = prompt or PromptConfig()

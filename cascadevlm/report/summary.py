@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
-from cascadevlm.records import PredictionRecord, atomic_path, atomic_write_text, write_records
+from cascadevlm.records import PredictionRecord, atomic_write_text, write_records
+from cascadevlm.report.formats import csv_text, display_number, markdown_table
 
 
 def run_name(*parts: object) -> str:
@@ -24,39 +25,120 @@ def short_weights(pretrained: str | None) -> str:
     return Path(pretrained).stem if ("/" in pretrained or "." in pretrained) else pretrained
 
 
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.4f}" if math.isfinite(v) else str(v)
-    return str(v)
+# Method keys of metrics.json as the headline table names them.
+METHOD_NAMES = {
+    "clip": "CLIP",
+    "clip_zero_shot": "CLIP zero-shot",
+    "cascade": "cascade",
+    "lvlm_all": "LVLM on all",
+}
+# Parameters that mean something only when an LVLM answers.
+LVLM_PARAMS = ("tau", "gate", "lvlm_on", "topk", "incontext_shots", "gate_score", "candidates", "alpha",
+               "fusion", "fusion_weight", "lvlm_on_val", "lvlm_calls_val", "lvlm_calls",
+               "lvlm_calls_this_attempt", "lvlm_api_errors")  # fmt: skip
+
+
+def shown_params(params: dict) -> dict:
+    """The parameters that apply to this run, for a person (``metrics.json`` keeps every one): no unset
+    ones (``adapter None``), no LVLM options without an LVLM, ``alpha`` only with conformal candidates,
+    ``fusion_weight`` only with a fusion, k-shot ``shots``/``seed`` only when something used them."""
+    p = {k: v for k, v in params.items() if v is not None}
+    drop = set()
+    if p.get("lvlm") is None:
+        drop.update(LVLM_PARAMS)
+    if p.get("candidates", "topk") == "topk":
+        drop.add("alpha")
+    if p.get("fusion", "none") == "none":
+        drop.add("fusion_weight")
+    if not p.get("lvlm_on_val"):
+        drop.update(("lvlm_on_val", "lvlm_calls_val"))
+    if p.get("lvlm_calls_this_attempt") == p.get("lvlm_calls"):  # not resumed: the same number twice
+        drop.add("lvlm_calls_this_attempt")
+    if not p.get("selection_on_eval"):  # said only when tau was chosen on the evaluated images
+        drop.add("selection_on_eval")
+    if not p.get("adapter") and not p.get("incontext_shots"):
+        drop.update(("shots", "seed"))
+    return {k: v for k, v in p.items() if k not in drop}
+
+
+def _pct(v: float, digits: int = 2) -> str:
+    return f"{100 * v:.{digits}f}%" if math.isfinite(v) else str(v)
+
+
+def headline_rows(methods: dict) -> list[tuple[str, str, str]]:
+    """(method, top-1 acc, sent to LVLM) for each method of ``metrics.json``; the cascade with its tau."""
+    rows = []
+    for key, m in methods.items():
+        if m is None:
+            continue
+        name = METHOD_NAMES.get(key, key)
+        if "tau" in m:
+            name += f" (tau {display_number(m['tau'])})"
+        rows.append((name, _pct(m["acc1"]), _pct(m.get("deferral", 0.0), 1)))
+    return rows
+
+
+def _deferred_rows(deferred: dict) -> list[tuple[str, str]]:
+    """The deferred-images table: how many of how many first, then what was measured on them."""
+    rows = []
+    if "deferred" in deferred:
+        count = f"{deferred['deferred']} of {deferred.get('images', '?')}"
+        if "deferral" in deferred:
+            count += f" ({_pct(deferred['deferral'], 1)})"
+        rows.append(("deferred images", count))
+    rows += [
+        (k, display_number(v)) for k, v in deferred.items() if k not in ("images", "deferred", "deferral")
+    ]
+    return rows
 
 
 def summary_markdown(
     title: str, payload: dict, notes: list[str], sweep_rows: list[dict] | None = None
 ) -> str:
+    """The run's report for a person: the headline table first (CLIP / cascade with % sent / LVLM on
+    all), the notes, then the details: metrics, deferred images, a sweep excerpt, the parameters."""
     lines = [f"# {title}", ""]
-    lines += [f"> {n}" for n in notes] + ([""] if notes else [])
-    lines += ["| parameter | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in payload["params"].items()]
     if payload.get("methods"):
-        lines += ["", "| method | top-1 acc | sent to LVLM |", "|---|---:|---:|"]
-        for name, m in payload["methods"].items():
-            if m is not None:
-                lines.append(f"| {name} | {100 * m['acc1']:.2f}% | {100 * m.get('deferral', 0.0):.1f}% |")
-    lines += ["", "| metric | value |", "|---|---|"] + [
-        f"| {k} | {_fmt(v)} |" for k, v in payload["metrics"].items()
-    ]
+        lines += markdown_table(
+            ["method", "top-1 acc", "sent to LVLM"], headline_rows(payload["methods"]), "lrr"
+        )
+        lines.append("")
+    lines += [f"> {n}" for n in notes] + ([""] if notes else [])
+    lines += markdown_table(
+        ["metric", "value"], [(k, display_number(v)) for k, v in payload["metrics"].items()]
+    )
     if payload.get("deferred"):
-        lines += ["", "| on deferred images | value |", "|---|---|"]
-        lines += [f"| {k} | {_fmt(v)} |" for k, v in payload["deferred"].items()]
+        lines += ["", *markdown_table(["on deferred images", "value"], _deferred_rows(payload["deferred"]))]
     if sweep_rows:
         step = max(1, len(sweep_rows) // 10)
         shown = sweep_rows[::step] + ([sweep_rows[-1]] if (len(sweep_rows) - 1) % step else [])
-        lines += ["", "| tau | sent to LVLM | top-1 acc |", "|---:|---:|---:|"]
-        lines += [f"| {r['tau']:.4g} | {100 * r['deferral']:.1f}% | {100 * r['acc1']:.2f}% |" for r in shown]
+        rows = [(display_number(r["tau"]), _pct(r["deferral"], 1), _pct(r["acc1"])) for r in shown]
+        lines += ["", *markdown_table(["tau", "sent to LVLM", "top-1 acc"], rows, "rrr")]
         lines += [
             "",
             "Full sweep: `sweep.csv`; plots: `plots/`; TensorBoard: `tensorboard --logdir <run dir>/tensorboard`.",
         ]
+    params = [(k, display_number(v)) for k, v in shown_params(payload["params"]).items()]
+    lines += ["", *markdown_table(["parameter", "value"], params)]
     return "\n".join(lines) + "\n"
+
+
+def closing_block(run_dir: str | Path, files: Sequence[str], numbers: Sequence[tuple[str, str]]) -> str:
+    """The last lines of an entry point, alike for ``evaluate.py`` and ``train.py fit``: where the run
+    was written, what is in it, and the headline numbers (label, value)."""
+    rows = [("run", f"{run_dir}/"), ("wrote", ", ".join(files)), *numbers]
+    width = max(len(label) for label, _ in rows)
+    return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
+
+
+def evaluate_closing_block(run_dir: str | Path, files: Sequence[str], methods: dict) -> str:
+    """:func:`closing_block` of ``evaluate.py``: each method's top-1 accuracy, the cascade's % sent."""
+    numbers = []
+    for key, m in methods.items():
+        if m is not None:
+            sent = f" ({_pct(m.get('deferral', 0.0), 1)} sent to the LVLM)" if key == "cascade" else ""
+            numbers.append((METHOD_NAMES.get(key, key), _pct(m["acc1"]) + sent))
+    return closing_block(run_dir, files, numbers)
 
 
 def write_run_outputs(
@@ -76,10 +158,7 @@ def write_run_outputs(
     atomic_write_text(paths["summary"], summary_markdown(run_dir.name, payload, notes, sweep_rows))
     if sweep_rows:
         paths["sweep"] = run_dir / "sweep.csv"
-        with atomic_path(paths["sweep"]) as tmp, tmp.open("w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(sweep_rows[0]))
-            w.writeheader()
-            w.writerows(sweep_rows)
+        atomic_write_text(paths["sweep"], csv_text(sweep_rows))
     # metrics.json last: its presence means the run finished (the settings sweep skips such runs)
     atomic_write_text(paths["metrics"], json.dumps({**payload, "notes": notes}, indent=2, default=str))
     return paths
