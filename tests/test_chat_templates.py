@@ -1,5 +1,5 @@
 """Prompts token for token as real checkpoints expect them (cascadevlm/lvlm/transformers_backend.py's
-ChatEncoder): tokenizers and chat templates in the shape of LLaVA-1.5, Qwen2-VL, Qwen2.5-VL and Idefics3
+ChatEncoder): tokenizers and chat templates in the shape of LLaVA-1.5, Qwen2-VL, Qwen2.5-VL, Idefics3 and Gemma 3
 (cascadevlm/zoo/tiny_lvlm.py's REAL_SHAPES), compared with transformers' own
 ``processor.apply_chat_template(..., tokenize=True)``."""
 
@@ -12,9 +12,14 @@ from lvlm_fixtures import photos  # noqa: F401
 from cascadevlm.lvlm.base import LVLMRequest
 from cascadevlm.lvlm.prompts import PromptConfig, build_prompt
 from cascadevlm.lvlm.transformers_backend import ChatEncoder, TransformersBackend
-from cascadevlm.zoo.tiny_lvlm import build_tiny_llava, real_shape_tokenizer, tiny_llava_processor
+from cascadevlm.zoo.tiny_lvlm import (
+    build_tiny_llava,
+    real_shape_tokenizer,
+    tiny_gemma3_processor,
+    tiny_llava_processor,
+)
 
-KINDS = ["llava15", "qwen2vl", "qwen25vl", "idefics3"]
+KINDS = ["llava15", "qwen2vl", "qwen25vl", "idefics3", "gemma3"]
 
 
 def make_processor(kind: str):
@@ -24,6 +29,8 @@ def make_processor(kind: str):
     tok = real_shape_tokenizer(kind)
     if kind == "llava15":
         return tiny_llava_processor(tok)
+    if kind == "gemma3":
+        return tiny_gemma3_processor(tok)
     if kind in ("qwen2vl", "qwen25vl"):
         pixels = {"shortest_edge": 28 * 28, "longest_edge": 56 * 56}
         cls = tf.Qwen2VLProcessor if kind == "qwen2vl" else tf.Qwen2_5_VLProcessor
@@ -78,12 +85,14 @@ def test_prompt_ids_equal_apply_chat_template(processor, photos):  # noqa: F811
 
 
 # The reply "B" as the model writes it: LLaVA-1.5 ends its reply with end of sequence (its template has
-# no end-of-turn token), ChatML with <|im_end|>, Idefics3 with <end_of_utterance>.
+# no end-of-turn token), ChatML with <|im_end|>, Idefics3 with <end_of_utterance>, Gemma 3 with
+# <end_of_turn>.
 ANSWER_TOKENS = {
     "llava15": ["\u2581B", "</s>"],
     "qwen2vl": ["B", "<|im_end|>"],
     "qwen25vl": ["B", "<|im_end|>"],
     "idefics3": ["\u0120B", "<end_of_utterance>"],
+    "gemma3": ["B", "<end_of_turn>"],
 }
 
 

@@ -430,6 +430,18 @@ def build_tiny_qwen2vl(out_dir: str | Path, seed: int = 0, real_template: bool =
     return out_dir
 
 
+def tiny_gemma3_processor(tokenizer):
+    """A Gemma 3 processor for 28-pixel images (4 image tokens after pooling) around ``tokenizer``."""
+    from transformers import Gemma3ImageProcessor, Gemma3Processor
+
+    return Gemma3Processor(
+        image_processor=Gemma3ImageProcessor(size={"height": 28, "width": 28}),
+        tokenizer=tokenizer,
+        image_seq_length=4,
+        chat_template=tokenizer.chat_template,
+    )
+
+
 def build_tiny_gemma3(out_dir: str | Path, seed: int = 0, sliding_window: int = 512) -> Path:
     """Write a tiny ``Gemma3ForConditionalGeneration`` (SigLIP vision tower + Gemma 3 text) and its processor.
 
@@ -442,8 +454,6 @@ def build_tiny_gemma3(out_dir: str | Path, seed: int = 0, sliding_window: int = 
     from transformers import (
         Gemma3Config,
         Gemma3ForConditionalGeneration,
-        Gemma3ImageProcessor,
-        Gemma3Processor,
         Gemma3TextConfig,
         SiglipVisionConfig,
     )
@@ -488,12 +498,7 @@ def build_tiny_gemma3(out_dir: str | Path, seed: int = 0, sliding_window: int = 
     torch.manual_seed(seed)
     model = Gemma3ForConditionalGeneration(config).eval()
     _save_generation_config(model, tokenizer, "<end_of_turn>")
-    processor = Gemma3Processor(
-        image_processor=Gemma3ImageProcessor(size={"height": 28, "width": 28}),
-        tokenizer=tokenizer,
-        image_seq_length=4,
-        chat_template=tokenizer.chat_template,
-    )
+    processor = tiny_gemma3_processor(tokenizer)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     _mark_random(out_dir, "gemma3", seed)
