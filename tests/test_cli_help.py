@@ -54,6 +54,20 @@ def test_help_names_the_projects_classes():
     assert "cascadevlm.lvlm.api_backend.OpenAIBackend" in printed
 
 
+def test_help_shows_the_projects_options_and_help_all_adds_lightnings_after_them():
+    short = _run(evaluate_main, ["--help"])
+    assert short.startswith("usage: ") and "\n\n" in short[:120]  # a one-line usage, not 80 lines of flags
+    assert "--cascade.budget" in short and "--model.pretrained" in short and "--lvlm.help" in short
+    assert "--trainer.max_epochs" not in short and "--trainer.accelerator" not in short  # named in the last line
+    assert "--optimizer" not in short
+    assert re.search(r"Lightning's Trainer options \(--trainer\.\*, \d+ more\): --help_all\n$", short)
+    full = _run(evaluate_main, ["--help_all"])
+    assert full.index("--cascade.budget") < full.index("--trainer.max_epochs")
+    fit = _run(train_main, ["fit", "--help"])
+    assert "--model CONFIG" in fit and "--trainer.max_epochs" not in fit and "--help_all" in fit
+    assert "--trainer.max_epochs" in _run(train_main, ["fit", "--help_all"])
+
+
 def _documented_class_help() -> list[tuple[str, list[str]]]:
     """``python train.py|evaluate.py ... --<key>.help <Class>`` commands in the README and docs/."""
     pattern = re.compile(r"python (train|evaluate)\.py ((?:fit |test )?)[^`\n]*?(--\w+\.help \w+)")
