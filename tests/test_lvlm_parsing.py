@@ -244,3 +244,15 @@ def test_in_context_examples_are_earlier_turns_with_a_cap():
         and p.images[0].getpixel((0, 0)) == (0, 0, 0)
         and p.images[1].getpixel((0, 0))[0] == 1
     )
+
+
+def test_reasoning_prompt_in_context_turns_end_with_the_answer_line():
+    ex = [Exemplar(Image.new("RGB", (8, 8)), "rocket"), Exemplar(Image.new("RGB", (8, 8)), "dog")]
+    p = build_prompt(_req(examples=ex), PromptConfig(reasoning=True))
+    replies = [m["content"][0]["text"] for m in p.messages if m["role"] == "assistant"]
+    assert replies == ["Answer: C", "Answer: dog"]
+    assert p.messages[-1]["content"][1]["text"].endswith(
+        "'Answer: X', where X is the letter of the option shown."
+    )
+    plain = build_prompt(_req(examples=ex), PromptConfig())
+    assert [m["content"][0]["text"] for m in plain.messages if m["role"] == "assistant"] == ["C", "dog"]

@@ -197,6 +197,8 @@ def build_prompt(request: LVLMRequest, config: PromptConfig) -> Prompt:
         # An example's class is normally one of the options; otherwise it is answered by name.
         shown = folded.index(name.casefold()) if name.casefold() in folded else None
         reply = answers[shown] if shown is not None else name
+        if config.reasoning:  # the final line the instruction asks for (no explanation is known for it)
+            reply = f"Answer: {reply}"
         messages += [_user_message(text), _assistant_message(reply)]
         images.append(ex.image)
     messages.append(_user_message(text))
