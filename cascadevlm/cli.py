@@ -17,6 +17,8 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from cascadevlm import progress
 from cascadevlm.cascade.evaluate import CascadeOptions, evaluate, join_negative_values
+from cascadevlm.clip.adapters.checkpoint import check_checkpoint_run, run_identity
+from cascadevlm.clip.adapters.datamodule import check_num_workers
 from cascadevlm.clip.module import ClipClassifier
 from cascadevlm.data.datamodule import CascadeDataModule
 from cascadevlm.errors import one_line_errors, parser_kwargs
@@ -29,7 +31,8 @@ from cascadevlm.logs import (
     verbosity_of,
 )
 from cascadevlm.lvlm.base import LVLMBackend
-from cascadevlm.report.summary import closing_block
+from cascadevlm.report.summary import closing_block, short_weights
+from cascadevlm.report.summary import run_name as join_name
 
 # Modules defining the classes a command line may name (``--model PromptTuningModule``,
 # ``--lvlm TransformersBackend``): jsonargparse resolves a short class name, and ``--help`` lists a
@@ -106,16 +109,70 @@ RUN_OUTPUTS = (
 )
 
 
+# Lightning's own optimiser flags (LightningCLI adds them unless told not to): the modules configure
+# their own optimiser, so the entry points refuse them with the flags that do apply.
+LIGHTNING_OPTIMIZER_FLAGS = ("--optimizer", "--lr_scheduler")
+
+
+def refuse_lightning_optimizer_flags(argv: list[str], own: str) -> None:
+    """Refuse ``--optimizer`` / ``--lr_scheduler`` (and their ``.`` / ``=`` forms) in one line; ``own``
+    says which flags set the optimiser instead."""
+    for arg in argv:
+        flag = arg.split("=", 1)[0]
+        if any(flag == f or flag.startswith(f + ".") for f in LIGHTNING_OPTIMIZER_FLAGS):
+            raise ValueError(f"{flag} is not an option here: {own}")
+
+
+def check_loader_and_devices(cfg) -> None:
+    """Refuse, before anything is built, ``trainer.devices`` of 0 or below (other than -1, every device)
+    and a negative ``data.num_workers`` (Lightning and torch raise tracebacks for both)."""
+    trainer = cfg.get("trainer") or {}
+    devices = trainer.get("devices")
+    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        devices = int(devices)
+    if isinstance(devices, list) and not devices or isinstance(devices, int) and devices < -1 or devices == 0:
+        raise ValueError(
+            f"trainer.devices must be a number of devices >= 1, -1 (all), 'auto' or a list of device ids, "
+            f"got {devices!r}; set --trainer.devices"
+        )
+    data = cfg.get("data") or {}
+    # subclass mode (train.py): class_path + init_args
+    data = data.get("init_args", data) if hasattr(data, "get") else {}
+    if data and data.get("num_workers") is not None:
+        check_num_workers(data.get("num_workers"))
+
+
+def instantiate_checked_trainer(cli: LightningCLI, **kwargs) -> L.Trainer:
+    """``LightningCLI.instantiate_trainer``, Lightning's refusal of a trainer option as one line."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        return LightningCLI.instantiate_trainer(cli, **kwargs)
+    except MisconfigurationException as err:
+        raise ValueError(f"{err} (set the --trainer option it names)") from None
+
+
+TRAIN_OPTIMIZER_FLAGS = (
+    "the adapter modules configure their own optimiser: set --model.optimizer (adamw or sgd), --model.lr, "
+    "--model.weight_decay and --model.warmup_steps (cosine schedule)"
+)
+
+
 class TrainCLI(ProjectHelp):
     """LightningCLI whose default logger is TensorBoard in a run directory named after the run.
 
     When the data module has ``run_name(method) -> (experiment, version)`` and the model a ``method``
     (the adapter modules do), logs go to ``<default_root_dir or runs/train>/<experiment>/<version>``,
-    e.g. ``runs/train/flowers102_linear_probe/k16_seed1``; a configured ``trainer.logger`` is kept.
+    e.g. ``runs/train/flowers102_ViT-L-14_openai_linear_probe/k16_seed1`` (the CLIP model and weights
+    named, so other weights never clear this run); a configured ``trainer.logger`` is kept.
     """
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
         config = self._get(self.config_init, "trainer", default={})
+        ckpt = (self.config_init.get(self.subcommand) or {}).get("ckpt_path") if self.subcommand else None
+        if ckpt and self.datamodule is not None and getattr(self.model, "bundle", None) is not None:
+            # a CLIP adapter's checkpoint: refused before its results go anywhere
+            check_checkpoint_run(ckpt, self.model, self.datamodule)
         if config.get("logger") in (None, True) and "logger" not in kwargs:
             name = self.run_name()
             if name is not None:
@@ -124,8 +181,10 @@ class TrainCLI(ProjectHelp):
                     root, name=name[0], version=name[1], default_hp_metric=False
                 )
                 if self.subcommand == "fit":  # validate/test/predict read a run, never replace it
-                    clear_run_dir(Path(root) / name[0] / name[1])
-        return super().instantiate_trainer(**progress.add_stage_progress_bar(config, kwargs))
+                    run_dir = Path(root) / name[0] / name[1]
+                    check_same_setting(run_dir, run_identity(self.model, self.datamodule))
+                    clear_run_dir(run_dir)
+        return instantiate_checked_trainer(self, **progress.add_stage_progress_bar(config, kwargs))
 
     def after_fit(self) -> None:
         """Test the exported adapter (:meth:`test_exported`), then end with the run's closing block."""
@@ -166,11 +225,39 @@ class TrainCLI(ProjectHelp):
         own = "verbose" in self._subcommand_method_arguments.get(self.subcommand, ())
         verbose = verbosity() == "verbose" if own else bool(cfg.get("verbose"))
         setup_logging(verbosity_of(verbose, bool(cfg.get("quiet"))))
+        check_loader_and_devices(cfg)
 
     def run_name(self) -> tuple[str, str] | None:
         method = getattr(self.model, "method", None)
         namer = getattr(self.datamodule, "run_name", None)
-        return namer(method) if method and callable(namer) else None
+        if not method or not callable(namer):
+            return None
+        bundle = getattr(self.model, "bundle", None)
+        if bundle is None:  # not a CLIP adapter (the LVLM LoRA names its own runs)
+            return namer(method)
+        # as evaluate.py names runs: model, weights (tag or file stem) and a precision other than fp32
+        prec = bundle.precision if bundle.precision != "fp32" else None
+        return namer(method, clip=join_name(bundle.model_name, short_weights(bundle.pretrained), prec))
+
+
+# metrics.json keys naming the CLIP a run used (run_identity); a fit never replaces a run of other ones
+SETTING_KEYS = ("model_name", "weights_id")
+
+
+def check_same_setting(run_dir: Path, identity: dict) -> None:
+    """Refuse to start a fit in ``run_dir`` when the run there used another CLIP model or weights (two
+    checkpoint files of one name in different folders): clearing it would delete another setting's results."""
+    path = run_dir / "metrics.json"
+    try:
+        earlier = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        return  # not a run this project wrote completely: clear_run_dir only removes its own outputs
+    other = {k: earlier[k] for k in SETTING_KEYS if earlier.get(k) not in (None, identity.get(k))}
+    if other and identity.get("weights_id") is not None:
+        raise ValueError(
+            f"{run_dir} holds the results of another CLIP ({', '.join(f'{k} {v!r}' for k, v in other.items())}), "
+            f"and this run would replace them; set --trainer.default_root_dir to another folder (or move that run)"
+        )
 
 
 def fit_numbers(run_dir: Path, metrics: dict) -> list[tuple[str, str]]:
@@ -216,9 +303,11 @@ def train_main(args: list[str] | None = None) -> TrainCLI:
     """``train.py``: ``python train.py fit --config configs/method/<method>.yaml --data
     configs/data/<dataset>.yaml [--data.shots 4 ...]`` (later files and flags override earlier ones)."""
     register_classes(TRAIN_CLASSES)
-    setup_logging(verbosity_from_args(sys.argv[1:] if args is None else args))
+    argv = sys.argv[1:] if args is None else args
+    setup_logging(verbosity_from_args(argv))
+    refuse_lightning_optimizer_flags(argv, TRAIN_OPTIMIZER_FLAGS)
     subcommands = ("fit", "validate", "test", "predict")
-    with expected_states_quiet(verbosity_from_args(sys.argv[1:] if args is None else args)):
+    with expected_states_quiet(verbosity_from_args(argv)):
         return TrainCLI(
             L.LightningModule,
             L.LightningDataModule,
@@ -227,6 +316,7 @@ def train_main(args: list[str] | None = None) -> TrainCLI:
             save_config_kwargs={"overwrite": True},
             parser_kwargs={**parser_kwargs(), **{c: parser_kwargs() for c in subcommands}},
             args=args,
+            auto_configure_optimizers=False,  # the modules' own configure_optimizers (see TRAIN_OPTIMIZER_FLAGS)
             # Lightning's table of submodules is a detail (--verbose, or trainer.enable_model_summary: true)
             trainer_defaults={"enable_model_summary": verbosity() == "verbose"},
         )
@@ -260,11 +350,12 @@ class EvaluateCLI(ProjectHelp):
     def before_instantiate_classes(self) -> None:
         """``verbose: true`` / ``quiet: true`` may also come from a config file."""
         setup_logging(verbosity_of(self.config.get("verbose"), self.config.get("quiet")))
+        check_loader_and_devices(self.config)
 
     def instantiate_trainer(self, **kwargs):
         """The trainer with the stage-named progress bar (Lightning's own, "Predicting", otherwise)."""
         config = self._get(self.config_init, "trainer", default={})
-        return super().instantiate_trainer(**progress.add_stage_progress_bar(config, kwargs))
+        return instantiate_checked_trainer(self, **progress.add_stage_progress_bar(config, kwargs))
 
 
 EVALUATE_DESCRIPTION = (
@@ -278,6 +369,7 @@ def run_evaluate(args: list[str] | None = None) -> dict | None:
     register_classes(LVLM_CLASSES)
     # before the CLI builds anything: the models' and Lightning's set-up lines follow the console level
     setup_logging(verbosity_from_args(sys.argv[1:] if args is None else args))
+    refuse_lightning_optimizer_flags(sys.argv[1:] if args is None else args, "evaluate.py trains nothing")
     if args is None:  # LightningCLI reads sys.argv itself (and warns when given both)
         sys.argv[1:] = join_negative_values(sys.argv[1:])
     else:
@@ -293,6 +385,7 @@ def run_evaluate(args: list[str] | None = None) -> dict | None:
             seed_everything_default=0,
             # entry points print parse errors as one line
             parser_kwargs={"exit_on_error": False, "description": EVALUATE_DESCRIPTION},
+            auto_configure_optimizers=False,  # nothing is trained: no --optimizer / --lr_scheduler
         )
         return evaluate(cli)
 

@@ -120,7 +120,7 @@ def test_train_test_subcommand_tests_a_trained_adapter(tiny_clip_path, data_root
         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
     ]  # fmt: skip
     train_main(["fit", *common, "--trainer.max_epochs", "2"])
-    run = tmp_path / "runs" / "fashion_mnist_linear_probe" / "k1_seed1"
+    run = tmp_path / "runs" / "fashion_mnist_cascadevlm-tiny-vit_cascadevlm-tiny-vit-seed0_linear_probe" / "k1_seed1"
     after_fit = json.loads((run / "metrics.json").read_text())
 
     # The reference: the exported adapter file applied to the test features by hand.

@@ -44,9 +44,14 @@ def run_clip_stage(
     writer = RecordPartsWriter(parts_dir)
     predict_with_writer(trainer, model, loader, writer)
     trainer.strategy.barrier()
+    twin = model.zero_shot_twin()  # an adapter merged into the weights: zero-shot is the base weights'
+    base = run_clip_stage(trainer, twin, dm, Path(parts_dir) / "zero_shot", cache_dir) if twin else None
+    dm.transform = model.preprocess
     if not trainer.is_global_zero:
         return None
     records = writer.merged_records(trainer.world_size)
+    for rec, zs in zip(records, base or [], strict=bool(base)):
+        rec.clip_zero_shot_pred = zs.clip_pred
     n = len(records) if streaming else len(ds)
     if [r.index for r in records] != list(range(n)):
         raise RuntimeError(f"CLIP stage produced records for rows {_span(records)} of {n} images")

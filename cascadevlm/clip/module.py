@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import lightning as L
 import torch
 from torchmetrics import MetricCollection
@@ -159,13 +161,25 @@ class ClipClassifier(L.LightningModule):
         }
         if logits.shape[-1] <= KEEP_LOGITS_MAX_CLASSES:
             out["logits"] = logits.cpu()
-        if self.adapter_module is not None:  # zero-shot beside the adapter, for the report
+        # zero-shot beside the adapter, for the report; with merged weights (CLIP-LoRA) these features and
+        # this head are the adapted model's: the CLIP stage runs zero_shot_twin() for that row instead
+        if self.adapter_module is not None and not self.bundle.weight_adapters:
             with torch.autocast(feats.device.type, enabled=False):
                 zs = clip_logits(feats, self.ensure_head(), self.clip.logit_scale.exp())
             out["zero_shot_pred"] = zs.argmax(-1).cpu()
         if "features" not in batch:
             out["features"] = feats.cpu()  # freshly computed: the writer may fill the feature cache
         return out
+
+    def zero_shot_twin(self) -> ClipClassifier | None:
+        """Zero-shot CLIP of the base weights, with these classes and templates, when an adapter was merged
+        into this model's weights (CLIP-LoRA); None otherwise (zero-shot is this model's own head)."""
+        if not self.bundle.weight_adapters:
+            return None
+        own = inspect.signature(ClipClassifier.__init__).parameters  # hparams also hold jsonargparse's keys
+        hp = {k: v for k, v in self.hparams.items() if k in own}
+        hp.update(adapter=None, adapter_mix=1.0, class_names=self.class_names, templates=self.templates)
+        return ClipClassifier(**hp)
 
     def test_step(self, batch: dict, batch_idx: int = 0) -> None:
         logits = self(batch)

@@ -101,15 +101,7 @@ class AdapterCheckpoint(ModelCheckpoint):
         return path
 
     def describe(self, trainer: L.Trainer) -> dict:
-        pl_module = trainer.lightning_module
-        dm = trainer.datamodule
-        info = {"method": getattr(pl_module, "method", None)}
-        bundle = getattr(pl_module, "bundle", None)
-        if bundle is not None:
-            info.update(model_name=bundle.model_name, weights_id=bundle.weights_id)
-        for key in ("name", "shots", "seed", "selection"):
-            info["dataset" if key == "name" else key] = getattr(dm, key, None)
-        return {**info, **self.metrics}
+        return {**run_identity(trainer.lightning_module, trainer.datamodule), **self.metrics}
 
     def write_metrics(self, trainer: L.Trainer) -> None:
         path = self.run_dir(trainer) / "metrics.json"
@@ -135,6 +127,71 @@ class AdapterCheckpoint(ModelCheckpoint):
         self.metrics.update(found, test_size=sum(len(dl.dataset) for dl in loaders))
         path.parent.mkdir(parents=True, exist_ok=True)
         self.write_metrics(trainer)
+
+
+# The checkpoint key holding :func:`run_identity` of the run that trained the weights.
+RUN_KEY = "cascadevlm_run"
+# identity key -> (the flag that sets it, Lightning's datamodule hparam of checkpoints written before RUN_KEY)
+IDENTITY_FLAGS = {
+    "method": ("--model (or --config configs/method/<method>.yaml)", None),
+    "dataset": ("--data.dataset", None),
+    "shots": ("--data.shots", "shots"),
+    "seed": ("--data.seed", "seed"),
+    "selection": ("--data.selection / --data.val_split", None),
+    "model_name": ("--model.model_name", None),
+    "weights_id": ("--model.pretrained", None),
+}
+
+
+def recorded_selection(dm) -> str | None:
+    """The data module's selection protocol as recorded (``test_split`` when chosen on the test split)."""
+    return getattr(dm, "recorded_selection", None) or getattr(dm, "selection", None)
+
+
+def run_identity(pl_module: L.LightningModule, dm) -> dict:
+    """What decides a run's directory and table cell: method, dataset, k, seed, selection, CLIP model
+    and weights (metrics.json, the adapter file and every checkpoint record it)."""
+    info = {"method": getattr(pl_module, "method", None)}
+    bundle = getattr(pl_module, "bundle", None)
+    if bundle is not None:
+        info.update(model_name=bundle.model_name, weights_id=bundle.weights_id)
+    info.update(
+        dataset=getattr(dm, "name", None),
+        shots=getattr(dm, "shots", None),
+        seed=getattr(dm, "seed", None),
+        selection=recorded_selection(dm),
+    )
+    return info
+
+
+def check_checkpoint_run(ckpt_path: str | Path, pl_module: L.LightningModule, dm) -> None:
+    """Refuse, in one line naming the flags, to validate/test/predict a checkpoint under settings other
+    than its own: its results would be written into another run's directory (``metrics.json``)."""
+    from lightning.fabric.utilities.cloud_io import _load as pl_load
+
+    if str(ckpt_path) in ("best", "last", "hpc", "registry"):  # Lightning's own names, of this very run
+        return
+    if not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"checkpoint {str(ckpt_path)!r} does not exist; set --ckpt_path")
+    try:
+        ckpt = pl_load(ckpt_path, map_location="cpu", weights_only=False)  # a checkpoint the user trusts
+    except Exception as err:  # torch raises several types for a file that is not a checkpoint
+        raise ValueError(
+            f"{str(ckpt_path)!r} is not a Lightning checkpoint ({err}); set --ckpt_path"
+        ) from None
+    saved = dict(ckpt.get(RUN_KEY) or {})
+    old = ckpt.get("datamodule_hyper_parameters") or {}
+    for key, (_, hparam) in IDENTITY_FLAGS.items():  # a checkpoint from before RUN_KEY: what Lightning kept
+        if key not in saved and hparam is not None and hparam in old:
+            saved[key] = old[hparam]
+    ours = run_identity(pl_module, dm)
+    wrong = [k for k in IDENTITY_FLAGS if saved.get(k) is not None and ours.get(k) != saved[k]]
+    if wrong:
+        diffs = ", ".join(f"{k} {saved[k]!r} (here {ours.get(k)!r}, {IDENTITY_FLAGS[k][0]})" for k in wrong)
+        raise ValueError(
+            f"checkpoint {str(ckpt_path)!r} was trained with {diffs}: its results would go into another "
+            "run's metrics.json; give the flags the checkpoint's own settings, or the checkpoint of this run"
+        )
 
 
 def _hparams_yaml(trainer: L.Trainer, pl_module: L.LightningModule) -> str:

@@ -12,6 +12,33 @@ from cascadevlm.data.datamodule import CascadeDataModule
 from cascadevlm.data.loading import FeatureDataset
 
 SELECTIONS = ("val_split", "val", "last")
+# How a run that chose its epoch (and Tip-Adapter's alpha/beta) on the test split is recorded: the adapter
+# file's and metrics.json's ``selection``, the run name (``_seltest_split``) and the k-shot tables say so.
+SELECTION_ON_TEST = "test_split"
+
+
+def check_num_workers(num_workers: int) -> None:
+    """Refuse, in one line, a negative worker count (torch's DataLoader raises a traceback later)."""
+    if not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(
+            f"data.num_workers must be an integer >= 0 (0: load in the main process), got {num_workers!r}; "
+            "set --data.num_workers"
+        )
+
+
+def check_selection_split(
+    selection: str, val_split: str, test_split: str | None, allow_selection_on_test: bool
+) -> None:
+    """Refuse choosing the epoch on the test split (``selection=val_split`` with the val split being the
+    test split, or a split named ``test``) unless ``allow_selection_on_test`` asks for it."""
+    if selection != "val_split" or allow_selection_on_test or val_split not in (test_split, "test"):
+        return
+    raise ValueError(
+        f"data.val_split={val_split!r} is the test split: the best epoch (and Tip-Adapter's alpha/beta) "
+        "would be chosen on the images test_acc is measured on; set --data.val_split to a validation "
+        "split, or --data.selection val (k images per class from the train split) or last, or "
+        f"--data.allow_selection_on_test true to do it knowingly (recorded as selection {SELECTION_ON_TEST})"
+    )
 
 
 class _ValidationSource(CascadeDataModule):
@@ -43,6 +70,8 @@ class KShotFeatureDataModule(L.LightningDataModule):
             k-shot set's size (k images per class) drawn with ``seed`` from ``train_split``, disjoint
             from the k-shot images (CoOp's and Tip-Adapter's protocol; ``val_limit`` does not apply);
             ``last``, the last epoch, nothing chosen on validation data (the val split is still logged).
+        allow_selection_on_test: accept ``selection=val_split`` with the test split as ``val_split``
+            (refused otherwise: the test accuracy would be inflated); recorded as selection ``test_split``.
     """
 
     def __init__(
@@ -69,9 +98,15 @@ class KShotFeatureDataModule(L.LightningDataModule):
         label_column: str | None = None,
         readable_names: bool = True,
         selection: str = "val_split",
+        allow_selection_on_test: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        check_num_workers(num_workers)
+        for flag, size in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size),
+                           ("feature_batch_size", feature_batch_size)):  # fmt: skip
+            if size < 1:
+                raise ValueError(f"data.{flag} must be >= 1, got {size}; set --data.{flag}")
         if shots < 1:
             raise ValueError(f"shots must be >= 1 for adapter training, got {shots}")
         if selection not in SELECTIONS:
@@ -83,6 +118,7 @@ class KShotFeatureDataModule(L.LightningDataModule):
                 "data.val_limit limits the val split, but selection=val validates on k images per class drawn "
                 "from the train split: set --data.val_limit null (or --data.selection val_split)"
             )
+        check_selection_split(selection, val_split, test_split, allow_selection_on_test)
         for flag, limit in (("val_limit", val_limit), ("test_limit", test_limit)):
             if limit is not None and limit < 1:
                 raise ValueError(
@@ -142,11 +178,22 @@ class KShotFeatureDataModule(L.LightningDataModule):
             self._split = self.source.kshot_split()
         return self._split
 
-    def run_name(self, method: str) -> tuple[str, str]:
-        """(experiment, version) naming a training run: ``<dataset>_<method>``, ``k<shots>_seed<seed>``
-        (``_sel<selection>`` appended for a selection other than the default ``val_split``)."""
-        sel = "" if self.selection == "val_split" else f"_sel{self.selection}"
-        return f"{self.name}_{method}", f"k{self.shots}_seed{self.seed}{sel}"
+    @property
+    def recorded_selection(self) -> str:
+        """The selection protocol as recorded in the adapter file, metrics.json and the run name:
+        ``selection``, or ``test_split`` when the epoch is chosen on the test split (allowed explicitly)."""
+        if self.selection == "val_split" and self.hparams.val_split in (self.hparams.test_split, "test"):
+            return SELECTION_ON_TEST
+        return self.selection
+
+    def run_name(self, method: str, clip: str | None = None) -> tuple[str, str]:
+        """(experiment, version) naming a training run: ``<dataset>[_<clip>]_<method>``,
+        ``k<shots>_seed<seed>`` (``_sel<selection>`` appended for a selection other than the default
+        ``val_split``). ``clip`` names the CLIP model and weights (``ViT-L-14_openai``), so runs of other
+        weights never share (and clear) a directory."""
+        sel = "" if self.recorded_selection == "val_split" else f"_sel{self.recorded_selection}"
+        experiment = "_".join(p for p in (self.name, clip, method) if p)
+        return experiment, f"k{self.shots}_seed{self.seed}{sel}"
 
     @property
     def val_source(self) -> str:

@@ -17,7 +17,13 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from cascadevlm.clip.adapters.base import save_adapter
-from cascadevlm.clip.adapters.checkpoint import AdapterCheckpoint, confusion_figure
+from cascadevlm.clip.adapters.checkpoint import (
+    RUN_KEY,
+    AdapterCheckpoint,
+    confusion_figure,
+    recorded_selection,
+    run_identity,
+)
 from cascadevlm.clip.model import load_clip
 from cascadevlm.clip.zero_shot import build_zero_shot_head, clip_logits
 
@@ -213,6 +219,8 @@ class AdapterModule(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in state.items() if not k.startswith(self.frozen_prefixes)}
         checkpoint["class_names"] = self.class_names
         checkpoint["templates"] = self.templates
+        if self._trainer is not None:  # what the weights were trained as: where their results may go
+            checkpoint[RUN_KEY] = run_identity(self, self.trainer.datamodule)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self.class_names is None:
@@ -241,5 +249,5 @@ class AdapterModule(L.LightningModule):
             seed=getattr(dm, "seed", None),
             dataset=getattr(dm, "name", None),
             kshot_fingerprint=getattr(dm, "kshot_fingerprint", None),
-            selection=getattr(dm, "selection", None),
+            selection=recorded_selection(dm),
         )
