@@ -38,6 +38,7 @@ FLOORS: dict[str, int] = {
     "progress": 3,
     # entries
     "cli": 4,
+    "rethreshold": 4,  # records -> a new run directory (an entry: python -m cascadevlm.rethreshold)
 }
 
 

@@ -6,10 +6,6 @@ import math
 import shutil
 from pathlib import Path
 
-from torch.utils.tensorboard import SummaryWriter
-from torch.utils.tensorboard.summary import hparams as hparams_summary
-
-from cascadevlm.report.plots import accuracy_vs_deferral_figure, accuracy_vs_tau_figure
 
 
 def permille(fraction: float) -> int:
@@ -59,6 +55,12 @@ def write_tensorboard(
     - the run's parameters as hparams (the HPARAMS tab compares runs by them, against ``metrics/*``);
     - the two plots as figures and the summary table as text.
     """
+    # torch's writer (figures, hparams) imported here: fresh_log_dir's users (the tables) need no torch
+    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+    from cascadevlm.report.plots import accuracy_vs_deferral_figure, accuracy_vs_tau_figure
+
     log_dir = fresh_log_dir(log_dir)
     w = SummaryWriter(str(log_dir))
     try:
