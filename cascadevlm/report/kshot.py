@@ -16,6 +16,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from cascadevlm.report.formats import markdown_table as table_lines
+
 METRICS = ("val_acc", "test_acc", "zero_shot_val_acc", "zero_shot_test_acc")
 
 
@@ -84,15 +86,11 @@ def markdown_table(table: list[dict], metric: str | None = None, percent: bool =
             zero_shot[key] = f"{scale * zs:.1f}"
     unit = " (%)" if percent else ""
     head = ["dataset", "method", "zero-shot", *[f"k={k}" for k in ks]]
-    lines = [
-        f"{metric}{unit}, mean ± std over seeds",
-        "",
-        "| " + " | ".join(head) + " |",
-        "|" + "|".join("---" for _ in head) + "|",
+    rows = [
+        [key[0], key[1], zero_shot.get(key, "")] + [cells[key].get(k, "") for k in ks]
+        for key in sorted(cells)
     ]
-    for key in sorted(cells):
-        row = [key[0], key[1], zero_shot.get(key, "")] + [cells[key].get(k, "") for k in ks]
-        lines.append("| " + " | ".join(row) + " |")
+    lines = [f"{metric}{unit}, mean ± std over seeds", "", *table_lines(head, rows)]
     seeds = sorted({r["n_seeds"] for r in table})
     lines += ["", f"seeds per cell: {', '.join(map(str, seeds))}"]
     return "\n".join(lines) + "\n"

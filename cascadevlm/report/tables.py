@@ -25,6 +25,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from cascadevlm.errors import one_line_errors
+from cascadevlm.report.formats import markdown_table
 from cascadevlm.report.kshot import mean_std  # one mean / sample-std for every seed table
 
 # Keys of evaluate.py's resolved config that never change a run's numbers (where files go, how fast it
@@ -49,6 +50,7 @@ LVLM_CONNECTION_FIELDS = {
 PARAMS_NOT_IDENTITY = {
     "seed", "adapter", "tau", "fusion_weight", "gate", "lvlm_calls", "lvlm_calls_this_attempt",
     "lvlm_calls_val", "lvlm_api_errors", "devices",
+    "rethreshold_of",  # a re-thresholded run is the experiment evaluate.py would have run with its settings
 }  # fmt: skip
 # A train.py adapter run's metrics.json: its numbers and bookkeeping; everything else is identity.
 ADAPTER_NUMBERS = ("val_acc", "test_acc", "zero_shot_val_acc", "zero_shot_test_acc", "best_epoch", "epoch")
@@ -251,15 +253,14 @@ def to_markdown(agg: list[dict]) -> str:
     extra = differing_fields(agg)
     head = ["dataset", "setting", "method", "seeds", "top-1 acc (%)", "sent to LVLM (%)",
             *map(_short, extra), "runs"]  # fmt: skip
-    lines = ["| " + " | ".join(head) + " |", "|---|---|---|---:|---:|---:|" + "---|" * (len(extra) + 1)]
-    notes = []
+    rows, notes = [], []
     for i, r in enumerate(agg, 1):
-        cells = [r["dataset"], r["setting"], r["method"], str(r["seeds"]),
-                 format_accuracy(r["acc1_mean"], r["acc1_std"]), f"{r['deferral_mean']:.1f}",
-                 *(_cell(r["identity_fields"].get(k)) for k in extra), f"[{i}]"]  # fmt: skip
-        lines.append("| " + " | ".join(cells) + " |")
+        rows.append([r["dataset"], r["setting"], r["method"], str(r["seeds"]),
+                     format_accuracy(r["acc1_mean"], r["acc1_std"]), f"{r['deferral_mean']:.1f}",
+                     *(_cell(r["identity_fields"].get(k)) for k in extra), f"[{i}]"])  # fmt: skip
         seeds = ", ".join(map(str, r["seed_list"]))
         notes.append(f"[{i}] seeds {seeds}: {', '.join(r['runs'])}")
+    lines = markdown_table(head, rows, "lllrrr")
     return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
 
 
