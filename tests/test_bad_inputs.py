@@ -121,6 +121,29 @@ def _demo_without_weights(ctx):
     load_model_and_processor(str(copy / "llava"), device="cpu")
 
 
+def _subfolder(ctx, name: str, folders: list[str]):
+    """An image folder ``{tmp}/name`` with one photo of the photo folder in each of ``folders``."""
+    photo = next(ctx.photos.rglob("*.jpg"))
+    for folder in folders:
+        (ctx.tmp / name / folder).mkdir(parents=True)
+        shutil.copy(photo, ctx.tmp / name / folder / photo.name)
+    return ctx.tmp / name
+
+
+def _saved(ctx, rows: int, names=("cat", "dog")):
+    """A ``save_to_disk`` dataset ``{tmp}/saved`` with a test split of ``rows`` rows, columns img / category."""
+    import datasets
+
+    photo = next(ctx.photos.rglob("*.jpg")).read_bytes()
+    features = datasets.Features(
+        {"img": datasets.Image(), "category": datasets.ClassLabel(names=list(names))}
+    )
+    ds = datasets.Dataset.from_dict({"img": [{"bytes": photo, "path": None}] * rows, "category": [0] * rows},
+                                    features=features)  # fmt: skip
+    datasets.DatasetDict({"test": ds}).save_to_disk(str(ctx.tmp / "saved"))
+    return ctx.tmp / "saved"
+
+
 def _mark(ctx, target, info):
     from cascadevlm.provenance import write_provenance
 
@@ -295,6 +318,22 @@ CASES = [
      "needed"),
     ("duplicated class-names file", lambda c: _data(c, class_names=str(_write(c.tmp / "names.txt", "a\nb\nA\n"))),
      ValueError, "class-names file '{tmp}/names.txt' (--data.class_names) has duplicate class names: ['A']"),
+    ("one-class image folder", lambda c: _data(SimpleNamespace(photos=_subfolder(c, "one", ["train/cat", "test/cat"]))),
+     ValueError, "image folder '{tmp}/one' has one class (cat): classification needs at least two class folders"),
+    ("one-class dataset", lambda c: _data(SimpleNamespace(photos=_saved(c, 2, names=["cat"]))), ValueError,
+     "dataset 'saved' has one class ('cat'); classification needs at least two (--data.dataset, --data.class_names)"),
+    ("empty dataset", lambda c: _data(SimpleNamespace(photos=_saved(c, 0))), ValueError,
+     "dataset directory '{tmp}/saved': split 'test' is empty (no images); prepare the dataset again or remove that "
+     "split"),
+    ("label column holds images", lambda c: _data(SimpleNamespace(photos=_saved(c, 2)), label_column="img"),
+     ValueError, "split 'test' of '{tmp}/saved': column 'img' (--data.label_column) holds images, not class labels; "
+     "the class labels are in ['category']"),
+    ("image column holds labels", lambda c: _data(SimpleNamespace(photos=_saved(c, 2)), image_column="category"),
+     ValueError, "split 'test' of '{tmp}/saved': column 'category' (--data.image_column) holds class labels, not "
+     "images; the images are in ['img']"),
+    ("template without a slot", lambda c: _data(c, templates=["a photo of a {c}.", "a photo"]), ValueError,
+     "prompt templates must contain '{{}}' or '{{c}}' where the class name goes, once; --data.templates has "
+     "['a photo']"),  # braces doubled: the expected message is formatted
     ("empty class list", lambda c: _registry().validate_class_names([], "dataset 'x'"), ValueError,
      "dataset 'x' has an empty class list; at least one class name is needed"),
     ("not a dataset dir", lambda c: _data(SimpleNamespace(photos=_write(c.tmp / "empty" / "x.txt", "x").parent)),

@@ -57,7 +57,7 @@ def sources(photos, tmp_path_factory) -> dict[str, str]:
             {
                 "image": datasets.Image(),
                 "fine": datasets.ClassLabel(names=NAMES),
-                "coarse": datasets.ClassLabel(names=["thing"]),
+                "coarse": datasets.ClassLabel(names=["thing", "other"]),
             },
         ),
         "names": str(tmp / "names.txt"),
@@ -105,7 +105,7 @@ def test_column_options_in_the_data_module(sources):
         "pick one with --data.label_column"
     )
     dm = CascadeDataModule(sources["two_labels"], label_column="coarse")
-    assert dm.class_names == ["thing"] and set(dm.labels()) == {0}
+    assert dm.class_names == ["thing", "other"] and set(dm.labels()) == {0}
     with pytest.raises(ValueError, match="has no column 'lbl' \\(--data.label_column\\)"):
         CascadeDataModule(sources["standard"], label_column="lbl")
     with pytest.raises(ValueError, match="give a list of names or a file"):

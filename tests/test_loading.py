@@ -1,4 +1,5 @@
 import io
+import logging
 from pathlib import Path
 
 import pytest
@@ -115,6 +116,21 @@ def test_benchmark_folder_named_by_class_ids_is_refused(tmp_path):
     # The flag that fixes it: the folder's own names, in its label order.
     names = [f"flower {n}" for n in sorted(str(i) for i in range(1, 103))]
     assert CascadeDataModule(str(root), split="train", class_names=names).class_names == names
+
+
+def test_a_flat_image_folder_evaluates_its_only_split_and_says_so(tmp_path, caplog):
+    """``<root>/<class>/<image>`` has one split (``train``); it used to need --data.split train."""
+    root = _tiny_folder(tmp_path / "flat", ["cat", "dog"], split="")
+    with caplog.at_level(logging.INFO, logger="cascadevlm.data.datamodule"):
+        dm = CascadeDataModule(str(root))
+    assert (dm.split, dm.class_names, len(dm.eval_dataset())) == ("train", ["cat", "dog"], 2)
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("cascadevlm")] == [
+        f"dataset {str(root)!r} is an image folder without split folders: evaluating its only split, 'train' "
+        "(--data.split)"
+    ]
+    # a folder whose only split folder is train/ still needs the flag: its test split is missing
+    with pytest.raises(ValueError, match=r"has no split 'test'; it has \['train'\]: set --data.split"):
+        CascadeDataModule(str(_tiny_folder(tmp_path / "split", ["cat", "dog"])))
 
 
 def test_a_subset_of_a_benchmarks_classes_is_refused(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 from fake_cascade import fake_args
 from safetensors.torch import load_file, save_file
 
-from cascadevlm.cascade.evaluate import RANDOM_WEIGHTS_NOTE, TRAINED_DEMO_NOTE
+from cascadevlm.cascade.evaluate import DEMO_ON_OTHER_DATA_NOTE, RANDOM_WEIGHTS_NOTE, TRAINED_DEMO_NOTE
 from cascadevlm.cli import run_evaluate as main
 from cascadevlm.provenance import write_provenance
 from cascadevlm.records import PredictionRecord
@@ -47,6 +47,18 @@ def test_random_weight_notes_follow_the_mark_not_the_word_tiny(tiny_clip_path, d
     main(fake_args(unmarked, data_root, tmp_path, "demo", "--lvlm.init_args.model", str(demo), limit=8))
     assert _notes(tmp_path, "demo") == [TRAINED_DEMO_NOTE]
     assert "trained here on Fashion-MNIST's train split, evaluated on its test split" in TRAINED_DEMO_NOTE
+
+
+def test_the_demo_note_names_its_data_only_for_the_demos_data(
+    tiny_clip_path, data_root, photo_folder, tmp_path
+):
+    """Demo weights on another dataset used to get the note "evaluated on its test split" (of Fashion-MNIST)."""
+    demo = tmp_path / "demo-lvlm"
+    demo.mkdir()
+    write_provenance(demo, {"kind": "trained-demo", "description": "trained here"})
+    main(fake_args(tiny_clip_path, data_root, tmp_path, "photos", "--lvlm.init_args.model", str(demo),
+                   "--data.dataset", str(photo_folder), "--cascade.topk", "2", limit=8))  # fmt: skip
+    assert _notes(tmp_path, "photos") == [RANDOM_WEIGHTS_NOTE["CLIP"], DEMO_ON_OTHER_DATA_NOTE]
 
 
 def test_topk_coverage_counts_only_the_candidates_shown():

@@ -62,6 +62,11 @@ TRAINED_DEMO_NOTE = (
     "Demo weights: small models trained here on Fashion-MNIST's train split, evaluated on its test split; "
     "not pretrained CLIP/LVLM weights."
 )
+DEMO_DATA = "fashion_mnist"  # what the demo weights were trained and checked on
+DEMO_ON_OTHER_DATA_NOTE = (
+    "Demo weights (small models trained here on Fashion-MNIST's train split, not pretrained CLIP/LVLM weights) "
+    "on other data: accuracy here is not meaningful."
+)
 
 
 class Threshold(float):
@@ -241,8 +246,9 @@ def check_options(opts: CascadeOptions, dm: CascadeDataModule, has_lvlm: bool) -
         raise ValueError(NEEDS_VAL_ANSWERS)
 
 
-def weight_notes(model: ClipClassifier, backend: LVLMBackend | None) -> list[str]:
-    """Notes from the weights' provenance marks (never guessed from a name): random or demo weights."""
+def weight_notes(model: ClipClassifier, backend: LVLMBackend | None, dataset: str | None = None) -> list[str]:
+    """Notes from the weights' provenance marks (never guessed from a name): random or demo weights (the
+    demo's note names its data: only for ``dataset`` fashion_mnist)."""
     clip_mark = getattr(model.bundle, "provenance", None) or read_provenance(model.hparams.pretrained)
     lvlm_mark = None
     if backend is not None:
@@ -254,7 +260,7 @@ def weight_notes(model: ClipClassifier, backend: LVLMBackend | None) -> list[str
     if (lvlm_mark or {}).get("kind") == "random":
         notes.append(RANDOM_WEIGHTS_NOTE["LVLM"])
     if "trained-demo" in ((clip_mark or {}).get("kind"), (lvlm_mark or {}).get("kind")):
-        notes.append(TRAINED_DEMO_NOTE)
+        notes.append(TRAINED_DEMO_NOTE if dataset == DEMO_DATA else DEMO_ON_OTHER_DATA_NOTE)
     return notes
 
 
@@ -408,7 +414,7 @@ def prepare(cli: LightningCLI) -> Run:
         overridden,
         str(cli.trainer.precision) if hasattr(cli.trainer, "precision") else None,
     )
-    return Run(cli, opts, backend, Path(cfg.output_dir) / name, weight_notes(model, backend))
+    return Run(cli, opts, backend, Path(cfg.output_dir) / name, weight_notes(model, backend, dm.name))
 
 
 def clip_and_gate(run: Run) -> tuple[list[PredictionRecord], dict, set[int] | None]:

@@ -33,6 +33,9 @@ from cascadevlm.data.registry import (
     validate_class_names,
 )
 from cascadevlm.data.wds import Mirror, check_class_names, read_mirror
+from cascadevlm.logs import get_logger
+
+log = get_logger(__name__)
 
 
 def read_class_names(class_names: list[str] | str | None) -> list[str] | None:
@@ -139,6 +142,7 @@ class CascadeDataModule(L.LightningDataModule):
         self.transform = None  # set by the CLIP stage: its own preprocessing
         self.mirror: Mirror | None = self._mirror()
         self.dsd = self._load()
+        self.split = split = self._only_split(split)
         self.require_split(split, self.split_flag)
         self.benchmark = benchmark
         self.spec = self._spec(benchmark)
@@ -160,6 +164,11 @@ class CascadeDataModule(L.LightningDataModule):
             raise ValueError(f"dataset {dataset!r} has no ClassLabel feature; give data.class_names")
         self.source_class_names = validate_class_names(names, f"dataset {self.name!r}")
         self.class_names = readable_class_names(names, f"dataset {self.name!r}") if folders else list(names)
+        if len(self.class_names) < 2:  # a one-class "classifier" fails later, deep inside a stage
+            raise ValueError(
+                f"dataset {self.name!r} has one class ({self.class_names[0]!r}); classification needs at least two "
+                "(--data.dataset, --data.class_names)"
+            )
         mirror_templates = list(self.mirror.templates) if self.mirror and self.spec is None else None
         # checked here, before any stage runs; "{c}" (CLIP_benchmark's spelling) becomes "{}"
         self.templates = normalise_templates(
@@ -200,6 +209,20 @@ class CascadeDataModule(L.LightningDataModule):
                 f"prepare it first (python -m cascadevlm.data.prepare --wds {self.dataset} --out DIR)"
             )
         return read_mirror(path)
+
+    def _only_split(self, split: str) -> str:
+        """``split``, or the only split of a flat image folder (``<root>/<class>/<image>``, loaded as
+        ``train``), said in one line: such a folder has no ``test`` split to default to."""
+        if split in self.dsd or len(self.dsd) != 1 or not self._is_image_folder():
+            return split
+        only = next(iter(self.dsd))
+        if (Path(self.dataset).expanduser() / only).is_dir():
+            return split  # a folder with split folders (train/ only): the flag is needed
+        log.info(
+            "dataset %r is an image folder without split folders: evaluating its only split, %r (--data.split)",
+            self.dataset, only,
+        )  # fmt: skip
+        return only
 
     def _is_image_folder(self) -> bool:
         path = Path(self.dataset).expanduser()
@@ -250,7 +273,9 @@ class CascadeDataModule(L.LightningDataModule):
                 f"dataset {self.name!r} has {n} classes in its label feature but {len(self.class_names)} class names"
             )
         if len(ds) == 0:
-            return
+            raise ValueError(
+                f"dataset {self.dataset!r} split {self.split!r} has no images; set {self.split_flag}"
+            )
         bounds = pc.min_max(ds.data.column(LABEL_COLUMN))
         low, high, n = bounds["min"].as_py(), bounds["max"].as_py(), len(self.class_names)
         if low < -1 or high >= n:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -61,6 +62,7 @@ def load_dataset_dict(
     path = Path(source).expanduser()
     if path.is_dir():
         if is_saved_dataset(path):
+            _refuse_empty_saved_splits(path)  # datasets cannot load them (an IndexError deep inside)
             ds = datasets.load_from_disk(str(path))
             if isinstance(ds, datasets.Dataset):
                 ds = datasets.DatasetDict({"train": ds})
@@ -69,6 +71,8 @@ def load_dataset_dict(
                 ds = datasets.load_dataset("imagefolder", data_dir=str(path))
             except Exception as err:  # datasets raises several types for an unusable folder
                 raise ValueError(f"dataset directory {str(path)!r} is not an image folder: {err}") from err
+            if image_column is None and label_column is None:
+                _refuse_one_class_folder(path, ds)
     elif source.startswith(("/", "./", "~")) or os.sep in source and not _looks_like_hub_name(source):
         raise FileNotFoundError(f"dataset directory {source!r} does not exist")
     else:
@@ -90,6 +94,64 @@ def load_dataset_dict(
     return ds
 
 
+def _refuse_empty_saved_splits(path: Path) -> None:
+    """A ``save_to_disk`` split without rows (no data files) is refused naming it."""
+    try:
+        splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+    except (OSError, ValueError, AttributeError):
+        return  # a single Dataset, or a layout datasets reports itself
+    for split in splits:
+        try:
+            files = json.loads((path / split / "state.json").read_text()).get("_data_files")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if files == []:
+            raise ValueError(
+                f"dataset directory {str(path)!r}: split {split!r} is empty (no images); prepare the dataset again "
+                "or remove that split"
+            )
+
+
+def _refuse_one_class_folder(path: Path, ds: datasets.DatasetDict) -> None:
+    """``imagefolder`` drops the label of a folder with one class folder; say so instead of "no label column"."""
+    if any(LABEL_COLUMN in d.column_names for d in ds.values()):
+        return
+    folders = sorted({f.parent.name for f in path.rglob("*") if f.is_file() and f.parent != path})
+    if len(folders) <= 1:
+        raise ValueError(
+            f"image folder {str(path)!r} has one class ({folders[0] if folders else 'no class folder'}): "
+            "classification needs at least two class folders"
+        )
+
+
+# What a column holds, for messages about a column given for the other role.
+_HOLDS = {datasets.Image: "images", datasets.ClassLabel: "class labels"}
+
+
+def _column_for(d, where: str, given: str | None, standard: str, kind: type, other: type, flag: str) -> str:
+    """The column of ``d`` that becomes ``standard``: ``given`` (checked to exist and not to hold the other
+    role's data), else ``standard`` itself, else the only column of feature type ``kind``."""
+    features = d.features or {}
+    if given is not None:
+        if given not in d.column_names:
+            raise ValueError(f"{where} has no column {given!r} ({flag}); columns: {d.column_names}")
+        if isinstance(features.get(given), other):
+            mine = [c for c, f in features.items() if isinstance(f, kind)]
+            raise ValueError(
+                f"{where}: column {given!r} ({flag}) holds {_HOLDS[other]}, not {_HOLDS[kind]}; the "
+                f"{_HOLDS[kind]} are in {mine or 'no column of that type'}"
+            )
+        return given
+    if standard in d.column_names:
+        return standard
+    cands = [c for c, f in features.items() if isinstance(f, kind)]
+    if not cands:
+        raise ValueError(f"{where} has no {standard} column: {d.column_names}; name it with {flag}")
+    if len(cands) > 1:
+        raise ValueError(f"{where} has {len(cands)} {kind.__name__} columns {cands}; pick one with {flag}")
+    return cands[0]
+
+
 def standard_columns(d, where: str, image_column: str | None, label_column: str | None):
     """``d`` (a Dataset or IterableDataset) with its image column as ``image`` (undecoded) and its label
     column as ``label``."""
@@ -97,28 +159,19 @@ def standard_columns(d, where: str, image_column: str | None, label_column: str 
         # Before any rename or cast: a stream's map/cast decodes each image and encodes it again (lossy
         # for JPEG); undecoded, the stored bytes pass through as the table's cast keeps them.
         d = d.decode(False)
-    for given, standard, kind, flag in (
-        (image_column, IMAGE_COLUMN, datasets.Image, "--data.image_column"),
-        (label_column, LABEL_COLUMN, datasets.ClassLabel, "--data.label_column"),
-    ):
-        if given is not None:
-            if given not in d.column_names:
-                raise ValueError(f"{where} has no column {given!r} ({flag}); columns: {d.column_names}")
-            if given != standard:
-                if standard in d.column_names:
-                    d = d.remove_columns(standard)
-                d = d.rename_column(given, standard)
-            continue
-        if standard in d.column_names:
-            continue
-        cands = [c for c, f in (d.features or {}).items() if isinstance(f, kind)]
-        if not cands:
-            raise ValueError(f"{where} has no {standard} column: {d.column_names}; name it with {flag}")
-        if len(cands) > 1:
-            raise ValueError(
-                f"{where} has {len(cands)} {kind.__name__} columns {cands}; pick one with {flag}"
-            )
-        d = d.rename_column(cands[0], standard)
+    # both roles are resolved before any rename: renaming one must not hide the column given for the other
+    image = _column_for(d, where, image_column, IMAGE_COLUMN, datasets.Image, datasets.ClassLabel,
+                        "--data.image_column")  # fmt: skip
+    label = _column_for(d, where, label_column, LABEL_COLUMN, datasets.ClassLabel, datasets.Image,
+                        "--data.label_column")  # fmt: skip
+    if image == label:
+        raise ValueError(f"{where}: --data.image_column and --data.label_column are both {image!r}")
+    clashing = [c for c in (IMAGE_COLUMN, LABEL_COLUMN) if c in d.column_names and c not in (image, label)]
+    if clashing:
+        d = d.remove_columns(clashing)
+    renames = {old: new for old, new in ((image, IMAGE_COLUMN), (label, LABEL_COLUMN)) if old != new}
+    if renames:
+        d = d.rename_columns(renames)
     if (
         isinstance((d.features or {}).get(IMAGE_COLUMN), datasets.Image)
         and not d.features[IMAGE_COLUMN].decode
