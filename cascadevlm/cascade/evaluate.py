@@ -140,6 +140,13 @@ class CascadeOptions:
         fusion_weight: the LVLM's weight in [0, 1]; null = chosen on ``budget_split`` (needs ``lvlm_on_val``).
         lvlm_on_val: also ask the LVLM about every image of ``budget_split`` (one LVLM call per
             validation image); writes ``val_records.parquet`` and the gates report (``gates/``).
+        allow_selection_on_eval: accept ``budget_split`` equal to ``data.split`` when something is fitted
+            there (tau from a budget, temperature, conformal quantile, learned gate, fusion weight): that
+            selects on the evaluated images, so the run name gets ``selOnEval`` and metrics.json
+            ``params.selection_on_eval`` is true. Refused without it.
+        max_failed_fraction: stop (non-zero, one line) when more than this fraction of the images asked
+            to the LVLM got no answer (failed API calls), or when none got one; answers received stay
+            cached for the rerun.
     """
 
     tau: Threshold = Threshold(math.inf)
@@ -158,7 +165,11 @@ class CascadeOptions:
     fusion: Literal["none", "logprob"] = "none"
     fusion_weight: float | None = None
     lvlm_on_val: bool = False
+    allow_selection_on_eval: bool = False
+    max_failed_fraction: float = 0.5
 
+
+MAX_SWEEP_POINTS = 10_000  # each point is a full pass over the records; more resolves nothing visible
 
 NEEDS_VAL_ANSWERS = (
     "cascade.gate=learned / cascade.fusion=logprob without fusion_weight need LVLM answers on the validation "
@@ -196,6 +207,22 @@ def check_options(opts: CascadeOptions, dm: CascadeDataModule, has_lvlm: bool) -
         raise ValueError(f"cascade.lvlm_batch_size must be >= 1, got {opts.lvlm_batch_size}")
     if opts.sweep_points < 2:
         raise ValueError(f"cascade.sweep_points must be >= 2, got {opts.sweep_points}")
+    if opts.sweep_points > MAX_SWEEP_POINTS:
+        raise ValueError(
+            f"cascade.sweep_points must be <= {MAX_SWEEP_POINTS} (each point is a pass over the records), "
+            f"got {opts.sweep_points}: set --cascade.sweep_points"
+        )
+    if opts.budget is not None and opts.tau != math.inf:
+        # the budget chooses tau: a tau given beside it (e.g. on the command line over a config's budget)
+        # would be dropped without a word
+        raise ValueError(
+            f"cascade.tau {opts.tau:g} and cascade.budget {opts.budget:g} are both set, and the budget "
+            "chooses tau: give one, e.g. --cascade.budget null to use the tau"
+        )
+    if not 0.0 <= opts.max_failed_fraction <= 1.0:
+        raise ValueError(
+            f"cascade.max_failed_fraction must be a fraction in [0, 1], got {opts.max_failed_fraction}"
+        )
     if opts.incontext_shots < 0:
         raise ValueError(f"cascade.incontext_shots must be >= 0, got {opts.incontext_shots}")
     if opts.max_examples < 0:
@@ -208,6 +235,13 @@ def check_options(opts: CascadeOptions, dm: CascadeDataModule, has_lvlm: bool) -
         )
     ro = routing_options(opts)
     ro.validate()
+    if selects_on_eval(opts, dm.split, has_lvlm) and not opts.allow_selection_on_eval:
+        raise ValueError(
+            f"cascade.budget_split is the evaluated split data.split {dm.split!r}: tau (and any fitted "
+            "routing) would be chosen on the very images the accuracy is measured on; set "
+            "--cascade.budget_split to another split (e.g. val), or --cascade.allow_selection_on_eval true "
+            "to accept it (marked in the run name and metrics.json)"
+        )
     if not has_lvlm and not ro.is_paper_cascade():
         raise ValueError(
             "cascade.gate/calibration/candidates/fusion route images to an LVLM but none is configured: "
@@ -244,6 +278,15 @@ def check_options(opts: CascadeOptions, dm: CascadeDataModule, has_lvlm: bool) -
         )
     if ro.needs_val_answers() and not opts.lvlm_on_val:
         raise ValueError(NEEDS_VAL_ANSWERS)
+
+
+def selects_on_eval(opts: CascadeOptions, split: str, has_lvlm: bool) -> bool:
+    """Whether this run fits something (tau from a budget, calibration, conformal sets, a learned gate,
+    a fusion weight, val answers) on ``budget_split`` and that split is the evaluated one."""
+    if not has_lvlm or opts.budget_split != split:
+        return False
+    ro = routing_options(opts)
+    return opts.budget is not None or opts.lvlm_on_val or (not ro.is_paper_cascade() and ro.needs_val())
 
 
 def weight_notes(model: ClipClassifier, backend: LVLMBackend | None, dataset: str | None = None) -> list[str]:
@@ -322,6 +365,7 @@ def default_run_name(
                   gate, opts.lvlm_on, f"top{opts.topk}",
                   f"ic{opts.incontext_shots}" if opts.incontext_shots else None]  # fmt: skip
         parts += routing_name_parts(opts)
+        parts.append("selOnEval" if selects_on_eval(opts, dm.split, True) else None)
     parts.append(f"n{dm.limit}" if dm.limit else None)
     return run_name(*parts)
 
@@ -443,6 +487,7 @@ def clip_and_gate(run: Run) -> tuple[list[PredictionRecord], dict, set[int] | No
             val_answers, _ = lvlm_stage(
                 run, val_records, -math.inf, dm=val_dm, parts=run_dir / "parts" / "val"
             )
+            check_failed_answers(val_answers, opts.max_failed_fraction, val_dm.split)
         if run.rank0 and (opts.lvlm_on_val or not paper):
             write_records(val_path, combine(val_records, val_answers, math.inf, opts.topk))
     if run.backend is None:
@@ -521,6 +566,9 @@ def stage_fingerprint(run: Run, dm: CascadeDataModule | None = None) -> dict:
             "topk": opts.topk,
             "incontext_shots": opts.incontext_shots,
             "max_examples": opts.max_examples,
+            # answers stored before queries stopped being their own example are not reused
+            **({"incontext_query_excluded": True} if opts.incontext_shots and dm.split == dm.train_split
+               else {}),  # fmt: skip
         },
     }
 
@@ -571,6 +619,7 @@ def lvlm_stage(
         exemplars = ExemplarPool(
             dm.dsd[dm.train_split], dm.kshot_split(), dm.class_names,
             shots_per_class=min(opts.incontext_shots, dm.shots), max_examples=opts.max_examples,
+            queries_from_pool_split=dm.split == dm.train_split,
         )  # fmt: skip
     cfg = run.cli.config
     store = open_answer_store(cfg.get("answer_store", "auto"), cfg.cache_dir)  # answers of earlier runs
@@ -583,6 +632,32 @@ def lvlm_stage(
     trainer.strategy.barrier()
     total = read_lvlm_calls(parts)
     return read_answers(parts), {"total": total, "this_attempt": total - calls_before}
+
+
+class LVLMFailedError(RuntimeError):
+    """Too many LVLM calls failed: the run stops rather than report CLIP's answers under the LVLM's name."""
+
+
+def check_failed_answers(answers: dict, max_fraction: float, split: str = "") -> None:
+    """Raise :class:`LVLMFailedError` (every rank: all read the same part files) when no LVLM answer
+    succeeded, or more than ``max_fraction`` of them are failed calls; the answers stay in the part files
+    and the API cache, so the rerun asks only the failed images again."""
+    failed = sum(bool(needs_retry(a.fallback)) for a in answers.values())
+    if not answers or not failed:
+        return
+    where = f" on the {split} split" if split else ""
+    if failed == len(answers) or failed / len(answers) > max_fraction:
+        head = (
+            f"none of the {failed} LVLM calls{where} succeeded"
+            if failed == len(answers)
+            else f"{failed} of {len(answers)} LVLM calls{where} failed, more than cascade.max_failed_fraction "
+            f"{max_fraction:g}"
+        )
+        raise LVLMFailedError(
+            f"{head} (the records would hold CLIP's top-1 under the LVLM's name); the answers received are "
+            "cached: rerun the same command once the LVLM answers (it asks only the failed images), or raise "
+            "--cascade.max_failed_fraction"
+        )
 
 
 def report(run: Run, clip_records: list[PredictionRecord], answers: dict, gate: dict, calls: dict) -> dict:
@@ -653,6 +728,8 @@ def report(run: Run, clip_records: list[PredictionRecord], answers: dict, gate: 
         "fusion": opts.fusion,
         "fusion_weight": (routing_info or {}).get("fusion_weight", opts.fusion_weight),
         "lvlm_on_val": opts.lvlm_on_val,
+        # tau / the routing fitted on the evaluated images themselves (cascade.allow_selection_on_eval)
+        "selection_on_eval": selects_on_eval(opts, dm.split, backend is not None),
         "lvlm_calls_val": calls.get("val", 0),  # the validation images of lvlm_on_val
         "lvlm_calls": calls["total"],  # every rank, every attempt of this run
         "lvlm_calls_this_attempt": calls["this_attempt"],
@@ -709,6 +786,7 @@ def evaluate(cli: LightningCLI) -> dict | None:
     answers, calls = {}, {"total": 0, "this_attempt": 0}
     if run.backend is not None:
         answers, calls = lvlm_stage(run, clip_records, float(gate["tau"]), sent)
+        check_failed_answers(answers, run.opts.max_failed_fraction)
         if run.opts.lvlm_on_val:
             calls["val"] = read_lvlm_calls(run.run_dir / "parts" / "val")
     if not run.rank0:

@@ -25,6 +25,8 @@ class ExemplarPool:
         shots_per_class: at most this many examples per candidate class.
         max_examples: at most this many examples per prompt (the query image comes on top).
         cache_size: decoded images kept in memory.
+        queries_from_pool_split: the queries are rows of ``dataset`` itself (the evaluated split is the
+            k-shot split's split): :meth:`attach` then never shows a query its own row as an example.
     """
 
     def __init__(
@@ -35,6 +37,7 @@ class ExemplarPool:
         shots_per_class: int = 1,
         max_examples: int = 4,
         cache_size: int = 256,
+        queries_from_pool_split: bool = False,
     ) -> None:
         self.dataset = dataset
         self.split = split
@@ -42,6 +45,7 @@ class ExemplarPool:
         self.shots_per_class = shots_per_class
         self.max_examples = max_examples
         self.cache_size = cache_size
+        self.queries_from_pool_split = queries_from_pool_split
         self._ids = {n.casefold(): i for i, n in enumerate(self.class_names)}
         self._images: OrderedDict[int, Image.Image] = OrderedDict()
 
@@ -83,8 +87,16 @@ class ExemplarPool:
                     out.append(Exemplar(image=self.image(rows[shot]), class_name=name))
         return out
 
-    def attach(self, requests: list[LVLMRequest]) -> list[LVLMRequest]:
-        """Fill each request's ``examples`` from the pool (in place); returns ``requests``."""
-        for r in requests:
-            r.examples = self.for_candidates(r.candidates)
+    def attach(self, requests: list[LVLMRequest], query_rows: list[int] | None = None) -> list[LVLMRequest]:
+        """Fill each request's ``examples`` from the pool (in place); returns ``requests``.
+
+        ``query_rows``: each request's row in its split; with ``queries_from_pool_split`` a query's own
+        row is skipped (a labelled copy of the query would give its answer away)."""
+        rows = (
+            query_rows if self.queries_from_pool_split and query_rows is not None else [None] * len(requests)
+        )
+        if len(rows) != len(requests):
+            raise ValueError(f"{len(rows)} query rows for {len(requests)} requests")
+        for r, row in zip(requests, rows, strict=True):
+            r.examples = self.for_candidates(r.candidates, None if row is None else {row})
         return requests
