@@ -158,3 +158,22 @@ def test_unknown_gate_is_refused_by_the_parser(tiny_clip_path, data_root, tmp_pa
         main(fake_args(tiny_clip_path, data_root, tmp_path, "r", "--cascade.gate", "vibes"))
     assert "vibes" in str(err.value)
     assert not (tmp_path / "r").exists() and FakeLVLM.log == []
+
+
+def test_conformal_quantile_is_the_kth_smallest_calibration_score():
+    """Split conformal: qhat is the k-th smallest of n scores, k = ceil((n + 1)(1 - alpha)). Twenty
+    two-class images whose label is CLIP's top-1 with probability 0.52, 0.54, ..., 0.90: each APS score
+    is that probability; alpha 0.1 gives k = ceil(18.9) = 19, the score 0.88 (the 20th, 0.90, covered
+    20/21 = 0.952 of new images instead of 19/21 = 0.905)."""
+    import numpy as np
+
+    from cascadevlm.gating.routing import conformal_quantile
+
+    p = 0.5 + np.arange(1, 21) / 50
+    order = np.random.default_rng(0).permutation(20)  # not handed over sorted
+    logp = np.log(np.stack([p, 1 - p], axis=1))[order]
+    labels = np.zeros(20, dtype=int)
+    assert conformal_quantile(logp, labels, 0.1) == pytest.approx(0.88)
+    assert conformal_quantile(logp, labels, 0.1, "raps") == pytest.approx(0.88)  # no penalty within k_reg = 2
+    assert conformal_quantile(logp, labels, 0.5) == pytest.approx(0.5 + 11 / 50)  # k = ceil(10.5) = 11
+    assert conformal_quantile(logp, labels, 0.04) == math.inf  # k = ceil(20.16) = 21 > n: every class

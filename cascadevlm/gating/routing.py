@@ -388,7 +388,7 @@ def _penalised_cumsum(p_sorted: np.ndarray, method: str, lam: float, k_reg: int)
 def conformal_quantile(
     logp: np.ndarray, labels: np.ndarray, alpha: float, method: str = "aps", lam: float = 0.05, k_reg: int = 2
 ) -> float:
-    """Split-conformal threshold from calibration images: the ceil((n+1)(1-alpha))/n quantile of the
+    """Split-conformal threshold from calibration images: the k-th smallest, k = ceil((n+1)(1-alpha)), of the
     (non-randomised) APS / RAPS score, the mass of the classes ranked up to and including the label."""
     n = len(labels)
     if n == 0:
@@ -397,10 +397,10 @@ def conformal_quantile(
     cum = _penalised_cumsum(p_sorted, method, lam, k_reg)
     rank = np.argmax(order == labels[:, None], axis=1)
     scores = cum[np.arange(n), rank]
-    level = math.ceil((n + 1) * (1 - alpha)) / n
-    if level > 1:
+    k = math.ceil((n + 1) * (1 - alpha) - 1e-9)  # the k-th smallest score (1-based), as split conformal prescribes
+    if k > n:
         return math.inf  # too few calibration images for this alpha: every class
-    return float(np.quantile(scores, level, method="higher"))
+    return float(np.sort(scores)[k - 1])
 
 
 def conformal_set_sizes(
