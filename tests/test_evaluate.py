@@ -201,3 +201,31 @@ def test_trainer_test_logs_the_same_metrics_as_the_records(tiny_clip_path, data_
     assert logged["test/acc1"] == pytest.approx(ref["clip_acc1"], abs=1e-6)
     assert logged["test/acc5"] == pytest.approx(ref["clip_acc5"], abs=1e-6)
     assert logged["test/mean_per_class_recall"] == pytest.approx(ref["clip_mean_per_class_recall"], abs=1e-6)
+
+
+def test_feature_part_files_never_unpickle_code(tmp_path, monkeypatch):
+    """A DDP rank's feature part file holding a pickled object that would run code when loaded is refused,
+    also where torch.load's default still unpickles anything (torch < 2.6, which pyproject.toml allows)."""
+    import pickle
+
+    from cascadevlm.cascade.writer import RecordPartsWriter
+
+    marker = tmp_path / "code_ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    writer = RecordPartsWriter(tmp_path / "parts")
+    writer.parts_dir.mkdir()
+    torch.save({"index": torch.arange(2), "features": Payload()}, writer.feature_path(1))
+    real = torch.load
+    monkeypatch.setattr(
+        torch, "load", lambda f, *a, weights_only=False, **k: real(f, *a, weights_only=weights_only, **k)
+    )
+    with pytest.raises(pickle.UnpicklingError):
+        writer.merged_features(world_size=2, num_rows=2)
+    assert not marker.exists()
+    # plain tensors still load
+    torch.save({"index": torch.arange(2), "features": torch.ones(2, 3)}, writer.feature_path(1))
+    assert torch.equal(writer.merged_features(world_size=2, num_rows=2), torch.ones(2, 3))

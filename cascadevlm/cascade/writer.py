@@ -89,7 +89,10 @@ class RecordPartsWriter(BasePredictionWriter):
             )
         else:
             parts = [
-                torch.load(self.feature_path(r)) for r in range(world_size) if self.feature_path(r).exists()
+                # tensors only: a part file is never trusted to run code (torch < 2.6 unpickles anything)
+                torch.load(self.feature_path(r), weights_only=True)
+                for r in range(world_size)
+                if self.feature_path(r).exists()
             ]
         if not parts:
             return None
