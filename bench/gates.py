@@ -159,7 +159,7 @@ def main() -> None:
     print(f"per setting from records: {per:.2f} s; ratio re-run once / one setting: {rerun_all / per:.0f}x "
           f"(LVLM on all), {rerun_30 / per:.0f}x (LVLM on 30%)")  # fmt: skip
     w = g["winner"]
-    print(f"(on these simulated records, at 30%: best gate {w['gate']} {100 * w['acc1']:.2f}% vs entropy "
+    print(f"(on these simulated records, at 30%: gate chosen on {w['chosen_on']} {w['gate']} {100 * w['acc1']:.2f}% vs entropy "
           f"{100 * w['entropy_acc1']:.2f}%, oracle {100 * w['oracle_acc1']:.2f}%)")  # fmt: skip
     print(
         "models are tiny and on CPU: a real CLIP + 7B LVLM makes a re-run far slower, so the ratio is a floor"
