@@ -88,7 +88,7 @@ def test_lvlm_beats_clip_where_clip_is_unsure_and_the_cascade_beats_clip(demo_ru
     records, metrics, out = demo_run
     gate = json.loads((out / "demo" / "gate.json").read_text())
     assert gate["budget_split_deferral"] <= 0.30  # the budget holds where tau was chosen (val)
-    numbers = cascade_claims(records)
+    numbers = cascade_claims(records, gate["tau"])
     # the test subset's fraction may drift a little from val's
     assert claim_failures(numbers, max_deferred=0.35) == [], numbers
     assert metrics["metrics"]["acc1"] == pytest.approx(numbers["cascade"])
@@ -96,7 +96,40 @@ def test_lvlm_beats_clip_where_clip_is_unsure_and_the_cascade_beats_clip(demo_ru
 
 def _canary(monkeypatch, data_root, out: Path, name: str) -> dict:
     main(_args(data_root, out, name, "--cascade.lvlm_on", "deferred"))
-    return cascade_claims(read_records(out / name / "records.parquet"))
+    tau = json.loads((out / name / "gate.json").read_text())["tau"]
+    return cascade_claims(read_records(out / name / "records.parquet"), tau)
+
+
+def test_claims_are_recomputed_from_what_the_records_measured_not_from_final():
+    """Six images, tau 1.0: two deferred (entropy 2.0); the stored ``final`` is the LVLM's everywhere (the
+    bug of taking the LVLM's answer on confident images too), which the checker must not believe."""
+    from cascadevlm.records import PredictionRecord
+
+    rows = [  # (label, clip top-1, entropy, lvlm choice)
+        (0, 0, 0.1, 0), (1, 2, 0.2, 1), (2, 2, 0.3, 2), (3, 3, 0.4, 3), (4, 5, 2.0, 4), (5, 0, 2.0, 1),
+    ]  # fmt: skip
+    records = [
+        PredictionRecord(index=i, label=y, clip_topk=[c, (c + 1) % 6], clip_topk_probs=[0.6, 0.4], entropy=e,
+                         clip_pred=c, deferred=True, lvlm_choice=v, final=v)
+        for i, (y, c, e, v) in enumerate(rows)
+    ]  # fmt: skip
+    numbers = cascade_claims(records, 1.0)
+    assert numbers["clip"] == pytest.approx(3 / 6)
+    assert numbers["cascade"] == pytest.approx(4 / 6)  # the stored finals would say 5 / 6
+    assert numbers["deferred_fraction"] == pytest.approx(2 / 6)
+    assert numbers["clip_on_deferred"] == 0.0 and numbers["lvlm_on_deferred"] == pytest.approx(1 / 2)
+    assert numbers["stored_final_differs"] == 1 and numbers["stored_deferred_differs"] == 4
+    failures = claim_failures(numbers, max_deferred=0.5)
+    assert failures[:2] == [
+        "the records' stored 'final' differs from the cascade recomputed from entropy, tau and the LVLM's "
+        "choice on 1 images",
+        "the records' stored 'deferred' differs from the cascade recomputed from entropy, tau and the LVLM's "
+        "choice on 4 images",
+    ]
+    honest = [PredictionRecord(**{**r.__dict__, "deferred": r.entropy > 1.0,
+                                  "final": r.lvlm_choice if r.entropy > 1.0 else r.clip_pred}) for r in records]  # fmt: skip
+    assert cascade_claims(honest, 1.0)["stored_final_differs"] == 0
+    assert claim_failures(cascade_claims(honest, 1.0), max_deferred=0.5) == []
 
 
 def test_canary_lvlm_given_other_images_than_its_records_is_caught(demo_run, data_root, monkeypatch):

@@ -32,25 +32,31 @@ def _acc(pred: np.ndarray, label: np.ndarray, mask: np.ndarray) -> float:
     return float((pred[mask] == label[mask]).mean()) if mask.any() else float("nan")
 
 
-def cascade_claims(records: Sequence[PredictionRecord]) -> dict:
-    """The issue's numbers from one run's records (``lvlm_on: all`` or ``deferred``).
+def cascade_claims(records: Sequence[PredictionRecord], tau: float) -> dict:
+    """The issue's numbers from one run's records (``lvlm_on: all`` or ``deferred``) and its gate's tau.
 
-    ``clip``: CLIP alone; ``cascade``: the final predictions; ``deferred_fraction``; on the deferred
-    images, ``clip_on_deferred`` and ``lvlm_on_deferred``.
+    The cascade is recomputed from what each record measured (label, CLIP's top-1, entropy, the LVLM's
+    choice) and tau, never read from the stored ``final``/``deferred`` fields: ``clip``: CLIP alone;
+    ``cascade``: the LVLM's choice where entropy > tau, CLIP's top-1 elsewhere; ``deferred_fraction``; on
+    the deferred images, ``clip_on_deferred`` and ``lvlm_on_deferred``. ``stored_final_differs`` /
+    ``stored_deferred_differs`` count the records whose stored fields disagree with that recomputation.
     """
     label = np.array([r.label for r in records])
     clip = np.array([r.clip_pred for r in records])
-    final = np.array([r.final for r in records])
-    deferred = np.array([r.deferred for r in records])
+    deferred = np.array([r.entropy for r in records], dtype=np.float64) > tau
     lvlm = np.array([-1 if r.lvlm_choice is None else r.lvlm_choice for r in records])
+    final = np.where(deferred, lvlm, clip)
     every = np.ones(len(records), dtype=bool)
     return {
         "images": len(records),
+        "tau": float(tau),
         "clip": _acc(clip, label, every),
         "cascade": _acc(final, label, every),
         "deferred_fraction": float(deferred.mean()),
         "clip_on_deferred": _acc(clip, label, deferred),
         "lvlm_on_deferred": _acc(lvlm, label, deferred),
+        "stored_final_differs": int(sum(r.final != f for r, f in zip(records, final, strict=True))),
+        "stored_deferred_differs": int(sum(r.deferred != d for r, d in zip(records, deferred, strict=True))),
     }
 
 
@@ -59,6 +65,12 @@ def claim_failures(
 ) -> list[str]:
     """Which of the issue's claims the numbers break (empty: all hold). Gains are in accuracy units."""
     bad = []
+    for field in ("final", "deferred"):
+        if numbers.get(f"stored_{field}_differs"):
+            bad.append(
+                f"the records' stored {field!r} differs from the cascade recomputed from entropy, tau and the "
+                f"LVLM's choice on {numbers[f'stored_{field}_differs']} images"
+            )
     if not numbers["lvlm_on_deferred"] >= numbers["clip_on_deferred"] + lvlm_gain:
         bad.append(
             f"LVLM {numbers['lvlm_on_deferred']:.3f} on deferred images is not {lvlm_gain:.2f} above "
@@ -114,7 +126,9 @@ def main(argv: list[str] | None = None) -> None:
     left = [names.index(n) for n in LEFT_OUT]
     seen = [c for c in range(len(names)) if c not in left]
     records = read_records(Path(args.run_dir) / "records.parquet")
-    numbers = cascade_claims(records)
+    numbers = cascade_claims(
+        records, float(json.loads((Path(args.run_dir) / "gate.json").read_text())["tau"])
+    )
     numbers["clip_seen_classes"] = group_accuracy(records, seen)
     numbers["clip_left_out_classes"] = group_accuracy(records, left)
     print(json.dumps(numbers, indent=1))
