@@ -59,6 +59,18 @@ def gemma3_short_window_dir(tmp_path_factory):
     return build_tiny_gemma3(tmp_path_factory.mktemp("tiny_gemma3_w24"), sliding_window=24)
 
 
+@pytest.fixture(scope="session")
+def llava_lora_dir(tiny_llava_dir, tmp_path_factory):
+    """A LoRA adapter made (peft's save_pretrained, untrained) for the tiny LLaVA."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    net = AutoModelForImageTextToText.from_pretrained(tiny_llava_dir)
+    out = tmp_path_factory.mktemp("llava_lora")
+    get_peft_model(net, LoraConfig(r=2, target_modules=["q_proj", "v_proj"])).save_pretrained(out)
+    return out
+
+
 @pytest.fixture(scope="session", params=["llava", "qwen2vl"])
 def tiny_lvlm_dir(request):
     """Each tiny architecture in turn."""

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from lvlm_fixtures import llava_dir, photos, qwen2vl_dir  # noqa: F401
+from lvlm_fixtures import llava_dir, llava_lora_dir, photos, qwen2vl_dir  # noqa: F401
 
 from cascadevlm.errors import project_error
 from cascadevlm.lvlm.api_backend import OpenAIBackend
@@ -20,11 +20,16 @@ BACKEND_CONFIGS = sorted(p for p in CONFIGS.glob("*.yaml") if not p.name.startsw
 
 
 def _local_model(path: Path, request) -> dict:
-    """The tiny demo configs name ``artifacts/tiny_lvlm/<kind>``, written by hand; tests pass their own."""
-    model = yaml.safe_load(path.read_text())["init_args"].get("model", "")
+    """The tiny demo configs name ``artifacts/tiny_lvlm/<kind>``, written by hand, and a LoRA adapter
+    that train.py writes; tests pass their own (the backend checks both folders when it is built)."""
+    init_args = yaml.safe_load(path.read_text())["init_args"]
+    model = init_args.get("model", "")
+    out = {}
     if model.startswith("artifacts/tiny_lvlm/"):
-        return {"model": str(request.getfixturevalue(f"tiny_{model.rsplit('/', 1)[1]}_dir"))}
-    return {}
+        out["model"] = str(request.getfixturevalue(f"tiny_{model.rsplit('/', 1)[1]}_dir"))
+    if init_args.get("lora_path"):
+        out["lora_path"] = str(request.getfixturevalue("llava_lora_dir"))
+    return out
 
 
 @pytest.mark.parametrize("path", BACKEND_CONFIGS, ids=lambda p: p.name)

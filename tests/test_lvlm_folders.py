@@ -8,24 +8,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-from lvlm_fixtures import llava_dir, photos, qwen2vl_dir  # noqa: F401
+from lvlm_fixtures import llava_dir, llava_lora_dir, photos, qwen2vl_dir  # noqa: F401
 
 from cascadevlm.lvlm.transformers_backend import TransformersBackend
 
 MODEL = "lvlm.init_args.model"
 LORA = "lvlm.init_args.lora_path"
-
-
-@pytest.fixture(scope="module")
-def llava_lora(llava_dir, tmp_path_factory):  # noqa: F811
-    """A LoRA adapter made (peft's save_pretrained) for the tiny LLaVA."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForImageTextToText
-
-    net = AutoModelForImageTextToText.from_pretrained(llava_dir)
-    out = tmp_path_factory.mktemp("llava_lora")
-    get_peft_model(net, LoraConfig(r=2, target_modules=["q_proj", "v_proj"])).save_pretrained(out)
-    return out
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -106,7 +94,7 @@ def test_an_image_folder_as_the_model_is_refused(photo_folder):
     )
 
 
-def test_lora_folders_missing_not_an_adapter_or_broken_are_refused(llava_dir, llava_lora, tmp_path):  # noqa: F811
+def test_lora_folders_missing_not_an_adapter_or_broken_are_refused(llava_dir, llava_lora_dir, tmp_path):  # noqa: F811
     missing = tmp_path / "no_such_lora"
     with pytest.raises(FileNotFoundError) as err:
         TransformersBackend(str(llava_dir), lora_path=str(missing))
@@ -120,7 +108,7 @@ def test_lora_folders_missing_not_an_adapter_or_broken_are_refused(llava_dir, ll
         f"LoRA folder {str(llava_dir)!r} has no adapter_config.json, so it is no peft adapter (it is a whole "
         f"model: set {MODEL} to it instead); set {LORA} to a folder that peft's save_pretrained wrote, or null"
     )
-    broken = _copy(llava_lora, tmp_path / "broken_lora")
+    broken = _copy(llava_lora_dir, tmp_path / "broken_lora")
     (broken / "adapter_model.safetensors").write_bytes(b"\0" * 3)
     with pytest.raises(ValueError) as err:
         TransformersBackend(str(llava_dir), lora_path=str(broken))
@@ -130,41 +118,50 @@ def test_lora_folders_missing_not_an_adapter_or_broken_are_refused(llava_dir, ll
     )
 
 
-def test_a_lora_made_for_another_model_is_refused(llava_dir, qwen2vl_dir, llava_lora, photos):  # noqa: F811
+def test_a_lora_made_for_another_model_is_refused(llava_dir, qwen2vl_dir, llava_lora_dir, photos):  # noqa: F811
     """A LLaVA adapter on Qwen2-VL: peft loads it (the module names match) and answers change."""
     with pytest.raises(ValueError) as err:
-        TransformersBackend(str(qwen2vl_dir), lora_path=str(llava_lora))
+        TransformersBackend(str(qwen2vl_dir), lora_path=str(llava_lora_dir))
     assert str(err.value) == (
-        f"LoRA adapter {str(llava_lora)!r} was made for LlavaForConditionalGeneration ({llava_dir}), not for "
+        f"LoRA adapter {str(llava_lora_dir)!r} was made for LlavaForConditionalGeneration ({llava_dir}), not for "
         f"{str(qwen2vl_dir)!r} (Qwen2VLForConditionalGeneration): set {LORA} to an adapter trained on this "
         f"model, or {MODEL} to the adapter's base model"
     )
     from cascadevlm.lvlm.base import LVLMRequest
 
-    ok = TransformersBackend(str(llava_dir), lora_path=str(llava_lora), device="cpu")  # its own base model
+    ok = TransformersBackend(
+        str(llava_dir), lora_path=str(llava_lora_dir), device="cpu"
+    )  # its own base model
     (answer,) = ok.choose([LVLMRequest(image=photos["cat"], candidates=["cat", "horse"], fallback=0)])
     assert answer.scores is not None
 
 
-def test_a_lora_whose_base_folder_has_another_config_is_refused(llava_dir, llava_lora, tmp_path):  # noqa: F811
+def test_a_lora_whose_base_folder_has_another_config_is_refused(llava_dir, llava_lora_dir, tmp_path):  # noqa: F811
     """Same class (LLaVA), other dimensions: the recorded base folder's config.json differs."""
     other = _copy(llava_dir, tmp_path / "llava_wide")
     config = json.loads((other / "config.json").read_text())
     config["text_config"]["intermediate_size"] = 256
     (other / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=f"^LoRA adapter {str(llava_lora)!r} was made for Llava"):
-        TransformersBackend(str(other), lora_path=str(llava_lora))
+    with pytest.raises(ValueError, match=f"^LoRA adapter {str(llava_lora_dir)!r} was made for Llava"):
+        TransformersBackend(str(other), lora_path=str(llava_lora_dir))
 
 
 @pytest.mark.parametrize("case", ["truncated safetensors", "no tokenizer files", "lora for another model"])
 def test_evaluate_exits_2_with_one_line(
-    case, tiny_clip_path, photo_folder, tiny_llava_dir, tiny_qwen2vl_dir, llava_lora, tmp_path, capsys
+    case,
+    tiny_clip_path,
+    photo_folder,
+    tiny_llava_dir,
+    tiny_qwen2vl_dir,
+    llava_lora_dir,  # noqa: F811
+    tmp_path,
+    capsys,
 ):
     from cascadevlm.cli import evaluate_main
 
     if case == "lora for another model":
-        model, extra = tiny_qwen2vl_dir, ["--lvlm.init_args.lora_path", str(llava_lora)]
-        expected = f"LoRA adapter {str(llava_lora)!r} was made for LlavaForConditionalGeneration"
+        model, extra = tiny_qwen2vl_dir, ["--lvlm.init_args.lora_path", str(llava_lora_dir)]
+        expected = f"LoRA adapter {str(llava_lora_dir)!r} was made for LlavaForConditionalGeneration"
     else:
         model, extra = _copy(tiny_llava_dir, tmp_path / "llava"), []
         expected = BROKEN[case](model)
