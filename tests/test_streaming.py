@@ -113,7 +113,8 @@ def test_streamed_mirror_gives_the_records_of_its_prepared_copy(
     assert probs[0] == pytest.approx(probs[1], abs=1e-6)
     assert stream_images == table_images and len(stream_images) == len(b)  # the LVLM saw the same images
     assert list((tmp_path / "table" / "cache").glob("*.safetensors"))
-    assert not (tmp_path / "stream" / "cache").exists()  # no feature cache unless asked
+    # no feature cache unless asked (the LVLM answer store, answers.sqlite, may live in that folder)
+    assert not list((tmp_path / "stream" / "cache").glob("*.safetensors"))
 
 
 def test_streamed_folder_with_a_limit_and_the_cache_asked_for(tiny_clip_path, photo_folder, tmp_path):
