@@ -89,6 +89,36 @@ def _api(**kw):
     return OpenAIBackend("m", base_url="http://127.0.0.1:1/v1", api_key_env=None, cache_path=None, **kw)
 
 
+def _lvlm(model, **kw):
+    from cascadevlm.lvlm.transformers_backend import TransformersBackend
+
+    return TransformersBackend(str(model), device="cpu", **kw)
+
+
+def _lvlm_folder(
+    ctx, weights: str | None = None, tokenizer: bool = True, arch: str = "LlavaForConditionalGeneration"
+):
+    """A model folder ``{tmp}/m``: a config.json, weights (a real safetensors file, or the text given) and
+    a tokenizer file."""
+    folder = _write(ctx.tmp / "m" / "config.json", json.dumps({"architectures": [arch]})).parent
+    if weights is None:
+        shutil.copy(ctx.clip, folder / "model.safetensors")
+    else:
+        _write(folder / "model.safetensors", weights)
+    if tokenizer:
+        _write(folder / "tokenizer.json", "{}")
+    return folder
+
+
+def _other_lora(ctx):
+    """A LoRA folder ``{tmp}/lora`` that peft made for a LLaVA."""
+    lora = _write(ctx.tmp / "lora" / "adapter_config.json", json.dumps(
+        {"auto_mapping": {"base_model_class": "LlavaForConditionalGeneration"}, "base_model_name_or_path": "llava"}
+    )).parent  # fmt: skip
+    shutil.copy(ctx.clip, lora / "adapter_model.safetensors")
+    return str(lora)
+
+
 def _data(ctx, **kw):
     from cascadevlm.data.datamodule import CascadeDataModule
 
@@ -359,6 +389,28 @@ CASES = [
      "letter's log-probability: set guided_choice false"),
     ("api max_consecutive_failures", lambda c: _api(max_consecutive_failures=-1), ValueError,
      "lvlm.init_args.max_consecutive_failures must be >= 0, got -1"),
+    # ---- LVLM and LoRA folders (cascadevlm/lvlm/folders.py; more in tests/test_lvlm_folders.py)
+    ("lvlm image folder", lambda c: _lvlm(c.photos), ValueError,
+     "LVLM folder '{photos}' has no config.json (it holds images: a dataset folder, not a model); set "
+     "lvlm.init_args.model to a folder that save_pretrained wrote (config.json, *.safetensors, tokenizer and "
+     "processor files) or a hub id"),
+    ("lvlm junk safetensors", lambda c: _lvlm(_lvlm_folder(c, weights="junk" * 50)), ValueError,
+     "{tmp}/m/model.safetensors is not a complete safetensors file (header too large): download or copy it "
+     "again, or set lvlm.init_args.model to another folder"),
+    ("lvlm no tokenizer", lambda c: _lvlm(_lvlm_folder(c, tokenizer=False)), ValueError,
+     "LVLM folder '{tmp}/m' has no tokenizer files (tokenizer.json, tokenizer.model, spiece.model, ...): copy "
+     "them from the model's release (processor.save_pretrained writes them) or set lvlm.init_args.model"),
+    ("lora missing", lambda c: _lvlm(_lvlm_folder(c), lora_path=str(c.tmp / "nope")), FileNotFoundError,
+     "LoRA folder '{tmp}/nope' does not exist; set lvlm.init_args.lora_path to a folder with "
+     "adapter_config.json (peft's save_pretrained, train.py's lora_adapter), or null"),
+    ("lora not an adapter", lambda c: _lvlm(_lvlm_folder(c), lora_path=str(c.photos)), ValueError,
+     "LoRA folder '{photos}' has no adapter_config.json, so it is no peft adapter; set "
+     "lvlm.init_args.lora_path to a folder that peft's save_pretrained wrote, or null"),
+    ("lora for another model", lambda c: _lvlm(_lvlm_folder(c, arch="Qwen2VLForConditionalGeneration"),
+     lora_path=_other_lora(c)), ValueError,
+     "LoRA adapter '{tmp}/lora' was made for LlavaForConditionalGeneration (llava), not for '{tmp}/m' "
+     "(Qwen2VLForConditionalGeneration): set lvlm.init_args.lora_path to an adapter trained on this model, "
+     "or lvlm.init_args.model to the adapter's base model"),
 ]  # fmt: skip
 
 
