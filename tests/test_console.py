@@ -118,7 +118,7 @@ def test_demo_console_names_each_stage_and_has_no_third_party_noise(demo_runs):
     for name in STAGES:
         assert name in p.stderr, f"no {name!r} bar:\n{p.stderr}"
     lvlm_bar = next(line for line in p.stderr.splitlines() if line.startswith("LVLM stage ━"))
-    assert "24 img · " in lvlm_bar and "/s · cached 0 · asked 24 · failed 0" in lvlm_bar
+    assert "24 img, " in lvlm_bar and "/s · cached 0, asked 24, failed 0" in lvlm_bar
     # stdout holds the results: the headline table first, the details, the closing block
     assert (
         p.stdout.startswith("# r\n\n| method | top-1 acc | sent to LVLM |\n") and "CLIP stage" not in p.stdout
@@ -276,5 +276,28 @@ def test_stage_counts_images_and_lvlm_answers(console_state, capsys):
         trainer.predict(Stage(), loader, return_predictions=False)
     assert (counts.images, counts.asked, counts.failed, counts.cached) == (10, 2 + 2 + 1, 1, 7 + 5)
     err = capsys.readouterr().err
-    assert "LVLM stage: 10 images in" in err and "cached 12 · asked 5 · failed 1" in err
+    assert "LVLM stage: 10 images in" in err and "cached 12, asked 5, failed 1" in err
     assert "Predicting" not in err and trainer.progress_bar_callback.is_enabled  # the bar is back
+
+
+def test_the_lvlm_stage_bar_of_a_2000_image_run_fits_80_columns_uncut():
+    """The demo's LVLM bar was cut at 80 columns ("asked 1800 · fail…"); a bar never wraps, and the
+    counts of a 2000-image stage fit whole."""
+    import io
+
+    from rich.console import Console
+    from rich.progress import Progress, TextColumn
+
+    from cascadevlm.progress import LVLMCounts, StageProgressBar
+
+    console = Console(file=io.StringIO(), width=COLUMNS)
+    metrics = TextColumn("")  # Lightning's metrics column, last and empty while predicting
+    progress = Progress(*StageProgressBar().configure_columns(None), metrics, console=console)
+    counts = LVLMCounts(type("Backend", (), {"calls": 0})())
+    counts.backend.calls, counts.images = 1800, 2000  # 200 of the 2000 answered from the cache
+    task = progress.add_task("LVLM stage", total=32, images=2000, note=counts.text())
+    progress.update(task, completed=32)
+    progress.tasks[0].finished_time = 312.5  # seconds: 6.4 images/s, as the demo measured
+    console.print(progress.make_tasks_table(progress.tasks))
+    (line,) = console.file.getvalue().splitlines()
+    assert len(line.rstrip()) <= COLUMNS and line.rstrip().endswith("/s · cached 200, asked 1800, failed 0")

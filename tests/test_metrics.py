@@ -43,3 +43,15 @@ def test_mean_per_class_recall_matches_sklearn_on_random_data():
     preds = rng.integers(0, 10, 200)
     ref = recall_score(labels, preds, average="macro", labels=sorted(set(labels.tolist())))
     assert mean_per_class_recall(preds.tolist(), labels.tolist(), 10) == pytest.approx(ref)
+
+
+def test_metrics_carry_no_float32_noise():
+    """torchmetrics computes in float32: 578 right of 1000 was 0.578000009059906 in metrics.json and CSVs."""
+    from cascadevlm.report.analysis import sweep
+
+    labels = [i % 5 for i in range(1000)]
+    preds = [y if i < 578 else (y + 1) % 5 for i, y in enumerate(labels)]
+    records = _records(preds, labels, 5)
+    m = classification_metrics(records, 5)
+    assert m["acc1"] == m["clip_acc1"] == 0.578 and m["clip_acc5"] == 1.0
+    assert sweep(records, 5, [float("inf")])[0]["acc1"] == 0.578

@@ -1,4 +1,8 @@
-"""Metrics from prediction records (torchmetrics functional, so the numbers match the Lightning logs)."""
+"""Metrics from prediction records (torchmetrics functional, so the numbers match the Lightning logs).
+
+torchmetrics computes in float32; each number is returned as the float32's shortest digits
+(:func:`~cascadevlm.report.formats.plain_float`: 0.578, not 0.578000009059906), so metrics.json, sweep.csv
+and the tables built from them carry no float32 noise."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import torch
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_recall
 
 from cascadevlm.records import PredictionRecord
+from cascadevlm.report.formats import plain_float
 
 
 def _topk_scores(records: Sequence[PredictionRecord], num_classes: int) -> torch.Tensor:
@@ -23,9 +28,11 @@ def _topk_scores(records: Sequence[PredictionRecord], num_classes: int) -> torch
 def accuracy(preds: Sequence[int], labels: Sequence[int], num_classes: int, average: str = "micro") -> float:
     if len(preds) == 0:
         return float("nan")
-    return float(
-        multiclass_accuracy(
-            torch.tensor(list(preds)), torch.tensor(list(labels)), num_classes, average=average
+    return plain_float(
+        float(
+            multiclass_accuracy(
+                torch.tensor(list(preds)), torch.tensor(list(labels)), num_classes, average=average
+            )
         )
     )
 
@@ -41,7 +48,7 @@ def mean_per_class_recall(preds: Sequence[int], labels: Sequence[int], num_class
     target = torch.tensor(list(labels))
     recall = multiclass_recall(torch.tensor(list(preds)), target, num_classes, average="none")
     present = torch.bincount(target, minlength=num_classes) > 0
-    return float(recall[present].mean())
+    return plain_float(float(recall[present].mean()))
 
 
 def classification_metrics(records: Sequence[PredictionRecord], num_classes: int) -> dict:
@@ -54,9 +61,11 @@ def classification_metrics(records: Sequence[PredictionRecord], num_classes: int
         return {"n": 0}
     labels = [r.label for r in recs]
     k = min(5, num_classes, min(len(r.clip_topk) for r in recs))
-    clip_acc5 = float(
-        multiclass_accuracy(
-            _topk_scores(recs, num_classes), torch.tensor(labels), num_classes, top_k=k, average="micro"
+    clip_acc5 = plain_float(
+        float(
+            multiclass_accuracy(
+                _topk_scores(recs, num_classes), torch.tensor(labels), num_classes, top_k=k, average="micro"
+            )
         )
     )
     return {
