@@ -142,6 +142,11 @@ def test_reasoning_prompt_is_in_the_fingerprint_and_sizes_the_answer_length():
     assert (short.max_new_tokens, reasoning.max_new_tokens) == (16, 512)
     assert short.answer_fingerprint() != reasoning.answer_fingerprint()
     assert reasoning.answer_fingerprint()["prompt"]["reasoning"] is True
+    # at their defaults the new settings leave the fingerprint of runs made before them as it was
+    # (run names, resume, answer store): the prompt without reasoning keys, the length used (16)
+    fp = TransformersBackend("not-loaded-yet", mode="generate", prompt=PromptConfig()).answer_fingerprint()
+    assert not {"reasoning", "letter_reasoning_instruction", "name_reasoning_instruction"} & set(fp["prompt"])
+    assert (fp["max_new_tokens"], reasoning.answer_fingerprint()["max_new_tokens"]) == (16, 512)
     set_length = TransformersBackend(
         "not-loaded-yet", mode="generate", prompt=PromptConfig(reasoning=True), max_new_tokens=200
     )
@@ -153,6 +158,7 @@ def test_reasoning_prompt_is_in_the_fingerprint_and_sizes_the_answer_length():
         for r in (False, True)
     ]
     assert [a.max_tokens for a in api] == [32, 512]
+    assert [a.answer_fingerprint()["max_tokens"] for a in api] == [32, 512]
     assert api[0].answer_fingerprint() != api[1].answer_fingerprint()
     req = LVLMRequest(image=photos_stub(), candidates=["cat", "horse"], key="k")
     keys = [a.request_key(req, build_prompt(req, a.prompt)) for a in api]

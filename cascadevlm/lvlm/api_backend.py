@@ -350,6 +350,7 @@ class OpenAIBackend(LVLMBackend):
         self.backoff_s = backoff_s
         self.backoff_max_s = backoff_max_s
         self.max_tokens = answer_tokens(self.prompt, mode, max_tokens, "lvlm.init_args.max_tokens", 32)
+        self._init_config["max_tokens"] = self.max_tokens  # the length used, in the fingerprint
         self.max_tokens_param = max_tokens_param
         self.temperature = temperature
         self.image_format = image_format

@@ -21,10 +21,20 @@ def needs_retry(fallback: str | None) -> bool:
     return bool(fallback) and fallback.startswith(RETRY_FALLBACKS)
 
 
+# Field metadata of a setting added after runs were made: left out of the answer fingerprint while it
+# has its default (which answers the way runs made before it did), so those runs keep their identity
+# (run name, resume, answer store); in it as soon as it is set.
+NEW_SETTING = {"fingerprint": "when_set"}
+
+
 def _plain(value):
     """A JSON-able form of an init argument (dataclasses as dicts, paths as strings)."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return _plain(dataclasses.asdict(value))
+        return {
+            f.name: _plain(getattr(value, f.name))
+            for f in dataclasses.fields(value)
+            if not (f.metadata.get("fingerprint") == "when_set" and getattr(value, f.name) == f.default)
+        }
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

@@ -16,7 +16,7 @@ from typing import Literal
 
 from PIL import Image
 
-from cascadevlm.lvlm.base import Exemplar, LVLMRequest
+from cascadevlm.lvlm.base import NEW_SETTING, Exemplar, LVLMRequest
 
 LETTERS = string.ascii_uppercase
 
@@ -45,7 +45,8 @@ class PromptConfig:
             (``letter_reasoning_instruction`` / ``name_reasoning_instruction`` replace the instruction);
             generate mode only. The parser reads the last answer marker; the generation length, unless
             set, becomes :data:`REASONING_ANSWER_TOKENS`. It changes the answers, so it is part of the
-            answer fingerprint (run name, resume, cache key).
+            answer fingerprint (run name, resume, cache key) when set (at its default it is left out, so
+            runs made before it existed keep their names).
         shuffle: present candidates in a random order (ablation); ``shuffle_seed`` and the request's
             image key and candidates seed the order, so a rerun shows the same order.
         max_images: cap on images per prompt, query included; extra in-context examples are dropped.
@@ -63,14 +64,20 @@ class PromptConfig:
     name_instruction: str = "Answer with the option's name."
     letter_answer: str = "{letter}"
     name_answer: str = "{name}"
-    reasoning: bool = False
-    letter_reasoning_instruction: str = (
-        "First explain briefly, step by step, what in the image tells these options apart. "
-        "Then end with a final line of the form 'Answer: X', where X is the letter of the option shown."
+    reasoning: bool = field(default=False, metadata=NEW_SETTING)
+    letter_reasoning_instruction: str = field(
+        default=(
+            "First explain briefly, step by step, what in the image tells these options apart. "
+            "Then end with a final line of the form 'Answer: X', where X is the letter of the option shown."
+        ),
+        metadata=NEW_SETTING,
     )
-    name_reasoning_instruction: str = (
-        "First explain briefly, step by step, what in the image tells these options apart. "
-        "Then end with a final line of the form 'Answer: <name>', with the option's name as written above."
+    name_reasoning_instruction: str = field(
+        default=(
+            "First explain briefly, step by step, what in the image tells these options apart. "
+            "Then end with a final line of the form 'Answer: <name>', with the option's name as written above."
+        ),
+        metadata=NEW_SETTING,
     )
     shuffle: bool = False
     shuffle_seed: int = 0

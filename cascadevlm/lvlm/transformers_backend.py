@@ -422,6 +422,7 @@ class TransformersBackend(LVLMBackend):
         self.max_new_tokens = answer_tokens(
             self.prompt, mode, max_new_tokens, "lvlm.init_args.max_new_tokens", SHORT_ANSWER_TOKENS
         )
+        self._init_config["max_new_tokens"] = self.max_new_tokens  # the length used, in the fingerprint
         self.length_norm = length_norm
         self.lora_path = lora_path
         self.merge_lora = merge_lora
