@@ -25,7 +25,9 @@ def cache_dir(tmp_path_factory):
 
 def _run(tiny_clip_path, data_root, out, cache_dir, *extra, name=None):
     """A run under ``out`` (default run name unless ``name``); returns (metrics.json, run directory)."""
-    args = fake_args(tiny_clip_path, data_root, out, name, "--cache_dir", str(cache_dir), *extra)
+    # the answer store off: these tests count the LVLM requests of each run, and the module's runs share
+    # cache_dir (where the store would answer a repeated image)
+    args = fake_args(tiny_clip_path, data_root, out, name, "--cache_dir", str(cache_dir), "--answer_store", "null", *extra)
     payload = main(args)
     (run_dir,) = [d for d in out.iterdir() if d.is_dir() and d.name != "cache"]
     return payload, run_dir

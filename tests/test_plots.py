@@ -84,6 +84,11 @@ def test_references_from_methods_and_saved_plots(tmp_path):
     )
     assert [p.name for p in paths] == ["accuracy_vs_deferral.png", "accuracy_vs_tau.png"]
     assert all(p.stat().st_size > 1000 for p in paths)
+    import json
+
+    for p in paths:  # a vector copy and the data drawn beside each PNG
+        assert p.with_suffix(".pdf").stat().st_size > 1000
+        assert json.loads(p.with_suffix(".json").read_text())["operating_point"]["acc1"] == 0.66
 
 
 # ------------------------------------------------------------------------------ figures across runs

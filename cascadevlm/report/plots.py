@@ -1,4 +1,6 @@
-"""PNG plots of a threshold sweep (matplotlib, headless).
+"""Figures (matplotlib, headless, one style): a run's threshold sweep; a study's runs overlaid (accuracy vs
+images sent, with seed bands) and accuracy vs k. Each PNG gets a PDF and the JSON of the data it draws
+beside it, so a figure can be checked against its table.
 
 Both plots mark the references a reader compares the cascade with, as horizontal lines: CLIP alone,
 the LVLM on every image, and chance (1 / classes). Entropy thresholds of a confident CLIP crowd near
@@ -8,6 +10,7 @@ positive threshold of the sweep: every point of the curve gets its own room.
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -25,6 +28,32 @@ REFERENCE_STYLES = {
     "chance": {"color": "0.5", "ls": "--"},
 }
 TITLE_WIDTH = 60  # characters per title line at fontsize 9 on a 5.5-inch figure
+
+# One style for every figure a study writes: a paper's column width, readable fonts, vector beside PNG.
+PAPER_STYLE = {
+    "figure.figsize": (5.5, 3.8),
+    "font.size": 9,
+    "axes.titlesize": 9,
+    "axes.labelsize": 9,
+    "legend.fontsize": 7,
+    "xtick.labelsize": 8,
+    "ytick.labelsize": 8,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "savefig.dpi": 200,
+    "pdf.fonttype": 42,  # TrueType in the PDF: editable text, accepted by conference checkers
+}
+
+
+def in_paper_style(make):
+    """A figure function drawn under :data:`PAPER_STYLE` (every figure of the project in one style)."""
+
+    @functools.wraps(make)
+    def draw(*args, **kwargs):
+        with plt.rc_context(PAPER_STYLE):
+            return make(*args, **kwargs)
+
+    return draw
 
 
 def _finite_taus(rows: list[dict]) -> list[dict]:
@@ -71,6 +100,7 @@ def _finish(fig, ax, title: str, legend_loc: str = "best") -> None:
     fig.tight_layout()
 
 
+@in_paper_style
 def accuracy_vs_deferral_figure(
     rows: list[dict],
     title: str,
@@ -92,6 +122,7 @@ def accuracy_vs_deferral_figure(
     return fig
 
 
+@in_paper_style
 def accuracy_vs_tau_figure(
     rows: list[dict],
     title: str,
@@ -130,36 +161,20 @@ def save_sweep_plots(
     operating_point: dict | None = None,
     references: dict[str, float] | None = None,
 ) -> list[Path]:
-    """``accuracy_vs_deferral.png`` and ``accuracy_vs_tau.png`` in ``out_dir`` (written atomically)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """``accuracy_vs_deferral.png`` and ``accuracy_vs_tau.png`` in ``out_dir``, each with its PDF and the
+    JSON of what it draws beside it (written atomically); returns the PNGs' paths."""
+    data = {"title": title, "sweep": rows, "operating_point": operating_point, "references": references}
     paths = []
-    for name, fig in (
-        ("accuracy_vs_deferral.png", accuracy_vs_deferral_figure(rows, title, operating_point, references)),
-        ("accuracy_vs_tau.png", accuracy_vs_tau_figure(rows, title, operating_point, references)),
+    for name, make in (
+        ("accuracy_vs_deferral.png", accuracy_vs_deferral_figure),
+        ("accuracy_vs_tau.png", accuracy_vs_tau_figure),
     ):
-        with atomic_path(out_dir / name) as tmp:
-            fig.savefig(tmp, dpi=120, format="png")
-        plt.close(fig)
-        paths.append(out_dir / name)
+        fig = make(rows, title, operating_point, references)
+        paths.append(save_figure(fig, Path(out_dir) / name, data)["png"])
     return paths
 
 
 # ------------------------------------------------------------------------------ figures across runs
-# One style for every figure a study writes: a paper's column width, readable fonts, vector beside PNG.
-PAPER_STYLE = {
-    "figure.figsize": (5.5, 3.8),
-    "font.size": 9,
-    "axes.titlesize": 9,
-    "axes.labelsize": 9,
-    "legend.fontsize": 7,
-    "xtick.labelsize": 8,
-    "ytick.labelsize": 8,
-    "axes.grid": True,
-    "grid.alpha": 0.3,
-    "savefig.dpi": 200,
-    "pdf.fonttype": 42,  # TrueType in the PDF: editable text, accepted by conference checkers
-}
 VECTOR_FORMAT = "pdf"
 SENT_GRID = [i / 100 for i in range(101)]  # the shared x axis of seed bands: fraction sent, 0..1
 
@@ -174,7 +189,7 @@ def save_figure(fig, path: str | Path, data: dict) -> dict[str, Path]:
     out = {"png": path, VECTOR_FORMAT: path.with_suffix(f".{VECTOR_FORMAT}"), "data": path.with_suffix(".json")}
     for fmt in ("png", VECTOR_FORMAT):
         with atomic_path(out[fmt]) as tmp:
-            fig.savefig(tmp, format=fmt)
+            fig.savefig(tmp, format=fmt, dpi=PAPER_STYLE["savefig.dpi"])
     with atomic_path(out["data"]) as tmp:
         tmp.write_text(json.dumps(data, indent=1, default=str))
     plt.close(fig)
@@ -214,50 +229,50 @@ def study_title(what: str, identities: list[dict]) -> str:
     return f"{what}: " + "; ".join(p for p in parts if p)
 
 
+@in_paper_style
 def accuracy_vs_sent_figure(series: list[dict], title: str, references: dict[str, float] | None = None):
     """Several cascades' accuracy against the share of images sent to the LVLM, one line each (mean over
     seeds) with a ±1 std band where there are several seeds, and each one's operating point.
 
     ``series``: ``{"label", "grid", "mean", "std" (or None), "operating_point": {"deferral", "acc1"}}``
     in percent."""
-    with plt.rc_context(PAPER_STYLE):
-        fig, ax = plt.subplots(layout="constrained")
-        for s in series:
-            (line,) = ax.plot(s["grid"], s["mean"], label=s["label"])
-            if s.get("std") is not None:
-                lo = [m - d for m, d in zip(s["mean"], s["std"], strict=True)]
-                hi = [m + d for m, d in zip(s["mean"], s["std"], strict=True)]
-                ax.fill_between(s["grid"], lo, hi, alpha=0.2, color=line.get_color(), lw=0)
-            op = s.get("operating_point")
-            if op:
-                ax.scatter([op["deferral"]], [op["acc1"]], color=line.get_color(), marker="o", zorder=3)
-        _draw_references(ax, references)
-        ax.set_xlim(-2, 102)
-        ax.set_xlabel("images sent to the LVLM (%)")
-        ax.set_ylabel("top-1 accuracy (%)")
-        ax.set_title(wrap_title(title))
-        ax.legend(loc="best")
+    fig, ax = plt.subplots(layout="constrained")
+    for s in series:
+        (line,) = ax.plot(s["grid"], s["mean"], label=s["label"])
+        if s.get("std") is not None:
+            lo = [m - d for m, d in zip(s["mean"], s["std"], strict=True)]
+            hi = [m + d for m, d in zip(s["mean"], s["std"], strict=True)]
+            ax.fill_between(s["grid"], lo, hi, alpha=0.2, color=line.get_color(), lw=0)
+        op = s.get("operating_point")
+        if op:
+            ax.scatter([op["deferral"]], [op["acc1"]], color=line.get_color(), marker="o", zorder=3)
+    _draw_references(ax, references)
+    ax.set_xlim(-2, 102)
+    ax.set_xlabel("images sent to the LVLM (%)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(wrap_title(title))
+    ax.legend(loc="best")
     return fig
 
 
+@in_paper_style
 def accuracy_vs_k_figure(series: dict[str, list[tuple[int, float, float | None]]], title: str):
     """Accuracy against k, one line per method with a mean ± std band over seeds. ``series``: label ->
     [(k, mean, std or None)] in percent; k = 0 is zero-shot (kept on a symmetric-log axis)."""
-    with plt.rc_context(PAPER_STYLE):
-        fig, ax = plt.subplots(layout="constrained")
-        ks = sorted({k for pts in series.values() for k, _, _ in pts})
-        for label, pts in sorted(series.items()):
-            pts = sorted(pts)
-            x = [k for k, _, _ in pts]
-            mean = [m for _, m, _ in pts]
-            (line,) = ax.plot(x, mean, marker="o", label=label)
-            if any(s is not None for _, _, s in pts):
-                ax.fill_between(x, [m - (s or 0.0) for _, m, s in pts], [m + (s or 0.0) for _, m, s in pts],
-                                alpha=0.2, color=line.get_color(), lw=0)  # fmt: skip
-        ax.set_xscale("symlog", linthresh=1)
-        ax.set_xticks(ks, [str(k) for k in ks])
-        ax.set_xlabel("k (labelled images per class)")
-        ax.set_ylabel("top-1 accuracy (%)")
-        ax.set_title(wrap_title(title))
-        ax.legend(loc="best")
+    fig, ax = plt.subplots(layout="constrained")
+    ks = sorted({k for pts in series.values() for k, _, _ in pts})
+    for label, pts in sorted(series.items()):
+        pts = sorted(pts)
+        x = [k for k, _, _ in pts]
+        mean = [m for _, m, _ in pts]
+        (line,) = ax.plot(x, mean, marker="o", label=label)
+        if any(s is not None for _, _, s in pts):
+            ax.fill_between(x, [m - (s or 0.0) for _, m, s in pts], [m + (s or 0.0) for _, m, s in pts],
+                            alpha=0.2, color=line.get_color(), lw=0)  # fmt: skip
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.set_xlabel("k (labelled images per class)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(wrap_title(title))
+    ax.legend(loc="best")
     return fig
