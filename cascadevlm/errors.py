@@ -44,10 +44,42 @@ def is_user_error(exc: BaseException) -> bool:
     return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(PACKAGE_DIR)
 
 
+# jsonargparse's refusal of a value for an ``X | None`` option: its internals (subtypes, each one's error)
+_UNION_ERROR = re.compile(
+    r'^Parser key "(?P<key>[^"]+)":\s*Does not validate against any of the Union subtypes\s*'
+    r"Subtypes:\s*\[(?P<types>[^\]]*)\].*?Given value:\s*(?P<value>.*)$",
+    re.S,
+)
+_TYPE_WORDS = {
+    "float": "a number",
+    "int": "an integer",
+    "NoneType": "null",
+    "str": "a string",
+    "bool": "true or false",
+}
+_NOT_FINITE = ("nan", "inf", "+inf", "-inf", "infinity", "+infinity", "-infinity", ".nan", ".inf", "-.inf")
+
+
+def readable_parse_error(msg: str) -> str:
+    """``msg``, with jsonargparse's union-type dump (``Does not validate against any of the Union subtypes
+    ...``) replaced by the option, what it takes and the value given."""
+    match = _UNION_ERROR.match(msg.strip())
+    if match is None:
+        return msg
+    names = re.findall(r"<class '(?:[\w.]+\.)?(\w+)'>", match["types"])
+    words = [_TYPE_WORDS.get(n, n) for n in names] or [match["types"].strip()]
+    value = match["value"].strip()
+    if value.lower() in _NOT_FINITE and "a number" in words:
+        words = ["a finite number" if w == "a number" else w for w in words]
+        return f"--{match['key']}: expected {' or '.join(words)}, got {value} (NaN and infinity are not accepted here)"
+    return f"--{match['key']}: expected {' or '.join(words)}, got {value}"
+
+
 def one_line(exc: BaseException) -> str:
-    """The exception's message on one line (KeyError's repr quotes removed)."""
+    """The exception's message on one line (KeyError's repr quotes removed; jsonargparse's union dumps
+    made readable)."""
     msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-    return re.sub(r"\s*\n\s*", " ", str(msg)).strip() or type(exc).__name__
+    return readable_parse_error(re.sub(r"\s*\n\s*", " ", str(msg)).strip()) or type(exc).__name__
 
 
 def project_error(exc: BaseException) -> BaseException:

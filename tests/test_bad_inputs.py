@@ -445,6 +445,13 @@ CLI_CASES = [
     (["--config", "{tmp}/missing.yaml"], None),
     (["--data.limit", "0"], "error: data.limit must be >= 1 (or null for every image), got 0; set --data.limit"),
     (["--cascade.budget", "7"], "error: cascade.budget must be a fraction in [0, 1], got 7.0"),
+    (["--model.class_batch_size", "0"], "error: model.class_batch_size must be >= 1, got 0; set "
+     "--model.class_batch_size"),
+    (["--cascade.budget", "nan"], "error: --cascade.budget: expected a finite number or null, got nan (NaN and "
+     "infinity are not accepted here)"),
+    (["--cascade.fusion_weight", "inf"], "error: --cascade.fusion_weight: expected a finite number or null, got inf "
+     "(NaN and infinity are not accepted here)"),
+    (["--cascade.budget", "half"], "error: --cascade.budget: expected a number or null, got half"),
     (["--model.pretrained", "laion_nope"], "error: unknown pretrained tag 'laion_nope' for CLIP model "
      "'cascadevlm-tiny-vit' (it has no pretrained tags); set --model.pretrained to one of them or to a checkpoint file"),
 ]  # fmt: skip

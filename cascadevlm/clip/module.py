@@ -63,6 +63,10 @@ class ClipClassifier(L.LightningModule):
         from cascadevlm.clip.adapters.base import check_adapter_mix
 
         check_adapter_mix(adapter_mix, adapter)
+        if class_batch_size < 1:  # else range() refuses it once the image features are computed
+            raise ValueError(
+                f"model.class_batch_size must be >= 1, got {class_batch_size}; set --model.class_batch_size"
+            )
         self.save_hyperparameters()
         self.bundle = load_clip(model_name, pretrained, precision=precision, model_config=model_config)
         if adapter:  # CLIP-LoRA merges into the weights now, before any feature (or cache key) is made
