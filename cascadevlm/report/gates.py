@@ -47,6 +47,7 @@ from cascadevlm.gating.routing import (
     set_coverage,
 )
 from cascadevlm.records import PredictionRecord, read_records
+from cascadevlm.report.formats import markdown_table
 
 BUDGETS = (0.1, 0.2, 0.3)
 ALPHAS = (0.05, 0.1, 0.2)
@@ -306,15 +307,15 @@ def gates_markdown(result: dict, title: str) -> str:
         "",
         "## Gates: top-1 accuracy (%) at a budget of images sent to the LVLM",
         "",
-        "| gate | " + " | ".join(f"{100 * float(b):g}%" for b in budgets) + " | area under curve |",
-        "|---|" + "---:|" * (len(budgets) + 1),
     ]
-    for r in [*g["rows"], g["oracle"]]:
-        lines.append(
-            f"| {r['gate']} | "
-            + " | ".join(_pct(r["at_budget"][b]) for b in budgets)
-            + f" | {_pct(r['auc'])} |"
-        )
+    lines += markdown_table(
+        ["gate", *(f"{100 * float(b):g}%" for b in budgets), "area under curve"],
+        (
+            [r["gate"], *(_pct(r["at_budget"][b]) for b in budgets), _pct(r["auc"])]
+            for r in [*g["rows"], g["oracle"]]
+        ),
+        "l" + "r" * (len(budgets) + 1),
+    )
     w = g["winner"]
     if w.get("chosen_on") == "validation":
         chosen = (
@@ -331,25 +332,34 @@ def gates_markdown(result: dict, title: str) -> str:
         "",
         "## Calibration (temperature fitted on validation by NLL)",
         "",
-        "| | before | after |",
-        "|---|---:|---:|",
-        f"| temperature | 1 | {c['temperature']:.4f} |",
-        f"| validation NLL | {c['val_nll_before']:.4f} | {c['val_nll_after']:.4f} |",
-        f"| test NLL | {c['test_nll_before']:.4f} | {c['test_nll_after']:.4f} |",
-        f"| test ECE (15 bins) | {c['test_ece_before']:.4f} | {c['test_ece_after']:.4f} |",
+        *markdown_table(
+            ["", "before", "after"],
+            [
+                ("temperature", 1, f"{c['temperature']:.4f}"),
+                *(
+                    (name, f"{c[key + '_before']:.4f}", f"{c[key + '_after']:.4f}")
+                    for name, key in (
+                        ("validation NLL", "val_nll"),
+                        ("test NLL", "test_nll"),
+                        ("test ECE (15 bins)", "test_ece"),
+                    )
+                ),
+            ],
+            "lrr",
+        ),  # fmt: skip
         "",
         f"## Conformal candidate sets ({cf['method'].upper()}, capped at {cf['cap']}; a set of one is not sent)",
         "",
-        "| alpha | target | coverage | mean size | coverage (capped) | mean size (capped) | sent | acc | "
-        "fixed top-k acc, equal mean size | fixed top-k coverage |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in cf["rows"]:
-        lines.append(
-            f"| {r['alpha']:g} | {_pct(r['target'])} | {_pct(r['coverage'])} | {r['mean_size']:.2f} | "
-            f"{_pct(r['coverage_capped'])} | {r['mean_size_capped']:.2f} | {_pct(r['sent'])} | {_pct(r['acc1'])} | "
-            f"{_pct(r['fixed_topk_acc1'])} | {_pct(r['fixed_topk_coverage'])} |"
-        )
+    header = ["alpha", "target", "coverage", "mean size", "coverage (capped)", "mean size (capped)", "sent",
+              "acc", "fixed top-k acc, equal mean size", "fixed top-k coverage"]  # fmt: skip
+    rows = [
+        (f"{r['alpha']:g}", _pct(r["target"]), _pct(r["coverage"]), f"{r['mean_size']:.2f}",
+         _pct(r["coverage_capped"]), f"{r['mean_size_capped']:.2f}", _pct(r["sent"]), _pct(r["acc1"]),
+         _pct(r["fixed_topk_acc1"]), _pct(r["fixed_topk_coverage"]))
+        for r in cf["rows"]
+    ]  # fmt: skip
+    lines += markdown_table(header, rows, "r" * len(header))
     lines += [
         "",
         "Fixed top-k at a fractional mean size interpolates between the two neighbouring k (all images sent "
@@ -363,18 +373,16 @@ def gates_markdown(result: dict, title: str) -> str:
             "",
             f"## Fusion: (1 - w) CLIP log-prob + w LVLM log-softmax(scores), w = {fu['weight']:g} chosen on validation",
             "",
-            "| gate | cascade | "
-            + " | ".join(f"{100 * float(b):g}%" for b in cols)
-            + " | area under curve |",
-            "|---|---|" + "---:|" * (len(cols) + 1),
         ]
-        for r in fu["rows"]:
-            for kind in ("hard", "fused"):
-                lines.append(
-                    f"| {r['gate']} | {kind} | "
-                    + " | ".join(_pct(r[kind][b]) for b in cols)
-                    + f" | {_pct(r[kind]['auc'])} |"
-                )
+        lines += markdown_table(
+            ["gate", "cascade", *(f"{100 * float(b):g}%" for b in cols), "area under curve"],
+            (
+                [r["gate"], kind, *(_pct(r[kind][b]) for b in cols), _pct(r[kind]["auc"])]
+                for r in fu["rows"]
+                for kind in ("hard", "fused")
+            ),
+            "ll" + "r" * (len(cols) + 1),
+        )
     return "\n".join(lines) + "\n"
 
 
