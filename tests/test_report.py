@@ -7,7 +7,7 @@ import json
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from cascadevlm.report.tables import aggregate, collect_results, write_results_tables
+from cascadevlm.report.tables import aggregate, collect_results, to_markdown, write_results_tables
 
 
 def _run(tmp_path, name, shots, seed, clip, cascade, deferral):
@@ -195,3 +195,26 @@ def test_connection_fields_of_every_backend_are_left_out_of_the_identity():
     backends = (OpenAIBackend, TransformersBackend, FakeLVLM)
     # no more either: a field left out that some backend's answers depend on would merge rows
     assert set().union(*(b.CONNECTION_FIELDS for b in backends)) == LVLM_CONNECTION_FIELDS
+
+
+def test_columns_show_what_tells_rows_apart(tmp_path):
+    # k0 has no adapter; the adapter runs' training settings are shown only where they vary among them
+    zero = _eval_payload(acc=0.5)
+    dirs = [_write(tmp_path, "k0", zero)]
+    for name, lr in (("lr1", 0.1), ("lr2", 0.01)):
+        adapter = tmp_path / name / "adapter.safetensors"
+        adapter.parent.mkdir()
+        (adapter.parent / "adapter.yaml").write_text(f"model:\n  init_args:\n    lr: {lr}\ndata:\n  init_args:\n"
+                                                     "    dataset: fashion_mnist\n    seed: 1\n")  # fmt: skip
+        payload = _eval_payload(acc=0.6, shots=2, adapter_method="linear_probe", **{"model.adapter": str(adapter)})
+        dirs.append(_write(tmp_path, f"{name}_eval", payload))
+    agg = aggregate(collect_results(dirs))
+    assert len(agg) == 6  # (zero-shot, lr 0.1, lr 0.01) x (clip, cascade): lr splits the adapter runs
+    md = to_markdown(agg)
+    head = md.splitlines()[0]
+    assert "| train.model.init_args.lr |" in head and "dataset |" not in head.split("| setting")[1]
+    assert "| identity |" not in head  # every row reads differently already
+    same = [_write(tmp_path / "b", "x", _eval_payload(acc=0.5, images=40, **{"cascade.alpha": 0.2})),
+            _write(tmp_path / "b", "y", _eval_payload(acc=0.5, images=40, **{"cascade.alpha": None}))]  # fmt: skip
+    head = to_markdown(aggregate(collect_results(same))).splitlines()[0]
+    assert "| identity |" in head  # alpha None vs 0.2: only the hash tells the rows apart

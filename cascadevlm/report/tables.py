@@ -217,15 +217,27 @@ def aggregate(rows: list[dict]) -> list[dict]:
 
 
 def differing_fields(agg: list[dict]) -> list[str]:
-    """Identity fields whose values differ between rows of one (dataset, setting, method) family or
-    across the table (the columns a reader needs to tell rows apart), in a stable order."""
+    """Identity fields a reader needs to tell the rows apart, in a stable order: those with two or more
+    values among the rows that have them (a field only some rows have, e.g. an adapter's training
+    settings, is shown when it varies among them; the method's label already names the adapter). When
+    rows would still read the same, ``identity`` (the hash) is added."""
     keys = sorted({k for r in agg for k in r["identity_fields"]})
-    shown = {"dataset", "kind"}
 
     def value(r, k):
         return json.dumps(r["identity_fields"].get(k), sort_keys=True, default=str)
 
-    return [k for k in keys if k not in shown and len({value(r, k) for r in agg}) > 1]
+    fields = [
+        k for k in keys
+        if k not in ("dataset", "kind")
+        and len({value(r, k) for r in agg if r["identity_fields"].get(k) is not None}) > 1
+    ]  # fmt: skip
+    shown = [(r["dataset"], r["setting"], r["method"], *(value(r, k) for k in fields)) for r in agg]
+    return fields + (["identity"] if len(set(shown)) < len(shown) else [])
+
+
+def _field(row: dict, key: str) -> str:
+    """A row's displayed value of an identity field (``identity``: the group's hash)."""
+    return row["identity"] if key == "identity" else _cell(row["identity_fields"].get(key))
 
 
 def _short(key: str) -> str:
@@ -257,7 +269,7 @@ def to_markdown(agg: list[dict]) -> str:
     for i, r in enumerate(agg, 1):
         rows.append([r["dataset"], r["setting"], r["method"], str(r["seeds"]),
                      format_accuracy(r["acc1_mean"], r["acc1_std"]), f"{r['deferral_mean']:.1f}",
-                     *(_cell(r["identity_fields"].get(k)) for k in extra), f"[{i}]"])  # fmt: skip
+                     *(_field(r, k) for k in extra), f"[{i}]"])  # fmt: skip
         seeds = ", ".join(map(str, r["seed_list"]))
         notes.append(f"[{i}] seeds {seeds}: {', '.join(r['runs'])}")
     lines = markdown_table(head, rows, "lllrrr")
@@ -271,7 +283,7 @@ CSV_COLUMNS = ["dataset", "setting", "method", "seeds", "acc1_mean", "acc1_std",
 def to_csv(agg: list[dict]) -> str:
     """Full precision; ``runs`` and ``seed_list`` joined with ``;``; ``identity`` the group's hash (the
     JSON file holds its fields); one column per differing identity field."""
-    extra = differing_fields(agg)
+    extra = [k for k in differing_fields(agg) if k not in CSV_COLUMNS]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=[*CSV_COLUMNS, *extra])
     w.writeheader()
@@ -280,7 +292,7 @@ def to_csv(agg: list[dict]) -> str:
         row["acc1_mean"], row["acc1_std"] = repr(r["acc1_mean"]), "" if r["acc1_std"] is None else repr(r["acc1_std"])
         row["deferral_mean"] = repr(r["deferral_mean"])
         row["seed_list"], row["runs"] = ";".join(map(str, r["seed_list"])), ";".join(r["runs"])
-        row.update({k: _cell(r["identity_fields"].get(k)) for k in extra})
+        row.update({k: _field(r, k) for k in extra})
         w.writerow(row)
     return buf.getvalue()
 
@@ -312,7 +324,7 @@ def _is_k_field(key: str) -> bool:
 
 def series_labels(agg: list[dict], fields: list[str]) -> list[str]:
     """Each row's legend label: its method and the values of ``fields`` (those that tell rows apart)."""
-    return [r["method"] + "".join(f", {_short(f)} {_cell(r['identity_fields'].get(f))}" for f in fields)
+    return [r["method"] + "".join(f", {_short(f)} {_field(r, f)}" for f in fields)
             for r in agg]  # fmt: skip
 
 
