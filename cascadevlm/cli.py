@@ -183,7 +183,8 @@ class TrainCLI(ProjectHelp):
                 if self.subcommand == "fit":  # validate/test/predict read a run, never replace it
                     run_dir = Path(root) / name[0] / name[1]
                     check_same_setting(run_dir, run_identity(self.model, self.datamodule))
-                    clear_run_dir(run_dir)
+                    if not ckpt:  # fit --ckpt_path resumes this run (clearing deleted its checkpoint)
+                        clear_run_dir(run_dir)
         return instantiate_checked_trainer(self, **progress.add_stage_progress_bar(config, kwargs))
 
     def after_fit(self) -> None:

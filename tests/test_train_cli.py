@@ -204,6 +204,26 @@ def test_testing_a_checkpoint_under_other_flags_is_refused_and_its_own_run_gets_
     assert json.loads((run / "metrics.json").read_text())["test_acc"] == pytest.approx(fitted["test_acc"])
 
 
+def test_fit_from_a_checkpoint_resumes_its_own_run_and_refuses_another_settings(
+    data_root, tiny_clip_path, tmp_path, capsys, monkeypatch
+):
+    """fit --ckpt_path <the run's best.ckpt> cleared the run first, deleting that checkpoint (traceback)."""
+    from cascadevlm.cli import train_main
+
+    common = _common(tiny_clip_path, data_root, tmp_path)
+    train_main(["fit", *common])
+    ckpt = tmp_path / "runs" / TINY_RUN / "k1_seed1" / "checkpoints" / "best.ckpt"
+    line = _refused(
+        train_main, ["fit", *common, "--ckpt_path", str(ckpt), "--data.shots", "2"], capsys, monkeypatch
+    )
+    assert line.startswith(
+        f"error: checkpoint {str(ckpt)!r} was trained with shots 1 (here 2, --data.shots):"
+    )
+    cli = train_main(["fit", *common, "--ckpt_path", str(ckpt), "--trainer.max_epochs", "2"])
+    assert cli.trainer.current_epoch == 2 and ckpt.is_file()
+    assert _run_dirs(tmp_path / "runs") == [f"{TINY_RUN}/k1_seed1"]
+
+
 def test_fits_with_other_clip_weights_keep_each_others_runs(
     data_root, tiny_clip_path, tmp_path, capsys, monkeypatch
 ):
