@@ -312,3 +312,18 @@ def test_old_adapter_module_path_names_the_package_classes_so_saved_run_configs_
 
     for name in ("LinearProbeModule", "PromptTuningModule", "KShotFeatureDataModule", "AdapterCheckpoint"):
         assert getattr(old, name) is getattr(new, name)
+
+
+def test_kshot_report_keeps_runs_of_other_clip_weights_in_their_own_rows(tmp_path):
+    """Runs of two CLIP weights under one root (each in its own directory) were averaged into one cell."""
+    for weights, seed, acc in (("a.safetensors", 1, 0.5), ("a.safetensors", 2, 0.7), ("openai", 3, 0.9)):
+        run = tmp_path / f"fashion_mnist_ViT-B-32_{weights.split('.')[0]}_coop" / f"k1_seed{seed}"
+        run.mkdir(parents=True)
+        payload = {"dataset": "fashion_mnist", "method": "coop", "shots": 1, "seed": seed, "test_acc": acc,
+                   "model_name": "ViT-B-32", "weights_id": f"id-{weights}", "pretrained": f"/w/{weights}"}  # fmt: skip
+        if weights == "openai":
+            payload["pretrained"] = "openai"
+        (run / "metrics.json").write_text(json.dumps(payload))
+    table = aggregate(collect_runs(tmp_path))
+    cells = [(r["method"], r["seeds"], round(r["test_acc_mean"], 6)) for r in table]
+    assert cells == [("coop (ViT-B-32 a)", [1, 2], 0.6), ("coop (ViT-B-32 openai)", [3], 0.9)]

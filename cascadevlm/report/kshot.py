@@ -34,7 +34,18 @@ def collect_runs(root: str | Path) -> list[dict]:
         if row.get("selection") not in (None, "val_split"):  # the k-shot protocol, when not the default
             row["method"] = f"{row['method']} (selection {row['selection']})"
         rows.append({**row, "path": str(path)})
+    if len({(r.get("model_name"), r.get("weights_id")) for r in rows}) > 1:
+        for r in rows:  # runs of several CLIP models or weights under one root: never one cell
+            r["method"] = f"{r['method']} ({clip_label(r)})"
     return rows
+
+
+def clip_label(row: dict) -> str:
+    """The CLIP a run adapted, as run names show it: model and weights (tag or file stem)."""
+    from cascadevlm.report.summary import short_weights
+
+    weights = short_weights(row["pretrained"]) if row.get("pretrained") else str(row.get("weights_id"))[:20]
+    return f"{row.get('model_name')} {weights}"
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

@@ -154,7 +154,7 @@ def run_identity(pl_module: L.LightningModule, dm) -> dict:
     info = {"method": getattr(pl_module, "method", None)}
     bundle = getattr(pl_module, "bundle", None)
     if bundle is not None:
-        info.update(model_name=bundle.model_name, weights_id=bundle.weights_id)
+        info.update(model_name=bundle.model_name, weights_id=bundle.weights_id, pretrained=bundle.pretrained)
     info.update(
         dataset=getattr(dm, "name", None),
         shots=getattr(dm, "shots", None),
