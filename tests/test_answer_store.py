@@ -179,3 +179,23 @@ def test_evaluate_rerun_with_another_tau_asks_the_lvlm_nothing(tiny_clip_path, d
     dirs = sorted(d for d in tmp_path.iterdir() if (d / "records.parquet").exists())
     choices = [[r.lvlm_choice for r in read_records(d / "records.parquet")] for d in dirs]
     assert len(dirs) == 3 and choices[0] == choices[1] == choices[2]
+
+
+CONCURRENT_WRITER = textwrap.dedent(
+    """
+    import sys
+    from cascadevlm.lvlm.cache import AnswerStore, StoredAnswer
+    store = AnswerStore(sys.argv[1])
+    for i in range(150):  # one transaction per batch, as the stage writes
+        store.put_answers("m", {f"{sys.argv[2]}-{i}": StoredAnswer(i % 3, f"raw {i}")})
+    """
+)
+
+
+def test_two_processes_write_one_store_at_once(tmp_path):
+    path = tmp_path / "answers.sqlite"
+    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT_WRITER, str(path), name]) for name in ("a", "b")]
+    assert [p.wait() for p in procs] == [0, 0]  # no "database is locked": a writer waits for the other
+    store = AnswerStore(path)
+    assert len(store) == 300
+    assert all(store.get_answer(f"{n}-{i}", 3) == StoredAnswer(i % 3, f"raw {i}") for n in "ab" for i in range(150))
