@@ -26,7 +26,8 @@ PARAMS = {"dataset": "fashion_mnist", "images": 2000, "adapter": None, "adapter_
           "shots": 16, "seed": 1, "lvlm": "TransformersBackend", "tau": TAU, "topk": 5, "incontext_shots": 0,
           "candidates": "topk", "alpha": 0.1, "fusion": "none", "fusion_weight": None, "lvlm_on_val": False,
           "lvlm_calls_val": 0, "lvlm_calls": 2000, "lvlm_calls_this_attempt": 2000}  # fmt: skip
-DEFERRED = {"images": 2000, "deferred": 617, "deferral": 0.3085, "deferred_clip_acc1": 0.3, "lvlm_fixed": 200}
+DEFERRED = {"images": 2000, "deferred": 617, "deferral": 0.3085, "deferred_clip_acc1": 0.3, "fallbacks": {},
+            "lvlm_fixed": 200}  # fmt: skip
 
 
 def _payload(**over) -> dict:
@@ -81,7 +82,7 @@ def test_parameters_that_do_not_apply_are_left_out_of_the_summary():
 def test_the_deferred_table_starts_with_the_deferred_count_not_the_total():
     rows = _table(summary_markdown("r", _payload(), []), "on deferred images")
     assert list(rows.items())[0] == ("deferred images", "617 of 2000 (30.9%)")
-    assert "images" not in rows and rows["deferred_clip_acc1"] == "0.3"
+    assert "images" not in rows and rows["deferred_clip_acc1"] == "0.3" and "fallbacks" not in rows
 
 
 def test_sweep_csv_has_no_float32_noise(tmp_path):

@@ -86,9 +86,8 @@ def _deferred_rows(deferred: dict) -> list[tuple[str, str]]:
         if "deferral" in deferred:
             count += f" ({_pct(deferred['deferral'], 1)})"
         rows.append(("deferred images", count))
-    rows += [
-        (k, display_number(v)) for k, v in deferred.items() if k not in ("images", "deferred", "deferral")
-    ]
+    shown = {k: v for k, v in deferred.items() if k not in ("images", "deferred", "deferral")}
+    rows += [(k, display_number(v)) for k, v in shown.items() if v != {}]  # no fallbacks: no row
     return rows
 
 
