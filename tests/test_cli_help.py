@@ -5,6 +5,7 @@ import contextlib
 import io
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -144,3 +145,12 @@ def test_train_test_subcommand_tests_a_trained_adapter(tiny_clip_path, data_root
     tested = json.loads((run / "metrics.json").read_text())
     assert tested["test_acc"] == pytest.approx(reference) and tested["test_size"] == 40
     assert (run / "adapter.safetensors").exists() and (run / "checkpoints" / "best.ckpt").exists()
+
+
+def test_an_entry_given_args_within_another_command_line_does_not_warn(monkeypatch, recwarn):
+    """The adapter sweep calls train.py's entry in-process with args=: LightningCLI warned (about 1,000
+    characters, once per run) that it also saw a command line; evaluate_main likewise."""
+    monkeypatch.setattr(sys, "argv", ["sweep.py", "--methods", "linear_probe"])
+    _run(train_main, ["fit", "--model", "LinearProbeModule", "--print_config"])
+    _run(evaluate_main, ["--print_config"])
+    assert not [w for w in recwarn if "args parameter is intended" in str(w.message)]
