@@ -109,7 +109,9 @@ def _loss_acc(module, dm):
     "cls, kw, epochs",
     [
         (LinearProbeModule, {"lr": 0.03, "weight_decay": 1e-4}, 40),
-        (PromptTuningModule, {"lr": 0.01, "class_specific": True}, 40),
+        # AdamW, no warm-up: the learning signal, not CoOp's SGD recipe (the default)
+        (PromptTuningModule, {"lr": 0.01, "class_specific": True, "optimizer": "adamw", "weight_decay": 0.0,
+                              "recipe": "linear_warmup"}, 40),  # fmt: skip
     ],
     ids=["linear_probe", "coop_csc"],
 )
@@ -140,7 +142,8 @@ def test_adapters_learn_the_kshot_photos(cls, kw, epochs, tiny_clip_path, kshot_
 
 
 def test_shared_context_prompt_tuning_lowers_the_loss(tiny_clip_path, kshot_data, tmp_path):
-    module = _module(PromptTuningModule, tiny_clip_path, kshot_data, lr=0.01)
+    module = _module(PromptTuningModule, tiny_clip_path, kshot_data, lr=0.01, optimizer="adamw",
+                     weight_decay=0.0, recipe="linear_warmup")  # fmt: skip
     loss0, _ = _loss_acc(module, kshot_data)
     fit(module, kshot_data, tmp_path, 10)
     loss1, _ = _loss_acc(module, kshot_data)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from cascadevlm.clip.adapters.base import CTX_PLACEHOLDER, AdapterMismatchError, register_adapter_kind
 from cascadevlm.clip.adapters.module import AdapterModule
+from cascadevlm.clip.adapters.recipes import check_recipe, make_optimizer, method_name, warmup_cosine
 from cascadevlm.data.registry import validate_class_names
 
 
@@ -287,7 +288,10 @@ register_adapter_kind(
 class PromptTuningModule(AdapterModule):
     """CoOp prompt tuning: learnable context vectors through the frozen open_clip text encoder.
 
-    Args (besides :class:`AdapterModule`'s):
+    Args (besides :class:`AdapterModule`'s; the defaults are configs/method/coop.yaml's):
+        recipe: ``paper``: CoOp's warm-up, one epoch at the constant ``warmup_lr`` (1e-5), then the cosine
+            from ``lr`` (SGD, 0.002); ``linear_warmup``: the project's earlier ramp over ``warmup_steps``.
+        warmup_lr: the constant warm-up rate of the ``paper`` recipe.
         n_ctx: number of context vectors when ``ctx_init`` is empty (random init).
         ctx_init: phrase the context starts from (its token count sets n); ``""`` for random.
         class_specific: one context per class (CSC) instead of a shared one.
@@ -305,17 +309,30 @@ class PromptTuningModule(AdapterModule):
         class_names: list[str] | None = None,
         templates: list[str] | None = None,
         lr: float = 2e-3,
-        weight_decay: float = 0.0,
+        weight_decay: float = 5e-4,
         warmup_steps: int = 0,
+        recipe: str = "paper",
+        warmup_lr: float = 1e-5,
         n_ctx: int = 4,
         ctx_init: str = "a photo of a",
         class_specific: bool = False,
         init_seed: int = 0,
         class_batch_size: int = 64,
         log_confusion_matrix: bool = True,
-        optimizer: str = "adamw",
+        optimizer: str = "sgd",
         model_config: str | None = None,
     ) -> None:
+        check_recipe("coop", recipe)
+        if recipe == "paper" and warmup_steps:
+            raise ValueError(
+                f"coop's paper recipe warms up for one epoch at the constant warmup_lr ({warmup_lr:g}); "
+                f"warmup_steps={warmup_steps} is the linear_warmup recipe's: set --model.warmup_steps 0 or "
+                "--model.recipe linear_warmup"
+            )
+        if not 0 < warmup_lr <= lr:
+            raise ValueError(
+                f"coop warmup_lr must be in (0, lr={lr:g}], got {warmup_lr}; set --model.warmup_lr"
+            )
         super().__init__(
             model_name,
             pretrained,
@@ -331,6 +348,7 @@ class PromptTuningModule(AdapterModule):
             model_config,
         )
         self.save_hyperparameters()
+        self.method = method_name("coop", recipe)
         problem = prompt_tuning_problem(self.bundle.model)
         if problem is not None:  # refused before any data is read or feature computed
             raise ValueError(f"{model_name}: {problem}")
@@ -370,3 +388,16 @@ class PromptTuningModule(AdapterModule):
 
     def on_train_epoch_start(self) -> None:
         self._eval_embeddings = None
+
+    def configure_optimizers(self):
+        """SGD (or AdamW) on the context; the paper's recipe warms up one epoch at ``warmup_lr``
+        (Dassl's ``ConstantWarmupScheduler``), then a cosine from ``lr`` to 0 over the other epochs."""
+        hp = self.hparams
+        opt = make_optimizer([self.adapter.ctx], hp.optimizer, hp.lr, hp.weight_decay)
+        total = int(self.trainer.estimated_stepping_batches)
+        if hp.recipe == "paper":
+            epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
+            sched = warmup_cosine(opt, total, max(1, total // epochs), hp.warmup_lr)
+        else:
+            sched = warmup_cosine(opt, total, hp.warmup_steps)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

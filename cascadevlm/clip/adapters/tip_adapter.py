@@ -7,18 +7,37 @@ For a normalised feature ``f``::
 
 with ``s`` CLIP's logit scale and ``W_zs`` the zero-shot head: the zero-shot term is computed exactly as
 the zero-shot head's logits (so ``alpha = 0`` is zero-shot CLIP, bit for bit), the cache term as in the
-paper (whose CLIP has ``s = 100``). On a model with another scale the searched ``alpha`` absorbs it. Tip-Adapter is training-free: its ``fit`` builds
-the cache and searches ``alpha`` and ``beta`` on the validation features. Tip-Adapter-F also trains the
-keys (from cached features) and searches ``alpha`` and ``beta`` again at every validation.
+paper. The paper's CLIP has ``s = 100``: Tip-Adapter-F's fixed initial alpha (1.17) is in those units and
+applied as ``1.17 * s / 100`` (recipe ``paper``), so the cache starts with the paper's weight against the
+zero-shot term. The searched alpha is on the model's own scale (the grid ``[0, alpha_max]``);
+a search whose best alpha is the top of the grid widens the grid (doubling its top, said in the log):
+a weak model's cache can need far more weight than the paper's grid gives.
+
+The paper's order (recipe ``paper``, the default): the cache keys are the mean of the normalised features
+of 10 augmented views of each k-shot image (:mod:`~cascadevlm.clip.adapters.augment`); Tip-Adapter is
+training-free, ``fit`` builds the cache and searches ``alpha`` and ``beta`` on the validation features;
+Tip-Adapter-F trains the keys with the fixed initial ``alpha`` and ``beta``, keeps the epoch best on
+validation at those values, and searches ``alpha`` and ``beta`` once on the kept keys, for the file. An
+adapter whose keys did not move in training is refused, never exported as Tip-Adapter-F.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 
+from cascadevlm.clip.adapters.augment import augmented_features, cache_root_of, check_augment
 from cascadevlm.clip.adapters.base import register_adapter_kind
 from cascadevlm.clip.adapters.module import AdapterModule
+from cascadevlm.clip.adapters.recipes import check_recipe, method_name
+
+log = logging.getLogger(__name__)
+PAPER_LOGIT_SCALE = 100.0  # CLIP's logit scale, in whose units the paper gives alpha
+# recipe -> (views, augment, alpha in the paper's units): the paper's, and the project's earlier cache
+TIP_RECIPES = {"paper": (10, "flip_crop", 1.17), "plain_cache": (1, "none", 1.0)}
+WIDEN_AT_MOST = 4  # doublings of the alpha grid's top when the optimum sits on it
 
 
 class TipAdapterHead(torch.nn.Module):
@@ -163,16 +182,22 @@ def _grid(top: float, steps: int) -> list[float]:
 
 
 class TipAdapterModule(AdapterModule):
-    """Tip-Adapter: training-free; ``fit`` builds the cache from the k-shot features and searches
+    """Tip-Adapter: training-free; ``fit`` builds the cache from the k-shot images and searches
     ``alpha`` in ``[0, alpha_max]`` and ``beta`` in ``(0, beta_max]`` on the validation features.
 
     The run still goes through a Trainer (one epoch, no optimiser step), so it writes the adapter file,
     its metrics and TensorBoard logs like the trained methods. With ``data.selection last`` nothing is
     chosen on validation data: ``alpha`` and ``beta`` stay as given.
 
-    Args (besides :class:`AdapterModule`'s): ``alpha``, ``beta`` (used as given when not searched, and
-    as the start of Tip-Adapter-F's training); ``search`` (False: keep them); ``alpha_max``,
-    ``alpha_steps``, ``beta_max``, ``beta_steps``: the search grid.
+    Args (besides :class:`AdapterModule`'s):
+        recipe: ``paper`` (10 augmented views; the given alpha in the paper's units of a logit scale of
+            100) or ``plain_cache`` (the project's earlier cache: one plain view, alpha as is).
+        views, augment: the cache's views per image and their augmentation (``flip_crop``: random
+            resized crop 0.5-1 and flip; ``none``); None: the recipe's.
+        alpha, beta: used as given when not searched, and Tip-Adapter-F's fixed values while training;
+            alpha None: the recipe's, for ``paper`` 1.17 in the paper's units (``1.17 * s / 100`` on a
+            model whose logit scale is ``s``), for ``plain_cache`` 1; a given alpha is on the model's scale.
+        search: False: keep them. ``alpha_max``, ``alpha_steps``, ``beta_max``, ``beta_steps``: the grid.
     """
 
     method = "tip_adapter"
@@ -188,7 +213,10 @@ class TipAdapterModule(AdapterModule):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
-        alpha: float = 1.0,
+        recipe: str = "paper",
+        views: int | None = None,
+        augment: str | None = None,
+        alpha: float | None = None,
         beta: float = 1.0,
         search: bool = True,
         alpha_max: float = 3.0,
@@ -200,6 +228,19 @@ class TipAdapterModule(AdapterModule):
         optimizer: str = "adamw",
         model_config: str | None = None,
     ) -> None:
+        check_recipe("tip_adapter", recipe)
+        r_views, r_augment, r_alpha = TIP_RECIPES[recipe]
+        self.views = r_views if views is None else int(views)
+        self.augment = r_augment if augment is None else augment
+        # None: the recipe's start; the paper's 1.17 is in units of CLIP's logit scale of 100
+        self.paper_alpha = alpha is None and recipe == "paper"
+        self.start_alpha = r_alpha if alpha is None else float(alpha)
+        check_tip_options(self.views, self.augment, self.start_alpha, beta, self.train_keys)
+        if alpha_max <= 0 or beta_max <= 0 or alpha_steps < 1 or beta_steps < 1:
+            raise ValueError(
+                "Tip-Adapter's search grid needs alpha_max, beta_max > 0 and alpha_steps, beta_steps >= 1: "
+                "set --model.alpha_max, --model.beta_max, --model.alpha_steps, --model.beta_steps"
+            )
         super().__init__(
             model_name=model_name,
             pretrained=pretrained,
@@ -214,25 +255,27 @@ class TipAdapterModule(AdapterModule):
             optimizer=optimizer,
             model_config=model_config,
         )
-        if alpha < 0 or beta <= 0:
-            raise ValueError(
-                f"Tip-Adapter needs alpha >= 0 and beta > 0, got alpha={alpha}, beta={beta}: "
-                "set --model.alpha / --model.beta"
-            )
-        if alpha_max <= 0 or beta_max <= 0 or alpha_steps < 1 or beta_steps < 1:
-            raise ValueError(
-                "Tip-Adapter's search grid needs alpha_max, beta_max > 0 and alpha_steps, beta_steps >= 1: "
-                "set --model.alpha_max, --model.beta_max, --model.alpha_steps, --model.beta_steps"
-            )
         self.save_hyperparameters()
+        self.method = method_name(type(self).method, recipe)
         self.automatic_optimization = self.train_keys  # Tip-Adapter itself takes no optimiser step
         self._validated = False
+        self._initial_keys: torch.Tensor | None = None
+        self._final: tuple[int, float, float, dict] | None = None  # (step, alpha, beta, search) for the file
         if self.class_names:
             self.build()
 
+    @property
+    def initial_alpha(self) -> float:
+        """The alpha the head starts with (Tip-Adapter-F trains at it): the paper's in its units scaled to
+        this model's logit scale, or the given one (the searched grid is always on the model's own scale)."""
+        unit = self.logit_scale / PAPER_LOGIT_SCALE if self.paper_alpha else 1.0
+        return self.start_alpha * unit
+
     def build_adapter(self) -> torch.nn.Module:
         hp = self.hparams
-        return TipAdapterHead(self.zero_shot_head, self.logit_scale, hp.alpha, hp.beta, self.train_keys)
+        return TipAdapterHead(
+            self.zero_shot_head, self.logit_scale, self.initial_alpha, hp.beta, self.train_keys
+        )
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         return self.adapter(features)
@@ -242,28 +285,62 @@ class TipAdapterModule(AdapterModule):
         super().setup(stage)
         dm = self.trainer.datamodule if self._trainer is not None else None
         if self.adapter.cache_size == 0 and dm is not None and "train" in getattr(dm, "features", {}):
-            self.build_cache(dm.features["train"], torch.tensor(dm.targets["train"]))
-            if self._searches() and "val" in dm.features:  # Tip-Adapter-F starts from Tip-Adapter's choice
-                self.search_on(
-                    dm.features["val"], torch.tensor(dm.targets["val"]), getattr(dm, "val_source", "val")
-                )
+            labels = torch.tensor(dm.targets["train"])
+            if self.views == 1 and self.augment == "none":
+                self.build_cache(dm.features["train"], labels)
+            else:
+                self.build_cache(self.view_features(dm).mean(dim=0), labels)
+
+    def view_features(self, dm) -> torch.Tensor:
+        """Features [views, N, D] of the k-shot images' augmented views (cached per image and view)."""
+        split = dm.hparams.train_split
+        return augmented_features(
+            self.bundle,
+            dm.source.dsd[split],
+            dm._kshot_split().all_indices,
+            split,
+            self.views,
+            self.augment,
+            cache_root_of(dm.cache),
+            dm.hparams.feature_batch_size,
+            dm.num_workers,
+        )
 
     def build_cache(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         """Keys and values from the k-shot features and labels (the method's whole 'training')."""
         self.adapter.set_cache(features, labels)
+        self._initial_keys = self.adapter.keys.detach().clone()
 
     def search_on(self, features: torch.Tensor, labels: torch.Tensor, split: str) -> float:
-        """Search alpha and beta on ``features`` (recorded in the adapter's params); the accuracy."""
+        """Search alpha and beta on ``features`` (recorded in the adapter's params); the accuracy.
+
+        The alpha grid is ``[0, alpha_max]`` in the recipe's units; while its best alpha is the grid's top,
+        the top doubles (at most ``WIDEN_AT_MOST`` times, said in the log).
+        """
         hp = self.hparams
-        alpha, beta, acc = self.adapter.search_alpha_beta(
-            features, labels, _grid(hp.alpha_max, hp.alpha_steps), _grid(hp.beta_max, hp.beta_steps)[1:]
-        )
+        top, widened = float(hp.alpha_max), 0
+        betas = _grid(hp.beta_max, hp.beta_steps)[1:]
+        while True:
+            alphas = _grid(top, hp.alpha_steps)
+            alpha, beta, acc = self.adapter.search_alpha_beta(features, labels, alphas, betas)
+            if alpha < alphas[-1] or widened == WIDEN_AT_MOST:
+                break
+            widened += 1
+            log.info(
+                "%s: the best alpha on %s is the top of the grid (%.4g); widening the grid to [0, %.4g]",
+                self.method, split, top, 2 * top,
+            )  # fmt: skip
+            top *= 2
+        if alpha == alphas[-1] and alpha > 0:
+            log.warning("%s: the best alpha is still the top of the widened grid (%.4g)", self.method, top)
         self.adapter.search = {
             "on": split,
             "size": len(labels),
             "acc": acc,
             "alpha_max": hp.alpha_max,
             "alpha_steps": hp.alpha_steps,
+            "alpha_top": top,
+            "widened": widened,
             "beta_max": hp.beta_max,
             "beta_steps": hp.beta_steps,
         }
@@ -273,13 +350,19 @@ class TipAdapterModule(AdapterModule):
         dm = self.trainer.datamodule if self._trainer is not None else None
         return bool(self.hparams.search) and getattr(dm, "selection", "val_split") != "last"
 
+    def _val_data(self):
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        feats, labels = getattr(dm, "features", {}).get("val"), getattr(dm, "targets", {}).get("val")
+        if feats is None or not labels:
+            return None
+        return feats, torch.tensor(labels), getattr(dm, "val_source", "val")
+
     def on_validation_epoch_start(self) -> None:
-        if self.trainer.sanity_checking or not self._searches():
-            return
-        dm = self.trainer.datamodule
-        feats, labels = dm.features.get("val"), dm.targets.get("val")
-        if feats is not None and len(labels):
-            self.search_on(feats, torch.tensor(labels), getattr(dm, "val_source", "val"))
+        if self.trainer.sanity_checking or not self._searches() or self.train_keys:
+            return  # Tip-Adapter-F validates at its fixed training alpha and beta (the paper's order)
+        val = self._val_data()
+        if val is not None:
+            self.search_on(*val)
         self.log("search/alpha", self.adapter.alpha)
         self.log("search/beta", self.adapter.beta)
 
@@ -304,10 +387,49 @@ class TipAdapterModule(AdapterModule):
         if not self.train_keys and self._validated:
             self.trainer.should_stop = True
 
+    # ------------------------------------------------------------------------------- export
+    def final_alpha_beta(self) -> tuple[float, float, dict]:
+        """The (alpha, beta, search record) the file gets: the adapter's own, except Tip-Adapter-F's,
+        searched once on validation for the keys as they are now (training keeps its fixed values)."""
+        head = self.adapter
+        if not self.train_keys or self._trainer is None or not self._searches() or self._val_data() is None:
+            return head.alpha, head.beta, head.search
+        step = int(self.trainer.global_step)
+        if self._final is None or self._final[0] != step:
+            kept = (head.alpha, head.beta, head.search)
+            try:
+                self.search_on(*self._val_data())
+                self._final = (step, head.alpha, head.beta, head.search)
+            finally:
+                head.alpha, head.beta, head.search = kept
+        return self._final[1:]
+
+    def check_keys_moved(self) -> None:
+        """Refuse to export a Tip-Adapter-F whose keys training never changed (nothing was learned)."""
+        if not self.train_keys or self._initial_keys is None:
+            return
+        if torch.equal(self.adapter.keys.detach().cpu(), self._initial_keys.cpu()):
+            raise ValueError(
+                f"{self.method}: the cache keys did not move in training (alpha {self.adapter.alpha:g}, "
+                f"lr {self.hparams.lr:g}), so the adapter is Tip-Adapter's, not a trained one; refusing to "
+                "export it: set --model.alpha > 0 and --model.lr > 0, or use tip_adapter"
+            )
+
+    def save_adapter(self, path, config: str = "", metrics: dict | None = None):
+        self.check_keys_moved()
+        head = self.adapter
+        kept = (head.alpha, head.beta, head.search)
+        head.alpha, head.beta, head.search = self.final_alpha_beta()
+        try:
+            return super().save_adapter(path, config=config, metrics=metrics)
+        finally:
+            head.alpha, head.beta, head.search = kept
+
     # ------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
-        checkpoint["tip_adapter"] = {"alpha": self.adapter.alpha, "beta": self.adapter.beta}
+        alpha, beta, _ = self.final_alpha_beta()
+        checkpoint["tip_adapter"] = {"alpha": alpha, "beta": beta}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
@@ -318,10 +440,35 @@ class TipAdapterModule(AdapterModule):
             self.adapter.beta = float(checkpoint.get("tip_adapter", {}).get("beta", self.adapter.beta))
 
 
+def check_tip_options(views: int, augment: str, alpha: float, beta: float, train_keys: bool) -> None:
+    """Refuse, in one line, cache and start settings that cannot be honoured (before any work)."""
+    name = "Tip-Adapter-F" if train_keys else "Tip-Adapter"
+    if views < 1:
+        raise ValueError(
+            f"{name} needs views >= 1 (images seen per k-shot image), got {views}: set --model.views"
+        )
+    check_augment(augment, "--model.augment")
+    if views > 1 and augment == "none":
+        raise ValueError(
+            f"{name}: {views} views without augmentation are {views} copies of one view: set "
+            "--model.augment flip_crop or --model.views 1"
+        )
+    if alpha < 0 or beta <= 0:
+        raise ValueError(
+            f"{name} needs alpha >= 0 and beta > 0, got alpha={alpha}, beta={beta}: set --model.alpha / --model.beta"
+        )
+    if train_keys and alpha == 0:
+        raise ValueError(
+            "Tip-Adapter-F trains its keys through the cache term, which alpha = 0 multiplies by 0 (the keys "
+            "would get no gradient): set --model.alpha > 0 (the paper's 1.17)"
+        )
+
+
 class TipAdapterFModule(TipAdapterModule):
-    """Tip-Adapter-F: the cache keys are trained (cross-entropy on the k-shot features, from the cache
-    Tip-Adapter builds); alpha and beta are searched again on the validation features at every epoch.
-    Same options as :class:`TipAdapterModule`; the paper trains with AdamW, lr 1e-3, cosine schedule.
+    """Tip-Adapter-F: the cache keys are trained (cross-entropy on the k-shot features) at the fixed
+    initial alpha and beta, the epoch best on validation at those values is kept, then alpha and beta
+    are searched once for it (the paper's order). Same options as :class:`TipAdapterModule`; the paper
+    trains with AdamW, lr 1e-3, cosine schedule, 20 epochs.
     """
 
     method = "tip_adapter_f"
