@@ -34,7 +34,7 @@ TEN = [f"c{i}" for i in range(10)]
 
 
 def _dm(**kw):
-    base = dict(name="fashion_mnist", class_names=TEN, batch_size=32, limit=None, shots=0,
+    base = dict(name="fashion_mnist", split="test", class_names=TEN, batch_size=32, limit=None, shots=0,
                 dsd={"train": 0, "val": 0, "test": 0})  # fmt: skip
     return SimpleNamespace(**{**base, **kw})
 
