@@ -447,13 +447,24 @@ def test_unreachable_server_stops_at_the_first_request(photos, tmp_path):  # noq
     assert backend.attempts == 2 and backend.calls == 1
 
 
-def test_a_server_that_goes_away_stops_the_run(photos, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("settle_delay_s", [0.0, 0.2])
+def test_a_server_that_goes_away_stops_the_run(photos, tmp_path, monkeypatch, settle_delay_s):  # noqa: F811
+    """Exactly one answer and three failures reach the server, however late the caller's thread gets to
+    count the failures (a busy machine: ``settle_delay_s`` makes it late on purpose)."""
     reqs = [LVLMRequest(image=photos["cat"], candidates=["cat", f"dog {i}"]) for i in range(8)]
+    real_settle = OpenAIBackend._settle
+
+    def late_settle(self, *args, **kwargs):
+        time.sleep(settle_delay_s)
+        return real_settle(self, *args, **kwargs)
+
+    monkeypatch.setattr(OpenAIBackend, "_settle", late_settle)
     with ChatServer(script=["ok"] + ["500"] * 20) as server:
         backend = _backend(server, tmp_path, max_retries=0, max_consecutive_failures=3, max_concurrency=1)
         with pytest.raises(APIFatalError) as err:
             backend.choose(reqs)
         assert len(server.requests) == 4  # one answer, then three failures in a row
+    monkeypatch.setattr(OpenAIBackend, "_settle", real_settle)
     assert str(err.value).startswith(
         f"the last 3 requests to {server.url} (model 'gpt-test-vision') all failed, the last with "
         "InternalServerError (HTTP 500): server error; answers received so far are cached"

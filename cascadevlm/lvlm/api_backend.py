@@ -37,9 +37,10 @@ import random
 import threading
 import time
 from collections import Counter
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from datetime import timezone
 from email.utils import parsedate_to_datetime
+from itertools import islice
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
@@ -667,13 +668,25 @@ class OpenAIBackend(LVLMBackend):
                 self._tick(waiting[key])
             futures: dict[Future, str] = {}
             halt = threading.Event()
-            for key, i in items:
-                futures[self.pool.submit(self._fetch, key, prompts[i], halt)] = key
-                self._calls += 1
+            queue = iter(items)
+
+            def submit(n: int) -> None:
+                for key, i in islice(queue, n):
+                    futures[self.pool.submit(self._fetch, key, prompts[i], halt)] = key
+                    self._calls += 1
+
+            # A request is submitted only once an earlier one is settled, max_concurrency in flight: a
+            # stop (max_consecutive_failures) is decided before the next request leaves, whatever the
+            # threads' scheduling, and leaves at most max_concurrency - 1 requests in flight.
+            submit(self.max_concurrency)
             try:
-                for fut in as_completed(futures):  # one waiter for all (wait() in a loop is quadratic)
-                    self._settle(futures[fut], fut.result, payloads, errors)
-                    self._tick(waiting[futures[fut]])
+                while futures:
+                    done, _ = wait(futures, return_when=FIRST_COMPLETED)
+                    for fut in done:
+                        key = futures.pop(fut)
+                        self._settle(key, fut.result, payloads, errors)
+                        self._tick(waiting[key])
+                    submit(len(done))
             except BaseException:  # a fatal API error or Ctrl-C: start nothing more
                 for fut in futures:
                     fut.cancel()
