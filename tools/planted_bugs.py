@@ -62,7 +62,7 @@ BUGS: tuple[PlantedBug, ...] = (
         "the LVLM shown the next row's image",
         "cascadevlm/cascade/lvlm_stage.py",
         'image = decode_image(self.dataset[rec.index][IMAGE_COLUMN], f"{self.split} row {rec.index}")',
-        'image = decode_image(self.dataset[rec.index + 1][IMAGE_COLUMN], f"{self.split} row {rec.index}")',
+        'image = decode_image(self.dataset[(rec.index + 1) % len(self.dataset)][IMAGE_COLUMN], f"{self.split} row {rec.index}")',
         (PIPELINE + "test_each_lvlm_answer_is_for_its_own_image_its_label_and_candidates_in_clips_order",),
     ),
     PlantedBug(
