@@ -301,3 +301,21 @@ def test_the_lvlm_stage_bar_of_a_2000_image_run_fits_80_columns_uncut():
     console.print(progress.make_tasks_table(progress.tasks))
     (line,) = console.file.getvalue().splitlines()
     assert len(line.rstrip()) <= COLUMNS and line.rstrip().endswith("/s · cached 200, asked 1800, failed 0")
+
+
+def test_lightnings_expected_state_warnings_are_kept_out_unless_verbose():
+    """A frozen CLIP left in eval mode under an adapter: Lightning's "Found 26 module(s) in eval mode"."""
+    import warnings
+
+    from lightning.fabric.utilities.rank_zero import rank_zero_warn
+
+    from cascadevlm.logs import expected_states_quiet
+
+    message = "Found 26 module(s) in eval mode at the start of training. This may lead to unexpected behavior"
+    for level, shown in (("normal", 0), ("quiet", 0), ("verbose", 1)):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            with expected_states_quiet(level):
+                rank_zero_warn(message)
+                warnings.warn("a warning of ours", UserWarning, stacklevel=1)  # others pass
+        assert [str(w.message) for w in seen] == [message] * shown + ["a warning of ours"], level
