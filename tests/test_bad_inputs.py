@@ -160,14 +160,14 @@ def _subfolder(ctx, name: str, folders: list[str]):
     return ctx.tmp / name
 
 
-def _saved(ctx, rows: int, names=("cat", "dog")):
-    """A ``save_to_disk`` dataset ``{tmp}/saved`` with a test split of ``rows`` rows, columns img / category."""
+def _saved(ctx, rows: int, names=("cat", "dog"), int_labels=False):
+    """A ``save_to_disk`` dataset ``{tmp}/saved`` with a test split of ``rows`` rows, columns img / category
+    (a ClassLabel of ``names``, or plain integers)."""
     import datasets
 
     photo = next(ctx.photos.rglob("*.jpg")).read_bytes()
-    features = datasets.Features(
-        {"img": datasets.Image(), "category": datasets.ClassLabel(names=list(names))}
-    )
+    label = datasets.Value("int64") if int_labels else datasets.ClassLabel(names=list(names))
+    features = datasets.Features({"img": datasets.Image(), "category": label})
     ds = datasets.Dataset.from_dict({"img": [{"bytes": photo, "path": None}] * rows, "category": [0] * rows},
                                     features=features)  # fmt: skip
     datasets.DatasetDict({"test": ds}).save_to_disk(str(ctx.tmp / "saved"))
@@ -361,6 +361,9 @@ CASES = [
     ("image column holds labels", lambda c: _data(SimpleNamespace(photos=_saved(c, 2)), image_column="category"),
      ValueError, "split 'test' of '{tmp}/saved': column 'category' (--data.image_column) holds class labels, not "
      "images; the images are in ['img']"),
+    ("image column holds integers", lambda c: _data(SimpleNamespace(photos=_saved(c, 2, int_labels=True)),
+     image_column="category"), ValueError, "split 'test' of '{tmp}/saved': column 'category' (--data.image_column) "
+     "holds class labels, not images; the images are in ['img']"),
     ("template without a slot", lambda c: _data(c, templates=["a photo of a {c}.", "a photo"]), ValueError,
      "prompt templates must contain '{{}}' or '{{c}}' where the class name goes, once; --data.templates has "
      "['a photo']"),  # braces doubled: the expected message is formatted

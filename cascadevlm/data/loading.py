@@ -128,6 +128,13 @@ def _refuse_one_class_folder(path: Path, ds: datasets.DatasetDict) -> None:
 _HOLDS = {datasets.Image: "images", datasets.ClassLabel: "class labels"}
 
 
+def _holds(feature, kind: type) -> bool:
+    """``feature`` holds ``kind``'s data: an Image column images; a ClassLabel or integer column labels."""
+    if kind is datasets.ClassLabel and isinstance(feature, datasets.Value):
+        return feature.dtype.startswith(("int", "uint"))
+    return isinstance(feature, kind)
+
+
 def _column_for(d, where: str, given: str | None, standard: str, kind: type, other: type, flag: str) -> str:
     """The column of ``d`` that becomes ``standard``: ``given`` (checked to exist and not to hold the other
     role's data), else ``standard`` itself, else the only column of feature type ``kind``."""
@@ -135,7 +142,7 @@ def _column_for(d, where: str, given: str | None, standard: str, kind: type, oth
     if given is not None:
         if given not in d.column_names:
             raise ValueError(f"{where} has no column {given!r} ({flag}); columns: {d.column_names}")
-        if isinstance(features.get(given), other):
+        if _holds(features.get(given), other):
             mine = [c for c, f in features.items() if isinstance(f, kind)]
             raise ValueError(
                 f"{where}: column {given!r} ({flag}) holds {_HOLDS[other]}, not {_HOLDS[kind]}; the "
