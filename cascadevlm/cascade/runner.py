@@ -32,9 +32,17 @@ def run_clip_stage(
     """CLIP records for every image of ``dm``'s eval split; None on ranks other than 0.
 
     Image features come from the cache when the key matches (the image encoder is skipped);
-    otherwise they are computed and rank 0 writes them to the cache once all ranks are done.
+    otherwise they are computed and rank 0 writes them to the cache once all ranks are done. The
+    zero-shot head is cached in the same directory (:func:`cascadevlm.clip.zero_shot.zero_shot_head`).
     """
     dm.transform = model.preprocess
+    # the zero-shot head beside the image features: built once per model, names and templates, then read
+    # back (rank 0 first, so other ranks read what it stored instead of encoding the same text)
+    model.head_cache_dir = str(cache_dir)
+    if trainer.is_global_zero:
+        model.ensure_head()
+    trainer.strategy.barrier()
+    model.ensure_head()
     streaming = getattr(dm, "streaming", False)  # a stream has no length until it is read
     ds = dm.eval_dataset()
     cache = FeatureCache(cache_dir)

@@ -10,7 +10,13 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassRecall
 
 from cascadevlm.clip.model import encode_images, load_clip
-from cascadevlm.clip.zero_shot import build_zero_shot_head, clip_logits, entropy_from_logits, topk_probs
+from cascadevlm.clip.zero_shot import (
+    clip_logits,
+    topk_probs_and_entropy,
+    validate_templates,
+    zero_shot_head,
+)
+from cascadevlm.data.registry import validate_class_names
 
 MIN_STORED_TOPK = 5  # records keep at least the top-5, so acc5 can be computed from them
 KEEP_LOGITS_MAX_CLASSES = 256  # records keep all logits up to this many classes (calibration, conformal)
@@ -75,9 +81,12 @@ class ClipClassifier(L.LightningModule):
             merge_clip_lora(self.bundle, adapter, mix=adapter_mix)  # WiSE-FT in weight space
         self.clip = self.bundle.model
         self.clip.requires_grad_(False)
-        self.class_names = list(class_names) if class_names else None
-        self.templates = list(templates) if templates else ["a photo of a {}."]
+        # refused here, before any stage runs (empty or duplicate names, templates without "{}")
+        names = "the class list (--data.class_names)"
+        self.class_names = validate_class_names(class_names, names) if class_names else None
+        self.templates = validate_templates(templates) if templates else ["a photo of a {}."]
         self.head: torch.Tensor | None = None
+        self.head_cache_dir: str | None = None  # where the head is cached: the run's --cache_dir (runner)
         self.adapter_module: torch.nn.Module | None = None
         self.num_classes = len(self.class_names) if self.class_names else 0
         self.metrics = None
@@ -99,17 +108,18 @@ class ClipClassifier(L.LightningModule):
 
     # ------------------------------------------------------------------------------------ the head
     def ensure_head(self) -> torch.Tensor:
-        """Build the zero-shot head on the module's device (once); load the adapter if one is set."""
+        """The zero-shot head on the module's device, built once (from the head cache in ``head_cache_dir``
+        when it has this model's, names' and templates' head); loads the adapter if one is set."""
         if self.head is None:
             if not self.class_names:
                 raise ValueError(
                     "ClipClassifier has no class names: set model.class_names or link them from data"
                 )
-            self.head = build_zero_shot_head(
-                self.clip,
-                self.bundle.tokenizer,
+            self.head = zero_shot_head(
+                self.bundle,
                 self.class_names,
                 self.templates,
+                self.head_cache_dir,
                 self.hparams.class_batch_size,
                 self.device,
             )
@@ -155,13 +165,13 @@ class ClipClassifier(L.LightningModule):
     def predict_step(self, batch: dict, batch_idx: int = 0) -> dict:
         feats = self.encode(batch)
         logits = self.logits(feats)
-        probs, ids = topk_probs(logits, max(self.hparams.topk, MIN_STORED_TOPK))
+        probs, ids, entropy = topk_probs_and_entropy(logits, max(self.hparams.topk, MIN_STORED_TOPK))
         out = {
             "index": batch["index"].cpu(),
             "label": batch["label"].cpu(),
             "topk_ids": ids.cpu(),
             "topk_probs": probs.cpu(),
-            "entropy": entropy_from_logits(logits).cpu(),
+            "entropy": entropy.cpu(),
         }
         if logits.shape[-1] <= KEEP_LOGITS_MAX_CLASSES:
             out["logits"] = logits.cpu()

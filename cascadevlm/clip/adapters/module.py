@@ -25,7 +25,7 @@ from cascadevlm.clip.adapters.checkpoint import (
     run_identity,
 )
 from cascadevlm.clip.model import load_clip
-from cascadevlm.clip.zero_shot import build_zero_shot_head, clip_logits
+from cascadevlm.clip.zero_shot import clip_logits, zero_shot_head
 
 OPTIMIZERS = ("adamw", "sgd")
 
@@ -101,11 +101,13 @@ class AdapterModule(L.LightningModule):
         """Build the zero-shot head and the adapter (once); needs ``class_names``."""
         if self.adapter is not None:
             return
-        self.zero_shot_head = build_zero_shot_head(
-            self.bundle.model,
-            self.bundle.tokenizer,
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        cache = getattr(getattr(dm, "cache", None), "root", None)  # the feature cache's dir: heads go beside
+        self.zero_shot_head = zero_shot_head(
+            self.bundle,
             self.class_names,
             self.templates or ["a photo of a {}."],
+            cache,
             self.hparams.class_batch_size,
             next(self.bundle.model.parameters()).device,  # custom-text models have no token_embedding
         ).cpu()
