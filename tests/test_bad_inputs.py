@@ -321,8 +321,8 @@ CASES = [
      "CLIP checkpoint '{tmp}/cut.safetensors' cannot be read (SafetensorError: Error while deserializing header: "
      "incomplete metadata, file not fully covered): it is truncated or not a weights file; set --model.pretrained "
      "to an open_clip checkpoint or tag"),
-    ("checkpoint of another architecture", lambda c: _clip(c, "ViT-B-32", pretrained=str(c.clip)), ValueError,
-     "CLIP checkpoint '{clip}' does not fit architecture 'ViT-B-32' (AssertionError: text pos_embed width "
+    ("checkpoint of another architecture", lambda c: _clip(c, "cascadevlm-small-vit", pretrained=str(c.clip)), ValueError,
+     "CLIP checkpoint '{clip}' does not fit architecture 'cascadevlm-small-vit' (AssertionError: text pos_embed width "
      "changed!); set --model.model_name to the architecture it was trained as"),
     ("unknown pretrained tag", lambda c: _clip(c, "RN50", pretrained="laion_nope"), ValueError,
      "unknown pretrained tag 'laion_nope' for CLIP model 'RN50' (its tags: openai, yfcc15m, cc12m); set "

@@ -199,7 +199,7 @@ def check_pretrained_tag(model_name: str, tag: str) -> None:
 
 def checkpoint_problem(path: str, model_name: str, err: Exception) -> str:
     """One line on why open_clip could not load the checkpoint file ``path`` into ``model_name``."""
-    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    text = str(err).strip().splitlines()[0].rstrip(":") if str(err).strip() else ""
     # open_clip asserts on resized position embeddings; torch's load_state_dict lists mismatches
     if isinstance(err, AssertionError) or "state_dict" in text or "size mismatch" in text:
         return (
