@@ -448,6 +448,8 @@ CLI_CASES = [
     (["--config", "{tmp}/missing.yaml"], None),
     (["--data.limit", "0"], "error: data.limit must be >= 1 (or null for every image), got 0; set --data.limit"),
     (["--cascade.budget", "7"], "error: cascade.budget must be a fraction in [0, 1], got 7.0"),
+    (["--data.templates", '["a photo of a {{c}}.", "a photo"]'], "error: prompt templates must contain '{}' or "
+     "'{c}' where the class name goes, once; --data.templates has ['a photo']"),  # before any stage: no run dir
     (["--model.class_batch_size", "0"], "error: model.class_batch_size must be >= 1, got 0; set "
      "--model.class_batch_size"),
     (["--cascade.budget", "nan"], "error: --cascade.budget: expected a finite number or null, got nan (NaN and "
