@@ -9,25 +9,38 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torchmetrics.functional.classification import multiclass_accuracy, multiclass_recall
+from torchmetrics.functional.classification import multiclass_accuracy
 
 from cascadevlm.records import PredictionRecord
 from cascadevlm.report.formats import plain_float
 
 
-def _topk_scores(records: Sequence[PredictionRecord], num_classes: int) -> torch.Tensor:
-    """A score matrix holding each record's stored top-k probabilities (zeros elsewhere)."""
-    scores = torch.zeros(len(records), num_classes, dtype=torch.float64)
-    for i, r in enumerate(records):
-        scores[i, r.clip_topk] = (
-            torch.tensor(r.clip_topk_probs, dtype=torch.float64) + 1.0
-        )  # > any unstored 0
-    return scores
+def per_class_counts(
+    preds: Sequence[int], labels: Sequence[int], num_classes: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per class: correct predictions, images and predictions, each one bincount of C (torchmetrics'
+    per-class averages count a C x C confusion matrix: 800 MB and seconds a call at 10,000 classes)."""
+    p, t = torch.tensor(list(preds)), torch.tensor(list(labels))
+    tp = torch.bincount(t[p == t], minlength=num_classes)
+    return tp, torch.bincount(t, minlength=num_classes), torch.bincount(p, minlength=num_classes)
+
+
+def _mean_recall(
+    preds: Sequence[int], labels: Sequence[int], num_classes: int, over_predicted: bool
+) -> float:
+    """Recall (float32, as torchmetrics) averaged over the classes with images, and with
+    ``over_predicted`` also over those only predicted (recall 0: torchmetrics' macro average)."""
+    tp, support, predicted = per_class_counts(preds, labels, num_classes)
+    recall = tp.float() / support.clamp(min=1).float()
+    keep = (support + predicted > 0) if over_predicted else support > 0
+    return plain_float(float(recall[keep].mean()))
 
 
 def accuracy(preds: Sequence[int], labels: Sequence[int], num_classes: int, average: str = "micro") -> float:
     if len(preds) == 0:
         return float("nan")
+    if average == "macro":  # torchmetrics' value, in O(C) memory
+        return _mean_recall(preds, labels, num_classes, over_predicted=True)
     return plain_float(
         float(
             multiclass_accuracy(
@@ -45,10 +58,7 @@ def mean_per_class_recall(preds: Sequence[int], labels: Sequence[int], num_class
     """
     if len(preds) == 0:
         return float("nan")
-    target = torch.tensor(list(labels))
-    recall = multiclass_recall(torch.tensor(list(preds)), target, num_classes, average="none")
-    present = torch.bincount(target, minlength=num_classes) > 0
-    return plain_float(float(recall[present].mean()))
+    return _mean_recall(preds, labels, num_classes, over_predicted=False)
 
 
 def classification_metrics(records: Sequence[PredictionRecord], num_classes: int) -> dict:
@@ -61,13 +71,9 @@ def classification_metrics(records: Sequence[PredictionRecord], num_classes: int
         return {"n": 0}
     labels = [r.label for r in recs]
     k = min(5, num_classes, min(len(r.clip_topk) for r in recs))
-    clip_acc5 = plain_float(
-        float(
-            multiclass_accuracy(
-                _topk_scores(recs, num_classes), torch.tensor(labels), num_classes, top_k=k, average="micro"
-            )
-        )
-    )
+    # the label among the stored top-k (most probable first): no [N, C] score matrix
+    hits = torch.tensor([r.label in r.clip_topk[:k] for r in recs], dtype=torch.float32)
+    clip_acc5 = plain_float(float(hits.sum() / len(recs)))
     return {
         "n": len(recs),
         "acc1": accuracy([r.final for r in recs], labels, num_classes),
