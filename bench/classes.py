@@ -1,0 +1,162 @@
+"""Many classes: evaluate.py and its CLIP stage at 10 to 10,000 synthetic class names, measured side by
+side in one run.
+
+Data: the first ``--images`` Fashion-MNIST test photos (and as many validation photos), relabelled into
+a dataset with N species-like class names (cascadevlm/testing/classes.py: multi-token names, 30 per
+genus). Model: the demo CLIP (cascadevlm/zoo/checkpoints/clip.safetensors, cascadevlm-tiny-vit).
+
+Per class count N:
+
+- head build: the zero-shot head encoded (N x ``--templates`` prompts), then read back from the cache;
+- evaluate.py, first run (empty cache: head and image features computed) and rerun (both cached; best
+  of ``--repeats``), in this process (interpreter start-up, ~10 s, left out: the same for every N);
+- CLIP stage per image, head excluded: the Lightning predict loop (``run_clip_stage``) with the image
+  encoder (fresh feature cache) and with cached features (best of ``--repeats``);
+- peak RSS of the process after N (sizes run in increasing order, so each value covers N and below).
+
+Targets (issue 27): a 10,000-class rerun within 1.2x of a 10-class rerun; per-image CLIP-stage cost at
+10,000 classes within 1.5x of 10 classes (head excluded).
+
+    python bench/classes.py [--classes 10 100 1000 10000] [--images 256] [--templates 1] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import os
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import datasets  # noqa: E402
+import lightning as L  # noqa: E402
+
+from cascadevlm.cascade.runner import run_clip_stage  # noqa: E402
+from cascadevlm.cli import run_evaluate  # noqa: E402
+from cascadevlm.clip.module import ClipClassifier  # noqa: E402
+from cascadevlm.clip.zero_shot import zero_shot_head  # noqa: E402
+from cascadevlm.data.datamodule import CascadeDataModule  # noqa: E402
+from cascadevlm.data.demo import fashion_mnist_dir  # noqa: E402
+from cascadevlm.data.spec import GENERIC_TEMPLATES  # noqa: E402
+from cascadevlm.flags import one_flag_style  # noqa: E402
+from cascadevlm.testing.classes import relabelled_dataset, synthetic_class_names  # noqa: E402
+from cascadevlm.zoo.tiny_clip import TINY_CLIP  # noqa: E402
+
+DEMO_CLIP = Path(__file__).resolve().parents[1] / "cascadevlm" / "zoo" / "checkpoints" / "clip.safetensors"
+
+
+def timed(fn, *args, **kwargs) -> float:
+    t = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):  # evaluate.py's summary tables
+        fn(*args, **kwargs)
+    return time.perf_counter() - t
+
+
+def evaluate_args(ds: Path, templates: list[str], work: Path, cache: Path, name: str) -> list[str]:
+    return [
+        "--model.model_name", TINY_CLIP, "--model.pretrained", str(DEMO_CLIP), "--data.dataset", str(ds),
+        "--data.templates", json.dumps(templates), "--data.batch_size", "64", "--trainer.accelerator", "cpu",
+        "--trainer.enable_progress_bar", "false", "--output_dir", str(work / "runs"), "--cache_dir", str(cache),
+        "--run_name", name, "--quiet",
+    ]  # fmt: skip
+
+
+def stage_seconds(model: ClipClassifier, dm: CascadeDataModule, work: Path, cache: Path) -> float:
+    """The CLIP stage's predict loop over ``dm`` (the head already built)."""
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    return timed(run_clip_stage, trainer, model, dm, work / "parts", cache)
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
+
+
+def measure(n: int, source: datasets.DatasetDict, args, tmp: Path) -> dict:
+    names = synthetic_class_names(n)
+    templates = list(GENERIC_TEMPLATES[: args.templates])
+    ds = relabelled_dataset(source, names, tmp / f"ds{n}", rows=args.images)
+    row: dict = {"classes": n}
+    # evaluate.py: first run (nothing cached), then reruns (head and features from the cache)
+    cache = tmp / f"cache{n}"
+    row["first"] = timed(run_evaluate, evaluate_args(ds, templates, tmp, cache, f"first{n}"))
+    row["rerun"] = min(timed(run_evaluate, evaluate_args(ds, templates, tmp, cache, f"re{n}"))
+                       for _ in range(args.repeats))  # fmt: skip
+    # the head alone: built into an empty cache, then read back
+    model = ClipClassifier(TINY_CLIP, str(DEMO_CLIP), class_names=names, templates=templates)
+    heads = tmp / f"heads{n}"
+    row["head_build"] = timed(zero_shot_head, model.bundle, names, templates, heads)
+    row["head_cached"] = min(timed(zero_shot_head, model.bundle, names, templates, heads) for _ in range(3))
+    # the CLIP stage per image, head excluded: image encoder (fresh features), then cached features
+    dm = CascadeDataModule(str(ds), batch_size=64)
+    model.head_cache_dir = str(heads)
+    model.ensure_head()
+    fresh = [stage_seconds(model, dm, tmp / f"s{n}_{r}", tmp / f"feat{n}_{r}") for r in range(args.repeats)]
+    cached = [stage_seconds(model, dm, tmp / f"c{n}_{r}", tmp / f"feat{n}_0") for r in range(args.repeats)]
+    row["stage_fresh_ms"] = 1000 * min(fresh) / args.images
+    row["stage_cached_ms"] = 1000 * min(cached) / args.images
+    row["peak_rss_mib"] = peak_rss_mib()
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--classes", type=int, nargs="+", default=[10, 100, 1000, 10000])
+    ap.add_argument("--images", type=int, default=256)
+    ap.add_argument(
+        "--templates", type=int, default=1, help=f"first N of the {len(GENERIC_TEMPLATES)} generic"
+    )
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--data-root", default="data")
+    args = one_flag_style(ap).parse_args()
+    logging.getLogger("lightning").setLevel(logging.ERROR)
+    datasets.disable_progress_bars()
+    source = datasets.load_from_disk(str(fashion_mnist_dir(args.data_root)))
+    source = datasets.DatasetDict({"test": source["test"], "val": source["val"]})
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        warm = relabelled_dataset(source, synthetic_class_names(10), tmp / "warm", rows=args.images)
+        timed(
+            run_evaluate, evaluate_args(warm, ["a photo of a {}."], tmp, tmp / "warm_cache", "warm")
+        )  # imports
+        rows = [measure(n, source, args, tmp) for n in sorted(args.classes)]
+    print(f"demo CLIP ({TINY_CLIP}), {args.images} Fashion-MNIST test images, {args.templates} template(s), "
+          f"CPU threads {os.cpu_count()}; best of {args.repeats} where repeated")  # fmt: skip
+    print(
+        "| classes | head build (s) | head from cache (s) | evaluate first run (s) | evaluate rerun (s) "
+        "| CLIP stage, encoder (ms/img) | CLIP stage, cached features (ms/img) | peak RSS (MiB) |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r['classes']:,} | {r['head_build']:.2f} | {r['head_cached']:.3f} | {r['first']:.2f} "
+            f"| {r['rerun']:.2f} | {r['stage_fresh_ms']:.3f} | {r['stage_cached_ms']:.3f} | {r['peak_rss_mib']:.0f} |"
+        )
+    lo, hi = rows[0], rows[-1]
+    print(
+        f"rerun {hi['classes']:,} / {lo['classes']:,} classes = {hi['rerun'] / lo['rerun']:.2f}x (target <= 1.2x)"
+    )
+    print(
+        f"CLIP stage per image (encoder) {hi['classes']:,} / {lo['classes']:,} = "
+        f"{hi['stage_fresh_ms'] / lo['stage_fresh_ms']:.2f}x (target <= 1.5x)"
+    )
+    print(
+        f"CLIP stage per image (cached features) {hi['classes']:,} / {lo['classes']:,} = "
+        f"{hi['stage_cached_ms'] / lo['stage_cached_ms']:.2f}x"
+    )
+    print(
+        f"head build {hi['classes']:,} / {lo['classes']:,} = {hi['head_build'] / lo['head_build']:.0f}x; "
+        f"first run / rerun at {hi['classes']:,} = {hi['first'] / hi['rerun']:.1f}x"
+    )
+
+
+if __name__ == "__main__":
+    main()
