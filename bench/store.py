@@ -58,7 +58,9 @@ def main() -> None:
         tmp = Path(d)
         first_s, first = timed_in_process(demo_args(tmp, args.limit))
         again_s, again = timed_in_process(demo_args(tmp, args.limit, "--cascade.budget", "0.1"))
-        proc_s = timed_process([sys.executable, "evaluate.py", *demo_args(tmp, args.limit, "--cascade.budget", "0.2")])
+        proc_s = timed_process(
+            [sys.executable, "evaluate.py", *demo_args(tmp, args.limit, "--cascade.budget", "0.2")]
+        )
         proc_calls = next(json.loads(p.read_text())["params"]["lvlm_calls"]
                           for p in (tmp / "runs").glob("*budget0.2-*/metrics.json"))  # fmt: skip
         source = next(p.parent for p in (tmp / "runs").glob("*budget0.3-*/metrics.json"))

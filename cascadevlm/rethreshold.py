@@ -88,7 +88,9 @@ def rethreshold(run_dir: str | Path, changes: dict, out_dir: str | Path | None =
 
     run_dir = Path(run_dir)
     if not (run_dir / "metrics.json").is_file() or not (run_dir / "records.parquet").is_file():
-        raise FileNotFoundError(f"{run_dir} has no metrics.json and records.parquet (not a finished evaluate.py run)")
+        raise FileNotFoundError(
+            f"{run_dir} has no metrics.json and records.parquet (not a finished evaluate.py run)"
+        )
     payload = json.loads((run_dir / "metrics.json").read_text())
     if "config" not in payload or "cascade" not in payload["config"]:
         raise ValueError(f"{run_dir}/metrics.json is not an evaluate.py run's (no config.cascade)")
@@ -177,7 +179,9 @@ def main(argv: list[str] | None = None) -> None:
     """``python -m cascadevlm.rethreshold RUN_DIR [--budget B | --tau T] [--gate G] ...``."""
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m cascadevlm.rethreshold", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m cascadevlm.rethreshold", description=__doc__.split("\n\n")[0]
+    )
     ap.add_argument("run_dir", help="a finished evaluate.py run with cascade.lvlm_on all")
     group = ap.add_mutually_exclusive_group()
     group.add_argument("--budget", type=float, help="send this fraction (tau chosen on the budget split)")
@@ -191,7 +195,9 @@ def main(argv: list[str] | None = None) -> None:
     if "fusion_weight" in changes or "alpha" in changes:
         changes = {**changes, **{k: float(changes[k]) for k in ("fusion_weight", "alpha") if k in changes}}
     if not changes:
-        raise ValueError("nothing to change: give --budget, --tau or a routing flag (--gate, --calibration, ...)")
+        raise ValueError(
+            "nothing to change: give --budget, --tau or a routing flag (--gate, --calibration, ...)"
+        )
     target = rethreshold(args["run_dir"], changes, args["out"])
     print((target / "summary.md").read_text())
     print(f"wrote {target}")

@@ -43,7 +43,9 @@ def test_a_second_stage_with_the_store_asks_nothing_and_answers_the_same(tmp_pat
     store = AnswerStore(tmp_path / "answers.sqlite")
     first = LVLMStage(FakeLVLM(), NAMES, store=store)
     assert _answers(first, batches) == reference and first.backend.calls == 8
-    again = LVLMStage(FakeLVLM(), NAMES, store=AnswerStore(tmp_path / "answers.sqlite"))  # a new process' view
+    again = LVLMStage(
+        FakeLVLM(), NAMES, store=AnswerStore(tmp_path / "answers.sqlite")
+    )  # a new process' view
     assert _answers(again, batches) == reference
     assert again.backend.calls == 0
 
@@ -194,8 +196,12 @@ CONCURRENT_WRITER = textwrap.dedent(
 
 def test_two_processes_write_one_store_at_once(tmp_path):
     path = tmp_path / "answers.sqlite"
-    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT_WRITER, str(path), name]) for name in ("a", "b")]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", CONCURRENT_WRITER, str(path), name]) for name in ("a", "b")
+    ]
     assert [p.wait() for p in procs] == [0, 0]  # no "database is locked": a writer waits for the other
     store = AnswerStore(path)
     assert len(store) == 300
-    assert all(store.get_answer(f"{n}-{i}", 3) == StoredAnswer(i % 3, f"raw {i}") for n in "ab" for i in range(150))
+    assert all(
+        store.get_answer(f"{n}-{i}", 3) == StoredAnswer(i % 3, f"raw {i}") for n in "ab" for i in range(150)
+    )

@@ -104,7 +104,10 @@ def _study_run(tmp_path, name, seed, acc, sweep_acc, shots=0, salt=0):
     methods = {"clip": {"acc1": sweep_acc[0], "deferral": 0.0}, "cascade": {"acc1": acc, "deferral": 0.3}}
     (d / "metrics.json").write_text(json.dumps({"params": params, "config": config, "methods": methods}))
     rows = ["tau,deferred,deferral,acc1,mean_per_class_recall"]
-    rows += [f"{t},{int(40 * f)},{f},{a},{a}" for t, f, a in zip((9.0, 1.0, 0.0), (0.0, 0.5, 1.0), sweep_acc, strict=True)]
+    rows += [
+        f"{t},{int(40 * f)},{f},{a},{a}"
+        for t, f, a in zip((9.0, 1.0, 0.0), (0.0, 0.5, 1.0), sweep_acc, strict=True)
+    ]
     (d / "sweep.csv").write_text("\n".join(rows) + "\n")
     return d
 
@@ -125,14 +128,20 @@ def test_figures_data_read_back_equal_the_table(tmp_path):
     cascade = {tuple(r["runs"]): r for r in table if r["method"] == "cascade"}
     sent = json.loads(paths["sent_plot"].with_suffix(".json").read_text())
     assert paths["sent_plot"].with_suffix(".pdf").stat().st_size > 1000  # vector beside the PNG
-    assert "fashion_mnist" in sent["title"] and "CLIP tiny-vit" in sent["title"] and "LVLM llava" in sent["title"]
+    assert (
+        "fashion_mnist" in sent["title"]
+        and "CLIP tiny-vit" in sent["title"]
+        and "LVLM llava" in sent["title"]
+    )
     assert len(sent["series"]) == 3
     for s in sent["series"]:
         row = cascade[tuple(s["runs"])]
         assert s["operating_point"] == {"deferral": row["deferral_mean"], "acc1": row["acc1_mean"]}
         assert (s["std"] is None) == (row["seeds"] == 1)
     two = next(s for s in sent["series"] if len(s["runs"]) == 2)
-    assert two["mean"][50] == pytest.approx(75.0) and two["std"][50] == pytest.approx(7.0710678)  # 70, 80 at 50%
+    assert two["mean"][50] == pytest.approx(75.0) and two["std"][50] == pytest.approx(
+        7.0710678
+    )  # 70, 80 at 50%
     assert two["mean"][0] == pytest.approx(50.0) and two["std"][0] == pytest.approx(0.0)
     # the k figure: one point per (method, k) row of the table, mean and std as in the table
     k_fig = json.loads(paths["plot"].with_suffix(".json").read_text())

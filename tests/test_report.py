@@ -149,7 +149,9 @@ def test_four_seed_1_runs_of_different_settings_are_four_rows_without_spread(tmp
     rows = list(csv.DictReader(io.StringIO(paths["csv"].read_text())))
     assert len(rows) == 8 and {r["runs"] for r in rows} == {str(d) for d in dirs}
     clip_rows = [r for r in rows if r["method"] == "clip"]
-    assert sorted(float(r["acc1_mean"]) for r in clip_rows) == sorted(100 * (a - 0.1) for a in (0.6, 0.64, 0.58, 0.66))
+    assert sorted(float(r["acc1_mean"]) for r in clip_rows) == sorted(
+        100 * (a - 0.1) for a in (0.6, 0.64, 0.58, 0.66)
+    )
     assert json.loads(paths["json"].read_text())[0]["identity_fields"]["kind"] == "cascade"
 
 
@@ -170,7 +172,9 @@ def test_runs_differing_only_in_seed_and_where_they_ran_are_averaged(tmp_path):
 
 def test_the_same_settings_and_seed_twice_are_refused(tmp_path):
     dirs = [_write(tmp_path, "a", _eval_payload()), _write(tmp_path, "b", _eval_payload(acc=0.7))]
-    with pytest.raises(ValueError, match=r"runs .*/a, .*/b have the same settings and seed 1 \(the same experiment twice\)"):
+    with pytest.raises(
+        ValueError, match=r"runs .*/a, .*/b have the same settings and seed 1 \(the same experiment twice\)"
+    ):
         aggregate(collect_results(dirs))
 
 
@@ -189,7 +193,6 @@ def test_connection_fields_of_every_backend_are_left_out_of_the_identity():
     from cascadevlm.lvlm.api_backend import OpenAIBackend
     from cascadevlm.lvlm.transformers_backend import TransformersBackend
     from cascadevlm.report.tables import LVLM_CONNECTION_FIELDS
-
     from cascadevlm.testing.fake_lvlm import FakeLVLM
 
     backends = (OpenAIBackend, TransformersBackend, FakeLVLM)
@@ -206,7 +209,9 @@ def test_columns_show_what_tells_rows_apart(tmp_path):
         adapter.parent.mkdir()
         (adapter.parent / "adapter.yaml").write_text(f"model:\n  init_args:\n    lr: {lr}\ndata:\n  init_args:\n"
                                                      "    dataset: fashion_mnist\n    seed: 1\n")  # fmt: skip
-        payload = _eval_payload(acc=0.6, shots=2, adapter_method="linear_probe", **{"model.adapter": str(adapter)})
+        payload = _eval_payload(
+            acc=0.6, shots=2, adapter_method="linear_probe", **{"model.adapter": str(adapter)}
+        )
         dirs.append(_write(tmp_path, f"{name}_eval", payload))
     agg = aggregate(collect_results(dirs))
     assert len(agg) == 6  # (zero-shot, lr 0.1, lr 0.01) x (clip, cascade): lr splits the adapter runs

@@ -28,7 +28,9 @@ def runs(tiny_clip_path, data_root, tmp_path_factory):
 
     def run(*extra):
         run_evaluate(fake_args(tiny_clip_path, data_root, out, None, *extra))
-        return max((d for d in out.iterdir() if (d / "metrics.json").exists()), key=lambda d: d.stat().st_mtime)
+        return max(
+            (d for d in out.iterdir() if (d / "metrics.json").exists()), key=lambda d: d.stat().st_mtime
+        )
 
     return {
         "source": run("--cascade.tau", "0.5"),
@@ -40,7 +42,9 @@ def runs(tiny_clip_path, data_root, tmp_path_factory):
 def _same_run(made, reference, source):
     assert made.name == reference.name
     a, b = read_records(made / "records.parquet"), read_records(reference / "records.parquet")
-    assert [(r.deferred, r.final, r.lvlm_choice) for r in a] == [(r.deferred, r.final, r.lvlm_choice) for r in b]
+    assert [(r.deferred, r.final, r.lvlm_choice) for r in a] == [
+        (r.deferred, r.final, r.lvlm_choice) for r in b
+    ]
     ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (made, reference))
     assert ma["methods"] == mb["methods"] and ma["metrics"] == mb["metrics"] and ma["gate"] == mb["gate"]
     assert ma["config"]["cascade"] == mb["config"]["cascade"]
@@ -72,13 +76,23 @@ def test_rethreshold_refusals(runs, tmp_path, capsys):
 
 
 def test_new_run_names():
-    old = {"tau": 0.5, "budget": None, "gate": "entropy", "calibration": "none", "candidates": "topk", "fusion": "none"}
+    old = {
+        "tau": 0.5,
+        "budget": None,
+        "gate": "entropy",
+        "calibration": "none",
+        "candidates": "topk",
+        "fusion": "none",
+    }
     name = "fmnist_clip_w_test_k0_fake_score_lv1_tau0.5_all_top5_n40"
     assert new_run_name(name, old, {**old, "budget": 0.1, "budget_split": "val"}) == (
         "fmnist_clip_w_test_k0_fake_score_lv1_budget0.1-val_all_top5_n40"
     )
     gated = {**old, "gate": "margin", "candidates": "aps", "alpha": 0.2}
-    assert new_run_name(name, old, gated) == "fmnist_clip_w_test_k0_fake_score_lv1_tau0.5_all_top5_gmargin_aps0.2_n40"
+    assert (
+        new_run_name(name, old, gated)
+        == "fmnist_clip_w_test_k0_fake_score_lv1_tau0.5_all_top5_gmargin_aps0.2_n40"
+    )
     assert new_run_name(new_run_name(name, old, gated), gated, old) == name
     assert new_run_name("mine", old, {**old, "tau": 1.0}) == "mine_rethreshold_tau1"
 
@@ -97,13 +111,17 @@ NO_LIGHTNING = textwrap.dedent(
 
 
 def _imported(*argv) -> list[str]:
-    out = subprocess.run([sys.executable, "-c", NO_LIGHTNING, *argv], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", NO_LIGHTNING, *argv], capture_output=True, text=True, check=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1].replace("'", '"'))
 
 
 def test_records_only_commands_import_no_lightning(runs, tmp_path):
     # rethreshold computes metrics with torchmetrics (torch), never Lightning
-    assert "lightning" not in _imported("cascadevlm.rethreshold", str(runs["source"]), "--tau", "2", "--out", str(tmp_path))
+    assert "lightning" not in _imported(
+        "cascadevlm.rethreshold", str(runs["source"]), "--tau", "2", "--out", str(tmp_path)
+    )
     # the tables and prepare need neither
     assert _imported("cascadevlm.report.tables", str(runs["source"]), "--out", str(tmp_path / "t")) == []
     assert _imported("cascadevlm.data.prepare", "--help") == []

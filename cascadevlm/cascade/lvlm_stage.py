@@ -110,7 +110,9 @@ class StageCollate:
     Holds no model, so it pickles cheaply to spawned workers.
     """
 
-    def __init__(self, class_names: list[str], exemplars=None, prepare=None, lookup: StoreLookup | None = None) -> None:
+    def __init__(
+        self, class_names: list[str], exemplars=None, prepare=None, lookup: StoreLookup | None = None
+    ) -> None:
         self.class_names = list(class_names)
         self.exemplars = exemplars
         self.prepare = prepare
@@ -171,7 +173,7 @@ class LVLMStage(L.LightningModule):
         """Answers for ``batch``: ``(rows, work)`` from :class:`StageCollate`, or a list of rows."""
         rows, work = batch if isinstance(batch, tuple) else self.collate()(batch)
         if isinstance(work, PreparedRequests):
-            fresh = [a for prepared in work.batches for a in self.backend.choose(prepared)] if work.batches else []
+            fresh = [a for prepared in work.batches for a in self.backend.choose(prepared)]
         else:
             fresh = self.backend.choose(work) if work else []
         asked = [b for b in rows if "stored" not in b]

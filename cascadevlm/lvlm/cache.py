@@ -158,9 +158,7 @@ class AnswerStore:
 
     def put_answers(self, model: str, answers: dict[str, StoredAnswer]) -> None:
         """Store the answers of one batch (key -> answer) in one transaction."""
-        self.put_many(
-            [(key, model, json.dumps(a.__dict__, allow_nan=True)) for key, a in answers.items()]
-        )
+        self.put_many([(key, model, json.dumps(a.__dict__, allow_nan=True)) for key, a in answers.items()])
 
     # --------------------------------------------------------------------------- weights identity
     def file_digest(self, path: str | Path) -> str:
@@ -219,7 +217,11 @@ def model_identity(backend, store: AnswerStore) -> dict:
         if isinstance(value, str) and value and os.path.exists(value):
             weights[name] = store.path_digest(value)
     provider = getattr(backend, "url", None)
-    return {"answers": fp, "weights": weights, **({"provider": provider} if isinstance(provider, str) else {})}
+    return {
+        "answers": fp,
+        "weights": weights,
+        **({"provider": provider} if isinstance(provider, str) else {}),
+    }
 
 
 def answer_key(model_key: str, request) -> str:

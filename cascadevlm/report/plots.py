@@ -186,7 +186,11 @@ def save_figure(fig, path: str | Path, data: dict) -> dict[str, Path]:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    out = {"png": path, VECTOR_FORMAT: path.with_suffix(f".{VECTOR_FORMAT}"), "data": path.with_suffix(".json")}
+    out = {
+        "png": path,
+        VECTOR_FORMAT: path.with_suffix(f".{VECTOR_FORMAT}"),
+        "data": path.with_suffix(".json"),
+    }
     for fmt in ("png", VECTOR_FORMAT):
         with atomic_path(out[fmt]) as tmp:
             fig.savefig(tmp, format=fmt, dpi=PAPER_STYLE["savefig.dpi"])
@@ -216,6 +220,7 @@ def accuracy_at_sent(rows: list[dict], grid: list[float] = SENT_GRID) -> list[fl
 
 def study_title(what: str, identities: list[dict]) -> str:
     """``<what>: <datasets>, CLIP <models>, LVLM <models>, k <ks>`` from the runs' parameters."""
+
     def values(*keys):
         return sorted({str(i.get(k)) for i in identities for k in keys if i.get(k) not in (None, "")})
 

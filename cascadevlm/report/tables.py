@@ -289,7 +289,10 @@ def to_csv(agg: list[dict]) -> str:
     w.writeheader()
     for r in agg:
         row = {c: r[c] for c in CSV_COLUMNS}
-        row["acc1_mean"], row["acc1_std"] = repr(r["acc1_mean"]), "" if r["acc1_std"] is None else repr(r["acc1_std"])
+        row["acc1_mean"], row["acc1_std"] = (
+            repr(r["acc1_mean"]),
+            "" if r["acc1_std"] is None else repr(r["acc1_std"]),
+        )
         row["deferral_mean"] = repr(r["deferral_mean"])
         row["seed_list"], row["runs"] = ";".join(map(str, r["seed_list"])), ";".join(r["runs"])
         row.update({k: _field(r, k) for k in extra})
@@ -342,7 +345,9 @@ def accuracy_vs_k_series(agg: list[dict]) -> dict[str, list[tuple[int, float, fl
     # k = 0 of "clip (linear_probe)" is zero-shot "clip": start each adapter's line there
     for label in [m for m in series if " (" in m]:
         base = label.split(" (")[0] + label.split(")", 1)[1]
-        series[label] += [p for p in series.get(base, []) if p[0] == 0 and all(q[0] != 0 for q in series[label])]
+        series[label] += [
+            p for p in series.get(base, []) if p[0] == 0 and all(q[0] != 0 for q in series[label])
+        ]
     for label in list(series):
         used = any(m != label and m.split(" (")[0] + m.split(")", 1)[1] == label for m in series if " (" in m)
         if used and all(p[0] == 0 for p in series[label]):
@@ -371,8 +376,14 @@ def _read_sweep(run: str | Path) -> list[dict] | None:
 def save_accuracy_vs_sent(agg: list[dict], path: str | Path) -> dict[str, Path] | None:
     """``accuracy_vs_sent.png`` (+ PDF, + JSON): every cascade row of the table as one line (mean over
     its seeds' sweeps, ±1 std band), its operating point the table's numbers. None without sweeps."""
-    from cascadevlm.report.plots import SENT_GRID, _mean_std, accuracy_at_sent, accuracy_vs_sent_figure
-    from cascadevlm.report.plots import save_figure, study_title
+    from cascadevlm.report.plots import (
+        SENT_GRID,
+        _mean_std,
+        accuracy_at_sent,
+        accuracy_vs_sent_figure,
+        save_figure,
+        study_title,
+    )
 
     rows = [r for r in agg if r["method"].split(" (")[0] == "cascade"]
     sweeps = [[_read_sweep(run) for run in r["runs"]] for r in rows]
@@ -428,7 +439,9 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
         else:
             dirs += sorted(p.parent for p in r.rglob("metrics.json") if "tables" not in p.parent.parts)
     if not dirs:
-        raise FileNotFoundError(f"no finished run (a directory with metrics.json) in {', '.join(map(str, paths))}")
+        raise FileNotFoundError(
+            f"no finished run (a directory with metrics.json) in {', '.join(map(str, paths))}"
+        )
     return dirs
 
 
@@ -438,7 +451,9 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
 
     ap = argparse.ArgumentParser(description=main.__doc__)
-    ap.add_argument("runs", nargs="+", help="run directories (each with metrics.json), or directories above them")
+    ap.add_argument(
+        "runs", nargs="+", help="run directories (each with metrics.json), or directories above them"
+    )
     ap.add_argument("--out", default="runs/tables")
     args = ap.parse_args(argv)
     paths = write_results_tables(find_runs(args.runs), args.out)

@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 
-
 def permille(fraction: float) -> int:
     """The share of images sent to the LVLM as an integer step (0..1000): the sweep's x axis."""
     return int(round(1000 * fraction))
