@@ -296,6 +296,14 @@ def tiny_llava_processor(tokenizer):
     )
 
 
+# The widths every tiny LVLM shares: a 2-layer vision tower on 28x28 images in 14-pixel patches, and a
+# 2-layer text model (grouped-query attention) with a 1024-token context.
+_TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                    image_size=28, patch_size=14)  # fmt: skip
+_TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=1024)  # fmt: skip
+
+
 def build_tiny_llava(out_dir: str | Path, seed: int = 0, real_template: bool = False) -> Path:
     """Write a tiny ``LlavaForConditionalGeneration`` (CLIP vision tower + Llama) and its processor.
 
@@ -316,23 +324,10 @@ def build_tiny_llava(out_dir: str | Path, seed: int = 0, real_template: bool = F
         tokenizer = real_shape_tokenizer("llava15")
     else:
         tokenizer = _finish_tokenizer(_train_tokenizer(), "<s>", "</s>", "<pad>", _LLAVA_TEMPLATE)
-    vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=28,
-        patch_size=14,
-        projection_dim=32,
-    )
+    vision = CLIPVisionConfig(**_TINY_VISION, projection_dim=32)
     text = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
+        **_TINY_TEXT,
         initializer_range=_TEXT_INIT,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -461,24 +456,12 @@ def build_tiny_gemma3(out_dir: str | Path, seed: int = 0, sliding_window: int = 
     out_dir = Path(out_dir)
     tokenizer = real_shape_tokenizer("gemma3")
     ids = tokenizer.convert_tokens_to_ids
-    vision = SiglipVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=28,
-        patch_size=14,
-    )
+    vision = SiglipVisionConfig(**_TINY_VISION)
     text = Gemma3TextConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **_TINY_TEXT,
         head_dim=16,
         query_pre_attn_scalar=16,
-        max_position_embeddings=1024,
         sliding_window=sliding_window,
         layer_types=["sliding_attention", "full_attention"],  # both of Gemma 3's attention kinds
         initializer_range=_TEXT_INIT,
