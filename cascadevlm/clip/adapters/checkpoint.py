@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -174,7 +175,10 @@ def check_checkpoint_run(ckpt_path: str | Path, pl_module: L.LightningModule, dm
     if not Path(ckpt_path).is_file():
         raise FileNotFoundError(f"checkpoint {str(ckpt_path)!r} does not exist; set --ckpt_path")
     try:
-        ckpt = pl_load(ckpt_path, map_location="cpu", weights_only=False)  # a checkpoint the user trusts
+        try:  # tensors and plain data only: the project's checkpoints hold nothing else
+            ckpt = pl_load(ckpt_path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:  # other objects: Lightning unpickles this file next anyway
+            ckpt = pl_load(ckpt_path, map_location="cpu", weights_only=False)
     except Exception as err:  # torch raises several types for a file that is not a checkpoint
         raise ValueError(
             f"{str(ckpt_path)!r} is not a Lightning checkpoint ({err}); set --ckpt_path"
