@@ -17,6 +17,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from cascadevlm import progress
 from cascadevlm.cascade.evaluate import CascadeOptions, evaluate, join_negative_values
+from cascadevlm.cascade.evaluate import _config_dict as config_dict  # what metrics.json records
 from cascadevlm.clip.adapters.checkpoint import check_checkpoint_run, run_identity
 from cascadevlm.clip.adapters.datamodule import check_num_workers
 from cascadevlm.clip.module import ClipClassifier
@@ -365,8 +366,8 @@ EVALUATE_DESCRIPTION = (
 )
 
 
-def run_evaluate(args: list[str] | None = None) -> dict | None:
-    """Parse ``evaluate.py``'s command line and run the cascade (errors raised as they are)."""
+def build_evaluate_cli(args: list[str] | None = None, cls: type[EvaluateCLI] = EvaluateCLI) -> EvaluateCLI:
+    """Parse ``evaluate.py``'s command line into ``cls`` (errors raised as they are)."""
     register_classes(LVLM_CLASSES)
     # before the CLI builds anything: the models' and Lightning's set-up lines follow the console level
     setup_logging(verbosity_from_args(sys.argv[1:] if args is None else args))
@@ -376,7 +377,7 @@ def run_evaluate(args: list[str] | None = None) -> dict | None:
     else:
         args = join_negative_values(list(args))
     with expected_states_quiet(verbosity_from_args(sys.argv[1:] if args is None else args)):
-        cli = EvaluateCLI(
+        return cls(
             ClipClassifier,
             CascadeDataModule,
             run=False,
@@ -388,13 +389,61 @@ def run_evaluate(args: list[str] | None = None) -> dict | None:
             parser_kwargs={"exit_on_error": False, "description": EVALUATE_DESCRIPTION},
             auto_configure_optimizers=False,  # nothing is trained: no --optimizer / --lr_scheduler
         )
+
+
+def run_evaluate(args: list[str] | None = None) -> dict | None:
+    """Parse ``evaluate.py``'s command line and run the cascade (errors raised as they are)."""
+    cli = build_evaluate_cli(args)
+    with expected_states_quiet(verbosity_from_args(sys.argv[1:] if args is None else args)):
         return evaluate(cli)
 
 
+class _ParseOnlyCLI(EvaluateCLI):
+    """The evaluate command line parsed and checked, nothing built (no model, data or trainer)."""
+
+    def instantiate_classes(self) -> None:
+        pass
+
+
+def evaluate_config(args: list[str]) -> dict:
+    """The configuration ``evaluate.py args`` would run and record in its ``metrics.json`` (``config``),
+    without building anything: a study compares it with a finished run's to skip that run."""
+    return config_dict(build_evaluate_cli(args, _ParseOnlyCLI).config)
+
+
+def split_datasets(args: list[str]) -> list[list[str]]:
+    """``--data.dataset a,b`` (or ``--data.dataset=a,b``): one command line per dataset, in order;
+    any other command line as it is."""
+    for i, arg in enumerate(args):
+        flag, eq, value = arg.partition("=")
+        if flag != "--data.dataset":
+            continue
+        if not eq:
+            value = args[i + 1] if i + 1 < len(args) else ""
+        names = [n.strip() for n in value.split(",")]
+        if len(names) < 2:
+            return [args]
+        if not all(names):
+            raise ValueError(
+                f"--data.dataset {value!r}: an empty dataset name in the list; give names as a,b"
+            )
+        if any(a.split("=", 1)[0] == "--run_name" for a in args):
+            raise ValueError(
+                "--run_name names one run: leave it out with several --data.dataset (each run is named from its dataset)"
+            )
+        rest = args[i + 1 :] if eq else args[i + 2 :]
+        return [[*args[:i], f"--data.dataset={name}", *rest] for name in names]
+    return [args]
+
+
 @one_line_errors
-def evaluate_main(args: list[str] | None = None) -> dict | None:
-    """``evaluate.py``: the cascade evaluation (see :mod:`cascadevlm.cascade.evaluate`); errors as one line."""
-    return run_evaluate(args)
+def evaluate_main(args: list[str] | None = None) -> dict | list[dict | None] | None:
+    """``evaluate.py``: the cascade evaluation (see :mod:`cascadevlm.cascade.evaluate`); errors as one line.
+    ``--data.dataset a,b`` evaluates each dataset in turn in this process (a list of metrics)."""
+    runs = split_datasets(sys.argv[1:] if args is None else list(args))
+    if len(runs) == 1:
+        return run_evaluate(args)
+    return [run_evaluate(run) for run in runs]
 
 
 COMMANDS = {"evaluate": evaluate_main, "train": train_main}

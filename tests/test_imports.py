@@ -46,6 +46,8 @@ FLOORS: dict[str, int] = {
 #: Each is listed here on purpose; a library module importing ``cascadevlm.cli`` is still refused.
 ENTRY_MODULES = {
     "cascadevlm.clip.adapters.sweep",  # method x k x seeds: train.py fit in one process, then the table
+    "cascadevlm.study",  # a grid of runs (evaluate.py / train.py fit) in one process, then the table
+    "cascadevlm.cascade.settings",  # k x seeds: a case of the study
 }
 
 
