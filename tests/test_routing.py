@@ -303,3 +303,56 @@ def test_fusion_with_a_partly_scored_candidate_list():
     assert fused_choice(a, logp, sizes, 0.0).tolist() == [0]
     assert fused_choice(a, logp, sizes, 1.0).tolist() == [1]
     assert fused_choice(a, logp, sizes, 0.5).tolist() == [1]
+
+
+# ------------------------------------------------------------------------------ RAPS as its paper tunes it
+def test_raps_tunes_k_reg_and_lambda_on_a_split_of_the_calibration_records(real):
+    """RAPS's code (pick_kreg, pick_lamda_size, pct_paramtune=0.3), reimplemented here by brute force."""
+    opts = RoutingOptions(candidates="raps", alpha=0.1, tau=-math.inf, topk=10)
+    fit = fit_routing(real.val, opts)
+    v = record_arrays(real.val)
+    logp = fit.log_probs(v)
+    rows = np.flatnonzero(v.label >= 0)
+    perm = np.random.default_rng(0).permutation(rows)
+    n_tune = int(0.3 * len(rows))
+    tune, cal = np.sort(perm[:n_tune]), np.sort(perm[n_tune:])
+    # k_reg: 1 + the ceil((n-1)(1-alpha))-th smallest 0-based rank of the label on the tuning records
+    ranks = np.array(
+        [
+            list(np.argsort(-row, kind="stable")).index(y)
+            for row, y in zip(logp[tune], v.label[tune], strict=True)
+        ]
+    )
+    k_reg = int(np.sort(ranks)[math.ceil((len(ranks) - 1) * 0.9)]) + 1
+    sizes = {}
+    for lam in (0.001, 0.01, 0.1, 0.2, 0.5):
+        q = conformal_quantile(logp[tune], v.label[tune], 0.1, "raps", lam, k_reg)
+        sizes[lam] = conformal_set_sizes(logp[tune], q, "raps", lam, k_reg).mean()
+    lam = min(sizes, key=lambda k: (sizes[k], list(sizes).index(k)))
+    assert fit.raps == (lam, k_reg)
+    assert fit.qhat == conformal_quantile(logp[cal], v.label[cal], 0.1, "raps", lam, k_reg)  # on the rest
+    assert (
+        f"raps: lambda {lam:g}, k_reg {k_reg} tuned on {len(tune)} calibration records; quantile on {len(cal)}"
+        in fit.notes
+    )
+    _, info = apply_routing(real.test, real.val, opts)
+    assert (info["raps_lambda"], info["raps_k_reg"]) == (lam, k_reg)
+    # given values are used as they are, the quantile on every calibration record
+    given = fit_routing(
+        real.val, RoutingOptions(candidates="raps", alpha=0.1, raps_lambda=0.05, raps_k_reg=2)
+    )
+    assert given.raps == (0.05, 2)
+    assert given.qhat == conformal_quantile(logp[rows], v.label[rows], 0.1, "raps", 0.05, 2)
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"raps_tune_fraction": 1.5}, r"raps_tune_fraction must be in \(0, 1\), got 1.5"),
+        ({"raps_k_reg": -1}, r"raps_lambda and raps_k_reg must be >= 0 \(or None: tuned"),
+        ({"raps_lambda": -0.1}, r"raps_lambda and raps_k_reg must be >= 0 \(or None: tuned"),
+    ],
+)
+def test_bad_raps_options_are_refused(kw, message):
+    with pytest.raises(ValueError, match=message):
+        RoutingOptions(candidates="raps", **kw).validate()

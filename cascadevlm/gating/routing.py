@@ -50,7 +50,10 @@ class RoutingOptions:
             validation, target coverage 1 - alpha) capped at ``topk``; a one-class set is not sent.
         topk: candidates the LVLM was shown (the run's ``cascade.topk``); the cap of conformal sets.
         alpha: conformal miscoverage (target coverage 1 - alpha).
-        raps_lambda, raps_k_reg: RAPS penalty per rank beyond ``raps_k_reg``.
+        raps_lambda, raps_k_reg: RAPS penalty per rank beyond ``raps_k_reg``; None (the default): tuned as
+            RAPS's code does on ``raps_tune_fraction`` of the calibration records (k_reg: the (1 - alpha)
+            quantile of the label's rank; lambda: the smallest mean set size over 0.001 ... 0.5), the
+            quantile then calibrated on the others. Sets are not randomised (deterministic routing).
         fusion: ``logprob``: final = argmax over the candidates of (1 - w) * CLIP log-prob + w * the
             LVLM's log-softmaxed per-candidate scores (its answer as 0 / -1 where it has no scores)
             instead of the LVLM's answer overriding CLIP.
@@ -64,8 +67,9 @@ class RoutingOptions:
     candidates: Literal["topk", "aps", "raps"] = "topk"
     topk: int = 5
     alpha: float = 0.1
-    raps_lambda: float = 0.05
-    raps_k_reg: int = 2
+    raps_lambda: float | None = None
+    raps_k_reg: int | None = None
+    raps_tune_fraction: float = 0.3
     fusion: Literal["none", "logprob"] = "none"
     fusion_weight: float | None = None
 
@@ -87,6 +91,15 @@ class RoutingOptions:
             raise ValueError(f"conformal alpha must be in (0, 1), got {self.alpha}")
         if self.topk < 1:
             raise ValueError(f"topk must be >= 1, got {self.topk}")
+        if (self.raps_lambda is not None and not self.raps_lambda >= 0) or (
+            self.raps_k_reg is not None and self.raps_k_reg < 0
+        ):
+            raise ValueError(
+                "raps_lambda and raps_k_reg must be >= 0 (or None: tuned on the calibration records), got "
+                f"{self.raps_lambda}, {self.raps_k_reg}"
+            )
+        if not 0.0 < self.raps_tune_fraction < 1.0:
+            raise ValueError(f"raps_tune_fraction must be in (0, 1), got {self.raps_tune_fraction}")
         if self.fusion_weight is not None and not 0.0 <= self.fusion_weight <= 1.0:
             raise ValueError(
                 f"fusion_weight must be in [0, 1] (1 = the LVLM decides), got {self.fusion_weight}"
@@ -419,6 +432,49 @@ def conformal_set_sizes(
     return np.minimum(sizes, cap) if cap is not None else sizes
 
 
+RAPS_LAMBDAS = (0.001, 0.01, 0.1, 0.2, 0.5)  # the official code's pick_lamda_size grid
+
+
+def tune_raps(logp: np.ndarray, labels: np.ndarray, alpha: float) -> tuple[float, int]:
+    """(lambda, k_reg) as RAPS's code picks them on its tuning records: k_reg the (1 - alpha) quantile
+    ('higher') of the label's 1-based rank; lambda the grid value whose sets, calibrated and measured on
+    the same records, are smallest on average (ties to the first)."""
+    order = np.argsort(-logp, axis=1, kind="stable")
+    ranks = np.argmax(order == labels[:, None], axis=1)
+    k_reg = int(np.quantile(ranks, 1 - alpha, method="higher")) + 1
+    best = (math.inf, RAPS_LAMBDAS[0])
+    for lam in RAPS_LAMBDAS:
+        qhat = conformal_quantile(logp, labels, alpha, "raps", lam, k_reg)
+        size = float(conformal_set_sizes(logp, qhat, "raps", lam, k_reg).mean())
+        if size < best[0]:
+            best = (size, lam)
+    return best[1], k_reg
+
+
+def fit_raps_penalty(
+    logp: np.ndarray, labels: np.ndarray, rows: np.ndarray, options: RoutingOptions, notes: list[str]
+) -> tuple[tuple[float, int], np.ndarray]:
+    """RAPS's (lambda, k_reg) and the calibration rows left for the quantile: the given values and every
+    row, or values tuned on a seeded ``raps_tune_fraction`` of ``rows`` and the other rows."""
+    if options.raps_lambda is not None and options.raps_k_reg is not None:
+        return (float(options.raps_lambda), int(options.raps_k_reg)), rows
+    perm = np.random.default_rng(0).permutation(rows)
+    n_tune = max(1, math.floor(options.raps_tune_fraction * len(perm)))
+    if len(perm) - n_tune < 1:
+        raise ValueError(
+            "RAPS tunes lambda and k_reg on part of the calibration records and needs the rest for the "
+            f"quantile: {len(perm)} labelled validation records are too few; give raps_lambda and raps_k_reg"
+        )
+    tune, cal = np.sort(perm[:n_tune]), np.sort(perm[n_tune:])
+    lam, k_reg = tune_raps(logp[tune], labels[tune], options.alpha)
+    lam = float(options.raps_lambda) if options.raps_lambda is not None else lam
+    k_reg = int(options.raps_k_reg) if options.raps_k_reg is not None else k_reg
+    notes.append(
+        f"raps: lambda {lam:g}, k_reg {k_reg} tuned on {len(tune)} calibration records; quantile on {len(cal)}"
+    )
+    return (lam, k_reg), cal
+
+
 def set_coverage(logp: np.ndarray, labels: np.ndarray, sizes: np.ndarray) -> float:
     """Fraction of images whose label is among the first ``sizes`` classes of CLIP's ranking."""
     order = np.argsort(-logp, axis=1, kind="stable")
@@ -499,6 +555,7 @@ class FittedRouting:
     threshold_source: str = "config"
     learned: LearnedGate | None = None
     qhat: float | None = None
+    raps: tuple[float, int] = (0.05, 2)  # (lambda, k_reg) of RAPS scores: given, or tuned in fit_routing
     fusion_weight: float | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -518,7 +575,7 @@ class FittedRouting:
         o = self.options
         if o.candidates == "topk":
             return np.full(len(logp), o.topk)
-        return conformal_set_sizes(logp, self.qhat, o.candidates, o.raps_lambda, o.raps_k_reg, cap=o.topk)
+        return conformal_set_sizes(logp, self.qhat, o.candidates, *self.raps, cap=o.topk)
 
     def decide(self, records: Sequence[PredictionRecord]) -> tuple[np.ndarray, np.ndarray]:
         """(sent to the LVLM [N] bool, candidates shown [N] int) for these records (before the LVLM)."""
@@ -578,6 +635,8 @@ class FittedRouting:
         }
         if o.candidates != "topk":
             info.update(alpha=o.alpha, qhat=self.qhat, mean_set_size=float(sizes.mean()), cap=o.topk)
+            if o.candidates == "raps":
+                info.update(raps_lambda=self.raps[0], raps_k_reg=self.raps[1])
         if o.fusion != "none":
             info["fusion_weight"] = self.fusion_weight
         return info
@@ -617,14 +676,10 @@ def fit_routing(
         fit.temperature = fit_temperature(v.logits[lab], v.label[lab])
     logp = fit.log_probs(v)
     if options.candidates != "topk":
-        fit.qhat = conformal_quantile(
-            logp[lab],
-            v.label[lab],
-            options.alpha,
-            options.candidates,
-            options.raps_lambda,
-            options.raps_k_reg,
-        )
+        cal = np.flatnonzero(lab)
+        if options.candidates == "raps":
+            fit.raps, cal = fit_raps_penalty(logp, v.label, cal, options, fit.notes)
+        fit.qhat = conformal_quantile(logp[cal], v.label[cal], options.alpha, options.candidates, *fit.raps)
     sizes = fit.set_sizes(logp)
     if options.needs_val_answers():
         ans = v.has_answers & lab
