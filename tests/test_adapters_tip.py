@@ -388,6 +388,7 @@ def test_tip_adapter_f_trains_at_the_fixed_initial_alpha_then_searches_even_when
     assert not torch.allclose(saved.keys, F.normalize(data.features["train"], dim=-1))  # the keys learned
     params = adapter_metadata(tmp_path / "adapter.safetensors")["params"]
     assert params["search"]["on"] == "kshot_val"  # searched once, after training, for the file
+    assert params["cache_from"] == {"views": 1, "augment": "none"}  # how the keys were made, in the file
 
 
 def test_tip_adapter_f_whose_keys_cannot_move_is_refused_not_exported(data, tmp_path):

@@ -71,6 +71,7 @@ class TipAdapterHead(torch.nn.Module):
         self.beta = float(beta)
         self.train_keys = bool(train_keys)
         self.search: dict = {}  # how alpha and beta were chosen (recorded in the file's params)
+        self.cache_from: dict = {}  # how the keys were made (views, augmentation; recorded in the params)
 
     @property
     def num_classes(self) -> int:
@@ -139,6 +140,7 @@ class TipAdapterHead(torch.nn.Module):
             "beta": self.beta,
             "train_keys": self.train_keys,
             "cache_size": self.cache_size,
+            "cache_from": self.cache_from,
             "search": self.search,
         }
 
@@ -155,6 +157,7 @@ def load_tip_adapter(tensors: dict[str, torch.Tensor], params: dict, logit_scale
     head.keys = torch.nn.Parameter(tensors["keys"].float().clone())  # as trained: not renormalised
     head.values = tensors["values"].float().clone()
     head.search = params.get("search") or {}
+    head.cache_from = params.get("cache_from") or {}
     return head.requires_grad_(False).eval()
 
 
@@ -309,6 +312,7 @@ class TipAdapterModule(AdapterModule):
     def build_cache(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         """Keys and values from the k-shot features and labels (the method's whole 'training')."""
         self.adapter.set_cache(features, labels)
+        self.adapter.cache_from = {"views": self.views, "augment": self.augment}
         self._initial_keys = self.adapter.keys.detach().clone()
 
     def search_on(self, features: torch.Tensor, labels: torch.Tensor, split: str) -> float:
