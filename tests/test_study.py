@@ -182,3 +182,18 @@ def test_a_study_killed_after_its_first_cell_skips_finished_cells_and_gives_the_
     changed["evaluate_overrides"] = ["--cascade.topk", "3"]
     main([str(_write(study, changed))])
     assert "done before" not in capsys.readouterr().out
+
+
+def test_evaluate_runs_each_of_several_datasets_in_one_call(tiny_clip_path, data_root, photo_folder, tmp_path):
+    from cascadevlm.cli import evaluate_main
+
+    runs = evaluate_main([
+        "--model.model_name", "cascadevlm-tiny-vit", "--model.pretrained", str(tiny_clip_path),
+        "--data.dataset", f"fashion_mnist,{photo_folder}", "--data.data_root", str(data_root), "--data.limit", "6",
+        "--data.batch_size", "8", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+        "--output_dir", str(tmp_path / "runs"), "--cache_dir", str(tmp_path / "cache"),
+    ])  # fmt: skip
+    assert [r["config"]["data"]["dataset"] for r in runs] == ["fashion_mnist", str(photo_folder)]
+    assert [r["params"]["images"] for r in runs] == [6, 6]
+    dirs = sorted(p.parent.name for p in (tmp_path / "runs").glob("*/metrics.json"))
+    assert len(dirs) == 2 and dirs[0].startswith("fashion_mnist") != dirs[1].startswith("fashion_mnist")
