@@ -46,19 +46,11 @@ def test_settings_sweep_trains_evaluates_and_tabulates(tiny_clip_path, tiny_llav
         "fashion_mnist"
     ) == 5  # 2 settings x (clip, cascade) + zero-shot beside the adapter
 
-    # a rerun finds every step done and only rebuilds the table
-    main(
-        [
-            "--evaluate",
-            str(REPO / "configs" / "demo.yaml"),
-            "--shots",
-            "[0]",
-            "--seeds",
-            "[3]",
-            "--out",
-            str(out),
-        ]
-    )
+    # a rerun of the same configuration finds the step done and only rebuilds the table
+    main([
+        "--evaluate", str(REPO / "configs" / "demo.yaml"), "--shots", "[0]", "--seeds", "[3]", "--out", str(out),
+        "--evaluate_overrides", json.dumps(common),
+    ])  # fmt: skip
     assert "k0: done before" in capsys.readouterr().out
 
 
