@@ -106,9 +106,10 @@ def main() -> None:
 
     # 1. training epoch: CLIP-LoRA on images vs linear probe on cached features
     lora_dm = KShotImageDataModule("fashion_mnist", seed=1, batch_size=32, **common)
-    lora = ClipLoraModule(
-        CLIP_MODEL, str(CLIP_CHECKPOINT), rank=args.rank, alpha=args.rank, log_confusion_matrix=False
-    )
+    lora = ClipLoraModule(  # iterations_per_shot=0: one epoch, not the paper's 500 x k steps
+        CLIP_MODEL, str(CLIP_CHECKPOINT), rank=args.rank, alpha=args.rank, iterations_per_shot=0,
+        log_confusion_matrix=False,
+    )  # fmt: skip
     t_lora = _epoch_seconds(lora, lora_dm, work / "t_lora")
     feat_dm = KShotFeatureDataModule(
         "fashion_mnist", seed=1, batch_size=32, cache_dir=str(work / "features"), **common
@@ -159,6 +160,7 @@ def main() -> None:
             lr=args.lr,
             rank=args.rank,
             alpha=args.rank,
+            iterations_per_shot=0,  # --epochs decides (the paper's 500 x k steps: configs/method/clip_lora.yaml)
             log_confusion_matrix=False,
         )
         root = work / f"seed{seed}"
