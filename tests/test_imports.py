@@ -39,6 +39,7 @@ FLOORS: dict[str, int] = {
     # entries
     "cli": 4,
     "rethreshold": 4,  # records -> a new run directory (an entry: python -m cascadevlm.rethreshold)
+    "serve": 4,  # the cascade over HTTP (an entry: python -m cascadevlm.serve)
 }
 
 
