@@ -193,3 +193,19 @@ def test_per_class_metrics_in_linear_memory_equal_torchmetrics():
         (0.5 + 1 + 0) / 5
     )  # 7 and 3: recall 0
     assert mean_per_class_recall(preds, labels, N_CLASSES) == pytest.approx((0.5 + 1 + 0) / 3)
+
+
+def test_more_lettered_candidates_than_letters_refused_before_any_stage(
+    many, tiny_clip_path, tiny_llava_dir, capsys
+):
+    llava = ["--lvlm.class_path", "cascadevlm.lvlm.transformers_backend.TransformersBackend",
+             "--lvlm.init_args.model", str(tiny_llava_dir), "--lvlm.init_args.device", "cpu"]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_:
+        evaluate_main(_args(many, tiny_clip_path, "letters", "--cascade.topk", "27", *llava))
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "error: cascade.topk is 27 but lettered options stop at 26 (A-Z): set --cascade.topk <= 26, or name "
+        "the options (--lvlm.init_args.prompt.options names)"
+    ]
+    assert not (many["root"] / "runs" / "letters").exists()  # refused before any stage

@@ -37,6 +37,7 @@ from cascadevlm.logs import (
     get_logger,
 )
 from cascadevlm.lvlm.base import LVLMBackend, needs_retry
+from cascadevlm.lvlm.prompts import LETTERS
 from cascadevlm.provenance import read_provenance
 from cascadevlm.records import PredictionRecord, atomic_write_text, read_records, write_records
 from cascadevlm.report.analysis import deferred_analysis, sweep
@@ -441,6 +442,11 @@ def prepare(cli: LightningCLI) -> Run:
     # The records keep model.topk ids; the LVLM is shown cascade.topk of them: keep enough.
     model.hparams.topk = max(model.hparams.topk, opts.topk)
     prompt = getattr(backend, "prompt", None)
+    if getattr(prompt, "options", None) == "letters" and opts.topk > len(LETTERS):  # else: at its 1st prompt
+        raise ValueError(
+            f"cascade.topk is {opts.topk} but lettered options stop at {len(LETTERS)} (A-Z): set --cascade.topk "
+            f"<= {len(LETTERS)}, or name the options (--lvlm.init_args.prompt.options names)"
+        )
     if (
         prompt is not None
         and getattr(prompt, "dataset", None) is None
