@@ -382,3 +382,17 @@ def test_split_attention_gives_the_multihead_attention_outputs(name, tiny_paths,
     fuse_attention(split.model)  # and back: the same state dict, bit for bit
     a, b = plain.model.state_dict(), split.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_images_and_their_augmentation_for_a_feature_method_are_refused_in_one_line(data_root, tmp_path):
+    from types import SimpleNamespace
+
+    dm = KShotImageDataModule("fashion_mnist", shots=1, data_root=str(data_root), splits_dir=str(tmp_path))
+    dm.trainer = SimpleNamespace(lightning_module=SimpleNamespace(method="linear_probe"))
+    with pytest.raises(ValueError) as err:
+        dm.setup("fit")
+    assert str(err.value) == (
+        "linear_probe trains on cached image features and cannot use images or their augmentation "
+        "(--data.augment flip_crop_wide); only clip_lora reads images: use --data "
+        "cascadevlm.clip.adapters.KShotFeatureDataModule"
+    )

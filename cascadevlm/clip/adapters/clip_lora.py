@@ -525,6 +525,13 @@ class KShotImageDataModule(KShotFeatureDataModule):
         pass
 
     def setup(self, stage: str | None = None) -> None:
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if module is not None and not getattr(module, "reads_images", False):
+            raise ValueError(
+                f"{getattr(module, 'method', type(module).__name__)} trains on cached image features and cannot "
+                f"use images or their augmentation (--data.augment {self.augment}); only clip_lora reads images: "
+                "use --data cascadevlm.clip.adapters.KShotFeatureDataModule"
+            )
         if not self.images:
             self._compute()
 
@@ -563,6 +570,7 @@ class ClipLoraModule(AdapterModule):
     """
 
     method = KIND
+    reads_images = True  # KShotImageDataModule serves only modules that read images
 
     def __init__(
         self,
