@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from cascadevlm.errors import one_line_errors
+from cascadevlm.errors import one_line, one_line_errors, project_error
 
 # The installed entry points, run with this interpreter (never the repository's scripts by path).
 EVALUATE_CMD = [sys.executable, "-m", "cascadevlm.cli", "evaluate"]
@@ -301,9 +301,7 @@ def check_cells(cells: list[dict]) -> list[dict]:
         trained = adapter_file(cell["adapter_root"]) if cell["train"] else None
         try:
             configs.append(evaluate_config(evaluate_args(cell, trained)))
-        except Exception as exc:
-            from cascadevlm.errors import one_line, project_error
-
+        except Exception as exc:  # a parse refusal, or a class's own refusal inside jsonargparse's wrapper
             raise ValueError(f"cell {cell['name']} cannot run: {one_line(project_error(exc))}") from None
     return configs
 
