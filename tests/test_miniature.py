@@ -95,7 +95,8 @@ def test_lvlm_beats_clip_where_clip_is_unsure_and_the_cascade_beats_clip(demo_ru
 
 
 def _canary(monkeypatch, data_root, out: Path, name: str) -> dict:
-    main(_args(data_root, out, name, "--cascade.lvlm_on", "deferred"))
+    # the answer store off: it would serve the demo run's answers, looked up before the patched backend
+    main(_args(data_root, out, name, "--cascade.lvlm_on", "deferred", "--answer_store", "null"))
     tau = json.loads((out / name / "gate.json").read_text())["tau"]
     return cascade_claims(read_records(out / name / "records.parquet"), tau)
 
