@@ -5,6 +5,7 @@ accuracy on held-out test images (never used for training or selection) above ze
 """
 
 import json
+import math
 from types import SimpleNamespace
 
 import lightning as L
@@ -498,3 +499,44 @@ def test_the_python_defaults_are_the_method_files(method):
     own = {k: v for k, v in cfg["model"]["init_args"].items() if k not in ("model_name", "pretrained")}
     resolved = {k: vars(module)[k] if k in vars(module) else module.hparams[k] for k in own}
     assert resolved == own
+
+
+def _lrs(module, steps: int, epochs: int) -> list[float]:
+    """The learning rate of each optimiser step under the module's own schedule."""
+    from types import SimpleNamespace
+
+    module._trainer = SimpleNamespace(estimated_stepping_batches=steps, max_epochs=epochs)
+    cfg = module.configure_optimizers()
+    opt, sched = cfg["optimizer"], cfg["lr_scheduler"]["scheduler"]
+    out = []
+    for _ in range(steps):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_coop_warms_up_one_epoch_at_a_constant_1e_5_then_follows_a_cosine(data):
+    from cascadevlm.clip.adapters import PromptTuningModule
+
+    coop = _module(PromptTuningModule, data)  # the paper's recipe: SGD lr 2e-3, warm-up lr 1e-5
+    assert (coop.hparams.optimizer, coop.hparams.lr, coop.hparams.warmup_lr) == ("sgd", 2e-3, 1e-5)
+    lrs = _lrs(coop, steps=50, epochs=10)  # 5 steps an epoch
+    assert lrs[:5] == [pytest.approx(1e-5)] * 5  # Dassl's ConstantWarmupScheduler, one epoch
+    cosine = [2e-3 * 0.5 * (1 + math.cos(math.pi * i / 45)) for i in range(45)]
+    assert lrs[5:] == pytest.approx(cosine)
+    linear = _lrs(_module(PromptTuningModule, data, recipe="linear_warmup", warmup_steps=4), 50, 10)
+    assert linear[:4] == pytest.approx([2e-3 * (i + 1) / 5 for i in range(4)])  # the earlier ramp
+    with pytest.raises(ValueError, match="warmup_steps=4 is the linear_warmup recipe's"):
+        _module(PromptTuningModule, data, warmup_steps=4)
+
+
+def test_clip_lora_decays_its_learning_rate_by_a_cosine_to_1e_6():
+    from cascadevlm.clip.adapters import ClipLoraModule
+
+    lora = ClipLoraModule(
+        CLIP_MODEL, str(CLIP_CHECKPOINT), class_names=["a", "b"], log_confusion_matrix=False
+    )
+    lrs = _lrs(lora, steps=100, epochs=-1)
+    expected = [1e-6 + (2e-4 - 1e-6) * 0.5 * (1 + math.cos(math.pi * i / 100)) for i in range(100)]
+    assert lrs == pytest.approx(expected)  # torch's CosineAnnealingLR(T_max=steps, eta_min=1e-6), per step
