@@ -21,9 +21,15 @@ import concurrent.futures
 import io
 import json
 import math
+import os
+import signal
+import socket
+import subprocess
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib import request as urlrequest
 
 import litserve as ls
@@ -219,7 +225,11 @@ class CascadePipeline:
                 a.fallback, a.fallback_reason = FALLBACK, a.lvlm.fallback
 
     def to_json(self, a: Answer) -> dict:
-        """The JSON answer of one image (see docs/serving.md)."""
+        """The JSON answer of one image (see docs/serving.md); infinities (tau inf / -inf, a score of -inf)
+        as the strings ``"inf"`` / ``"-inf"``: JSON has no number for them."""
+        return _json_safe(self._answer_dict(a))
+
+    def _answer_dict(self, a: Answer) -> dict:
         names = self.class_names
         topk = [
             {"label": names[c], "class_index": c, "prob": p}
@@ -243,6 +253,16 @@ class CascadePipeline:
             "fallback_reason": a.fallback_reason,
             "timings_ms": {k: round(a.ms.get(k, 0.0), 3) for k in STAGES},
         }
+
+
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # "inf", "-inf", "nan"
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 SERVED_OPTIONS = (
@@ -316,7 +336,13 @@ class CascadeAPI(ls.LitAPI):
     def batch(self, inputs: list) -> list:
         return inputs
 
-    def predict(self, inputs: list) -> list:
+    def predict(self, inputs):
+        if self.max_batch_size == 1:  # LitServe's unbatched loop: one decoded request, no batch()/unbatch()
+            return self.predict_batch([inputs])[0]
+        return self.predict_batch(inputs)
+
+    def predict_batch(self, inputs: list) -> list:
+        """The answers (or the requests' :class:`BadRequest`) of a batch of decoded requests, in order."""
         good = [i for i, x in enumerate(inputs) if not isinstance(x, BadRequest)]
         out: list = list(inputs)
         if good:
@@ -369,6 +395,7 @@ class ServeMetrics:
         self.routes = {"clip": 0, "lvlm": 0, "fallback": 0}
         self.latency: dict[str, deque] = {k: deque(maxlen=window) for k in STAGES}
         self.http_ms: deque = deque(maxlen=window)
+        self.by_route: dict[str, deque] = {k: deque(maxlen=window) for k in self.routes}  # HTTP ms
 
     def observe(self, status: int, headers: dict[str, str], seconds: float) -> None:
         self.requests += 1
@@ -377,8 +404,11 @@ class ServeMetrics:
         route = headers.get("x-cascade-route")
         if status == 200 and route in self.routes:
             self.routes[route] += 1
+            self.by_route[route].append(1000 * seconds)
             for k, v in _server_timing(headers.get("server-timing", "")).items():
-                if k in self.latency:
+                if k in self.latency and (
+                    k != "lvlm" or route != "clip"
+                ):  # the LVLM's time where it was asked
                     self.latency[k].append(v)
 
     def snapshot(self) -> dict:
@@ -401,6 +431,7 @@ class ServeMetrics:
             "fraction_sent": sent / answered if answered else 0.0,
             "lvlm_fallbacks": self.routes["fallback"],
             "latency_ms": {**{k: pct(v) for k, v in self.latency.items()}, "http": pct(self.http_ms)},
+            "http_latency_ms_by_route": {k: pct(v) for k, v in self.by_route.items()},
         }
 
 
@@ -554,6 +585,47 @@ def main(args: list[str] | None = None) -> None:
     # one API server process: it holds the metrics; the models live in the one inference worker
     server.run(host=cfg.host, port=cfg.port, num_api_servers=1, generate_client_file=False,
                log_level="warning")  # fmt: skip
+
+
+class ServerProcess:
+    """``python -m cascadevlm.serve args --port <free port>`` in a subprocess, up once ``/health`` answers
+    200 (for tests and the bench); :meth:`stop` ends it and its LitServe workers."""
+
+    def __init__(self, args: list[str], log: str | os.PathLike, startup_s: float = 600.0, cwd=None) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = Path(log)
+        with open(self.log, "wb") as out:  # its own session: stop() signals the workers too
+            self.proc = subprocess.Popen([sys.executable, "-m", "cascadevlm.serve", *args, "--port", str(port)],
+                                         cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        deadline = time.monotonic() + startup_s
+        while not self.healthy():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the server did not start: {self.log.read_text()[-3000:]}")
+            time.sleep(0.5)
+
+    def healthy(self) -> bool:
+        try:
+            with urlrequest.urlopen(self.url + "/health", timeout=10) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def metrics(self) -> dict:
+        with urlrequest.urlopen(self.url + "/metrics", timeout=30) as r:
+            return json.loads(r.read())
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(30)
 
 
 # ------------------------------------------------------------------------------------------ client

@@ -6,10 +6,8 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
-import subprocess
-import sys
-import time
+import math
+import threading
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -20,17 +18,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cascadevlm.serve import BudgetGate, predict
+from cascadevlm.lvlm.base import LVLMAnswer, LVLMBackend, LVLMRequest
+from cascadevlm.serve import BudgetGate, CascadePipeline, ServerProcess, predict
 
 REPO = Path(__file__).resolve().parents[1]
 N_IMAGES = 24  # evaluated and served
 STARTUP_S = 600  # the bound on waiting for /health (2 busy cores: imports dominate)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(url: str) -> tuple[int, bytes]:
@@ -60,38 +53,6 @@ def _png(image: Image.Image) -> bytes:
 
 def _body(raw: bytes) -> bytes:
     return json.dumps({"image": base64.b64encode(raw).decode()}).encode()
-
-
-class Served:
-    """A ``python -m cascadevlm.serve`` subprocess on a free port, up once /health answers 200."""
-
-    def __init__(self, args: list[str], log: Path) -> None:
-        self.url = f"http://127.0.0.1:{_free_port()}"
-        self.log = log
-        port = self.url.rsplit(":", 1)[1]
-        with open(log, "wb") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "cascadevlm.serve", *args, "--port", port], cwd=REPO,
-                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
-        deadline = time.monotonic() + STARTUP_S
-        while _get(self.url + "/health")[0] != 200:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                pytest.fail(f"server did not start: {log.read_text()[-3000:]}")
-            time.sleep(0.5)
-
-    def stop(self) -> None:
-        import os
-        import signal
-
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)  # its LitServe workers too (own session)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(30)
 
 
 def _model_args(tiny_clip_path, data_root, llava_dir, cache: Path) -> list[str]:
@@ -144,7 +105,7 @@ def server(tmp_path_factory, evaluated, tiny_clip_path, data_root, tiny_llava_di
     tau, _ = evaluated
     cache = tmp_path_factory.mktemp("serve_cache")  # its own answer store: the LVLM is really asked
     args = _model_args(tiny_clip_path, data_root, tiny_llava_dir, cache)
-    served = Served([*args, "--cascade.tau", str(tau)], cache / "server.log")
+    served = ServerProcess([*args, "--cascade.tau", str(tau)], cache / "server.log", STARTUP_S, REPO)
     yield served
     served.stop()
 
@@ -237,6 +198,9 @@ def test_health_and_metrics(server, images):
         assert after["latency_ms"][stage]["count"] >= 8 and after["latency_ms"][stage]["p95"] >= 0
 
 
+DOWN_URL = "http://127.0.0.1:9/v1"  # the discard port: nothing listens there
+
+
 @pytest.fixture(scope="module")
 def down_server(tmp_path_factory, data_root):
     """The demo CLIP with an LVLM API that is down (nothing listens on its port), under a budget."""
@@ -246,11 +210,11 @@ def down_server(tmp_path_factory, data_root):
         "--data.dataset", "fashion_mnist", "--data.data_root", str(data_root),
         "--trainer.accelerator", "cpu", "--cache_dir", str(cache),
         "--lvlm.class_path", "cascadevlm.lvlm.api_backend.OpenAIBackend", "--lvlm.init_args.model", "down",
-        "--lvlm.init_args.base_url", f"http://127.0.0.1:{_free_port()}/v1", "--lvlm.init_args.api_key_env", "null",
+        "--lvlm.init_args.base_url", DOWN_URL, "--lvlm.init_args.api_key_env", "null",
         "--lvlm.init_args.max_retries", "0", "--lvlm.init_args.cache_path", "null",
         "--cascade.budget", "0.3", "--budget_window", "50",
     ]  # fmt: skip
-    served = Served(args, cache / "server.log")
+    served = ServerProcess(args, cache / "server.log", STARTUP_S, REPO)
     yield served
     served.stop()
 
@@ -288,3 +252,78 @@ def test_config_that_cannot_serve_is_refused_in_one_line(tiny_clip_path, data_ro
         main(args)
     err = capsys.readouterr().err.strip()
     assert exc.value.code == 2 and err.startswith("error: ") and "\n" not in err, err
+
+
+class BlockingLVLM(LVLMBackend):
+    """Answers candidate 1 once ``release`` is set; raises when ``down``."""
+
+    def __init__(self, down: bool = False) -> None:
+        self.release = threading.Event()
+        self.down = down
+
+    def choose(self, requests: list[LVLMRequest]) -> list[LVLMAnswer]:
+        if self.down:
+            raise RuntimeError("connection refused")
+        self.release.wait()
+        return [LVLMAnswer(choice=1, raw="") for _ in requests]
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_module(tiny_clip_path):
+    from cascadevlm.clip.module import ClipClassifier
+    from cascadevlm.zoo.tiny_clip import TINY_CLIP
+
+    return ClipClassifier(TINY_CLIP, str(tiny_clip_path), class_names=["a", "b", "c"], topk=2).eval()
+
+
+def _pipeline(model, backend: LVLMBackend) -> CascadePipeline:
+    from cascadevlm.cascade.evaluate import CascadeOptions
+    from cascadevlm.cascade.lvlm_stage import LVLMStage
+
+    opts = CascadeOptions(tau=-math.inf, topk=2)  # every image goes to the LVLM
+    return CascadePipeline(model, ["a", "b", "c"], opts, LVLMStage(backend, ["a", "b", "c"]), 0.05, 10)
+
+
+def test_slow_busy_and_down_lvlm_give_clip_answers_marked(tiny_clip_module):
+    image = Image.new("RGB", (32, 32), (200, 30, 30))
+    backend = BlockingLVLM()
+    pipe = _pipeline(tiny_clip_module, backend)
+    slow = pipe.answer([image])[0]  # the LVLM holds on: past --lvlm_timeout, CLIP's answer
+    assert (slow.fallback, slow.fallback_reason, slow.class_index) == (
+        "lvlm_unavailable",
+        "timeout",
+        slow.clip_ids[0],
+    )
+    busy = pipe.answer([image])[0]  # still busy with that call: not queued behind it
+    assert (busy.fallback, busy.fallback_reason, busy.lvlm) == ("lvlm_unavailable", "busy", None)
+    backend.release.set()
+    pipe._pending.result()
+    back = pipe.answer([image])[0]  # free again: the LVLM's answer
+    assert (back.fallback, back.class_index) == (None, back.clip_ids[1])
+    down = _pipeline(tiny_clip_module, BlockingLVLM(down=True)).answer([image])[0]
+    assert (down.fallback, down.fallback_reason) == (
+        "lvlm_unavailable",
+        "error: RuntimeError: connection refused",
+    )
+    assert pipe.to_json(down)["label"] == pipe.to_json(down)["clip"]["label"]
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_api_answers_as_litserve_calls_it_batched_or_not(tiny_clip_module, batch):
+    """LitServe calls predict with the list of a batch, or with max_batch_size 1, with one request."""
+    from cascadevlm.serve import CascadeAPI, PredictRequest
+
+    api = CascadeAPI(_pipeline(tiny_clip_module, BlockingLVLM(down=True)), batch, 0.0, 10**6)
+    good = PredictRequest(image=base64.b64encode(_png(Image.new("RGB", (32, 32), (0, 90, 200)))).decode())
+    bad = PredictRequest(image=base64.b64encode(b"not an image").decode())
+    if batch == 1:
+        responses = [api.encode_response(api.predict(api.decode_request(r))) for r in (good, bad)]
+    else:
+        responses = [
+            api.encode_response(y)
+            for y in api.unbatch(api.predict(api.batch([api.decode_request(good), api.decode_request(bad)])))
+        ]
+    assert [r.status_code for r in responses] == [200, 400]
+    answer = json.loads(responses[0].body)
+    assert (answer["fallback"], answer["tau"]) == ("lvlm_unavailable", "-inf")  # JSON has no -Infinity
+    assert json.loads(responses[1].body) == {"error": "image: not a PNG or JPEG image"}
