@@ -223,3 +223,18 @@ def test_columns_show_what_tells_rows_apart(tmp_path):
             _write(tmp_path / "b", "y", _eval_payload(acc=0.5, images=40, **{"cascade.alpha": None}))]  # fmt: skip
     head = to_markdown(aggregate(collect_results(same))).splitlines()[0]
     assert "| identity |" in head  # alpha None vs 0.2: only the hash tells the rows apart
+
+
+def test_a_run_that_selected_on_the_evaluated_images_says_so_in_every_table(tmp_path):
+    # cascade.allow_selection_on_eval: tau fitted on the very images measured; never a plain "cascade" row
+    dirs = [
+        _write(tmp_path, "honest", _eval_payload(acc=0.60, **{"cascade.budget": 0.3})),
+        _write(tmp_path, "on_eval", _eval_payload(acc=0.64, selection_on_eval=True,
+                                                  **{"cascade.budget": 0.3, "cascade.budget_split": "test"})),
+    ]  # fmt: skip
+    agg = aggregate(collect_results(dirs))
+    marked = "cascade [selected on the evaluated images]"
+    assert sorted(r["method"] for r in agg) == sorted(["clip", "clip", "cascade", marked])
+    assert next(r for r in agg if r["method"] == marked)["runs"] == [str(dirs[1])]
+    paths = write_results_tables(dirs, tmp_path / "tables")
+    assert marked in paths["markdown"].read_text() and marked in paths["csv"].read_text()

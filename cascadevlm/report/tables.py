@@ -160,6 +160,9 @@ def collect_results(run_dirs: list[str | Path]) -> list[dict]:
         for method, acc in _methods(payload).items():
             if adapter_method and method != "clip_zero_shot":
                 method = f"{method} ({adapter_method})"  # runs of different adapters never mix
+            if p.get("selection_on_eval") and method not in ("clip", "clip_zero_shot"):
+                # tau / the routing fitted on the evaluated images (cascade.allow_selection_on_eval)
+                method = f"{method} [selected on the evaluated images]"
             rows.append(
                 {
                     "dataset": p["dataset"],
