@@ -205,3 +205,39 @@ def test_two_processes_write_one_store_at_once(tmp_path):
     assert all(
         store.get_answer(f"{n}-{i}", 3) == StoredAnswer(i % 3, f"raw {i}") for n in "ab" for i in range(150)
     )
+
+
+def test_a_store_locked_while_another_process_opens_it_is_waited_for(tmp_path, monkeypatch):
+    # DDP ranks open one new store at once; switching it to WAL answers "database is locked" without
+    # SQLite's busy wait (a 2-process DDP run died on it under load): the open is tried again
+    import cascadevlm.lvlm.cache as cache
+
+    real_connect, refusals = sqlite3.connect, []
+
+    class LockedOnce:
+        def __init__(self, conn):
+            self._conn = conn
+
+        def execute(self, sql, *args):
+            if sql.startswith("PRAGMA journal_mode") and len(refusals) < 2:
+                refusals.append(sql)
+                raise sqlite3.OperationalError("database is locked")
+            return self._conn.execute(sql, *args)
+
+        def __getattr__(self, name):
+            return getattr(self._conn, name)
+
+        def __enter__(self):
+            return self._conn.__enter__()
+
+        def __exit__(self, *exc):
+            return self._conn.__exit__(*exc)
+
+    monkeypatch.setattr(cache.sqlite3, "connect", lambda *a, **k: LockedOnce(real_connect(*a, **k)))
+    store = AnswerStore(tmp_path / "answers.sqlite")
+    store.put("k", "m", "v")
+    assert len(refusals) == 2 and store.get("k") == "v"
+    # a file that is no database is still refused in one line, at once
+    (tmp_path / "junk.sqlite").write_bytes(b"not a database" * 100)
+    with pytest.raises(ValueError, match=r"answer store .*junk.sqlite cannot be opened \(file is not a database\)"):
+        AnswerStore(tmp_path / "junk.sqlite").get("k")

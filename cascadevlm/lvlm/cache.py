@@ -57,6 +57,12 @@ class StoredAnswer:
     fallback: str | None = None
 
 
+def _is_busy(err: sqlite3.OperationalError) -> bool:
+    """Another connection holds the lock (worth waiting for), as opposed to a damaged or foreign file."""
+    text = str(err).lower()
+    return "locked" in text or "busy" in text
+
+
 class AnswerStore:
     """Values by key in one SQLite file: thread-safe in a process, shared between processes, picklable
     (each process opens its own connection on first use). ``corrupt`` counts entries found damaged."""
@@ -82,25 +88,48 @@ class AnswerStore:
     def _db(self) -> sqlite3.Connection:
         if self._conn is None or self._pid != os.getpid():  # a forked worker opens its own
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                conn = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_S, check_same_thread=False)
-                conn.execute("PRAGMA journal_mode=WAL")  # readers never block the writer; kill -9 safe
-                conn.execute("PRAGMA synchronous=NORMAL")  # durable against a killed process (not power loss)
-                conn.execute(
-                    "CREATE TABLE IF NOT EXISTS answers ("
-                    "key TEXT PRIMARY KEY, model TEXT NOT NULL, raw TEXT NOT NULL, created REAL NOT NULL)"
-                )
-                columns = {row[1] for row in conn.execute("PRAGMA table_info(answers)")}
-                if "checksum" not in columns:  # files written before checksums: their rows stay readable
-                    conn.execute("ALTER TABLE answers ADD COLUMN checksum TEXT")
-                conn.commit()
-            except sqlite3.DatabaseError as err:
-                raise ValueError(
-                    f"the LVLM answer store {self.path} cannot be opened ({err}): delete that file (its "
-                    "answers are asked again) or point --answer_store elsewhere"
-                ) from None
+            # Several processes (DDP ranks, a study, workers) open one file at once. Switching a new file
+            # to WAL needs an exclusive lock, and SQLite answers "database is locked" there without
+            # waiting on its busy timeout, so a locked open is tried again until the timeout has passed.
+            deadline, wait = time.monotonic() + BUSY_TIMEOUT_S, 0.02
+            while True:
+                try:
+                    conn = self._connect()
+                    break
+                except sqlite3.OperationalError as err:
+                    if not _is_busy(err) or time.monotonic() >= deadline:
+                        raise self._cannot_open(err) from None
+                    time.sleep(wait)
+                    wait = min(wait * 2, 1.0)
+                except sqlite3.DatabaseError as err:
+                    raise self._cannot_open(err) from None
             self._conn, self._pid = conn, os.getpid()
         return self._conn
+
+    def _connect(self) -> sqlite3.Connection:
+        """One connection, in WAL mode, with the answers table; closed again if any step fails."""
+        conn = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_S, check_same_thread=False)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")  # readers never block the writer; kill -9 safe
+            conn.execute("PRAGMA synchronous=NORMAL")  # durable against a killed process (not power loss)
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS answers ("
+                "key TEXT PRIMARY KEY, model TEXT NOT NULL, raw TEXT NOT NULL, created REAL NOT NULL)"
+            )
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(answers)")}
+            if "checksum" not in columns:  # files written before checksums: their rows stay readable
+                conn.execute("ALTER TABLE answers ADD COLUMN checksum TEXT")
+            conn.commit()
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _cannot_open(self, err: Exception) -> ValueError:
+        return ValueError(
+            f"the LVLM answer store {self.path} cannot be opened ({err}): delete that file (its "
+            "answers are asked again) or point --answer_store elsewhere"
+        )
 
     def get(self, key: str) -> str | None:
         """The value stored under ``key``; None when absent or damaged (a damaged entry is deleted)."""
