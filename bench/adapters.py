@@ -49,6 +49,17 @@ from cascadevlm.zoo.tiny_clip import build_tiny_clip
 MODELS = ("cascadevlm-tiny-vit", "cascadevlm-small-vit")
 
 
+def feature_epoch(logits_fn, opt, feats: torch.Tensor, labels: torch.Tensor, batch_size: int) -> None:
+    """One training epoch over cached features in a fixed shuffled order (cross-entropy, ``opt`` steps)."""
+    order = torch.randperm(len(feats), generator=torch.Generator().manual_seed(0))
+    for i in range(0, len(order), batch_size):
+        idx = order[i : i + batch_size]
+        loss = F.cross_entropy(logits_fn(feats[idx]), labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
 def timed(fn, repeats: int) -> float:
     """Median wall time (s) of ``fn()`` over ``repeats`` runs, after one warm-up run."""
     fn()
@@ -141,16 +152,7 @@ def bench_methods(
     def epoch(module: torch.nn.Module, logits_fn, params) -> float:
         opt = torch.optim.AdamW(params, lr=1e-3)
 
-        def run() -> None:
-            order = torch.randperm(len(feats), generator=torch.Generator().manual_seed(0))
-            for i in range(0, len(order), batch_size):
-                idx = order[i : i + batch_size]
-                loss = F.cross_entropy(logits_fn(feats[idx]), labels[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-
-        return timed(run, repeats)
+        return timed(lambda: feature_epoch(logits_fn, opt, feats, labels, batch_size), repeats)
 
     def inference(fn) -> float:
         def run() -> None:
@@ -222,13 +224,7 @@ def bench_recipes(bundle, ds, class_names, repeats: int, work: Path, batch_size:
     probe_opt = torch.optim.AdamW(probe.parameters(), lr=1e-3, weight_decay=1e-4)
 
     def probe_epoch() -> None:
-        order = torch.randperm(len(feats), generator=torch.Generator().manual_seed(0))
-        for i in range(0, len(order), batch_size):
-            idx = order[i : i + batch_size]
-            loss = F.cross_entropy(probe(feats[idx]), labels[idx])
-            probe_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            probe_opt.step()
+        feature_epoch(probe, probe_opt, feats, labels, batch_size)
 
     lora = ClipLora(bundle.model, bundle.tokenizer, class_names, ["a photo of a {}."], rank=2, alpha=1.0,
                     dropout=0.25, lora_params="qkv", rslora=True)  # fmt: skip  # the paper's

@@ -296,6 +296,22 @@ def tiny_llava_processor(tokenizer):
     )
 
 
+def _save_random(
+    model_cls, config, seed: int, tokenizer, end_token: str, processor, out_dir: Path, kind: str
+) -> Path:
+    """Initialise ``model_cls(config)`` from ``seed`` and write it, its generation config and ``processor``
+    to ``out_dir``, marked as random weights of ``kind``."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    _save_generation_config(model, tokenizer, end_token)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    _mark_random(out_dir, kind, seed)
+    return out_dir
+
+
 # The widths every tiny LVLM shares: a 2-layer vision tower on 28x28 images in 14-pixel patches, and a
 # 2-layer text model (grouped-query attention) with a 1024-token context.
 _TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -311,7 +327,6 @@ def build_tiny_llava(out_dir: str | Path, seed: int = 0, real_template: bool = F
     ``real_template``: llava-1.5-7b-hf's chat template and special-token settings (:data:`REAL_SHAPES`)
     instead of the demo's (which writes BOS and ends the assistant turn with EOS itself).
     """
-    import torch
     from transformers import (
         CLIPVisionConfig,
         LlamaConfig,
@@ -341,14 +356,8 @@ def build_tiny_llava(out_dir: str | Path, seed: int = 0, real_template: bool = F
         vision_feature_select_strategy="default",
         vision_feature_layer=-1,
     )
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
-    _save_generation_config(model, tokenizer, "</s>")
-    processor = tiny_llava_processor(tokenizer)
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    _mark_random(out_dir, "llava", seed)
-    return out_dir
+    return _save_random(LlavaForConditionalGeneration, config, seed, tokenizer, "</s>",
+                        tiny_llava_processor(tokenizer), out_dir, "llava")  # fmt: skip
 
 
 def build_tiny_qwen2vl(out_dir: str | Path, seed: int = 0, real_template: bool = False) -> Path:
@@ -445,7 +454,6 @@ def build_tiny_gemma3(out_dir: str | Path, seed: int = 0, sliding_window: int = 
     scorer takes its two-forward path. ``sliding_window``: the window of its sliding-attention layer
     (shorter than a prompt to test prompts that outgrow it, as a real Gemma 3's 1024 do with 4+ images).
     """
-    import torch
     from transformers import (
         Gemma3Config,
         Gemma3ForConditionalGeneration,
@@ -478,14 +486,8 @@ def build_tiny_gemma3(out_dir: str | Path, seed: int = 0, sliding_window: int = 
         image_token_index=ids("<image_soft_token>"),
         initializer_range=_TEXT_INIT,
     )
-    torch.manual_seed(seed)
-    model = Gemma3ForConditionalGeneration(config).eval()
-    _save_generation_config(model, tokenizer, "<end_of_turn>")
-    processor = tiny_gemma3_processor(tokenizer)
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    _mark_random(out_dir, "gemma3", seed)
-    return out_dir
+    return _save_random(Gemma3ForConditionalGeneration, config, seed, tokenizer, "<end_of_turn>",
+                        tiny_gemma3_processor(tokenizer), out_dir, "gemma3")  # fmt: skip
 
 
 BUILDERS = {"llava": build_tiny_llava, "qwen2vl": build_tiny_qwen2vl, "gemma3": build_tiny_gemma3}
