@@ -241,3 +241,23 @@ def test_a_store_locked_while_another_process_opens_it_is_waited_for(tmp_path, m
     (tmp_path / "junk.sqlite").write_bytes(b"not a database" * 100)
     with pytest.raises(ValueError, match=r"answer store .*junk.sqlite cannot be opened \(file is not a database\)"):
         AnswerStore(tmp_path / "junk.sqlite").get("k")
+
+
+def test_a_prompt_worded_for_another_dataset_gets_no_hits(tmp_path):
+    # evaluate.py sets a default prompt's noun ("aircraft variant") after the backend is built; the
+    # backend's init arguments do not show it, so the store's model identity reads the live prompt
+    from cascadevlm.lvlm.prompts import PromptConfig
+
+    store = AnswerStore(tmp_path / "answers.sqlite")
+    first = FakeLVLM(model="m")
+    first.prompt = PromptConfig()
+    _answers(LVLMStage(first, NAMES, store=store), [_batch(0)])
+    reworded = FakeLVLM(model="m")
+    reworded.prompt = PromptConfig()
+    reworded.prompt.noun = "aircraft variant"
+    _answers(LVLMStage(reworded, NAMES, store=store), [_batch(0)])
+    assert reworded.calls == 4
+    same = FakeLVLM(model="m")
+    same.prompt = PromptConfig()
+    _answers(LVLMStage(same, NAMES, store=store), [_batch(0)])
+    assert same.calls == 0

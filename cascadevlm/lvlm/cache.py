@@ -27,6 +27,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from cascadevlm.lvlm.base import _plain
+
 # Waiting for another process's write (a DDP rank, a parallel run) before giving up, in seconds.
 BUSY_TIMEOUT_S = 60.0
 
@@ -246,9 +248,13 @@ def model_identity(backend, store: AnswerStore) -> dict:
         if isinstance(value, str) and value and os.path.exists(value):
             weights[name] = store.path_digest(value)
     provider = getattr(backend, "url", None)
+    # The prompt as it will be written: evaluate.py sets a default prompt's noun from the dataset after
+    # the backend is built, which the init arguments in ``fp`` do not show.
+    prompt = getattr(backend, "prompt", None)
     return {
         "answers": fp,
         "weights": weights,
+        **({"prompt": _plain(prompt)} if prompt is not None else {}),
         **({"provider": provider} if isinstance(provider, str) else {}),
     }
 
