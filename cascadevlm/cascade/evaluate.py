@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 from jsonargparse.typing import register_type
 from lightning.pytorch.cli import LightningCLI
 
@@ -148,6 +149,21 @@ class CascadeOptions:
         max_failed_fraction: stop (non-zero, one line) when more than this fraction of the images asked
             to the LVLM got no answer (failed API calls), or when none got one; answers received stay
             cached for the rerun.
+        stages: several LVLM stages after CLIP, in order (instead of ``lvlm``): each a mapping
+            ``{name, lvlm, gate, tau, candidates, topk, price}``: ``lvlm`` a config file (relative to
+            the config file) or an inline ``{class_path, init_args}``; ``gate`` margin, max_prob or
+            entropy of the softmax of its candidate scores; images with that uncertainty > ``tau`` go on
+            (the last stage's tau is unused); ``candidates`` clip (CLIP's top-k) or previous (the
+            previous stage's top-k by its scores); ``topk``; ``price`` (see ``clip_price``). CLIP's
+            threshold is ``tau``. See docs/stages.md.
+        cost_budget: instead of thresholds, a cost per 1000 images (in ``cost_unit``): every stage's
+            threshold is chosen on ``budget_split`` to maximise accuracy within it (needs ``stages``
+            and ``lvlm_on_val``).
+        cost_unit: ``seconds`` (measured wall seconds) or ``usd`` (from the price tables).
+        clip_price: CLIP's price table ``{usd_per_image, usd_per_hour, ...}``; unset: unknown.
+        lvlm_price: the price table of ``lvlm`` (the two-stage cascade): ``usd_per_image``,
+            ``usd_per_1m_prompt_tokens``, ``usd_per_1m_completion_tokens``, ``usd_per_hour`` (any
+            subset); unset: unknown (reported as such, never as 0).
     """
 
     tau: Threshold = Threshold(math.inf)
@@ -168,6 +184,17 @@ class CascadeOptions:
     lvlm_on_val: bool = False
     allow_selection_on_eval: bool = False
     max_failed_fraction: float = 0.5
+    stages: list[dict] | None = None
+    cost_budget: float | None = None
+    cost_unit: Literal["seconds", "usd"] = "seconds"
+    clip_price: dict | None = None
+    lvlm_price: dict | None = None
+
+
+# Options added with cascade.stages: left out of metrics.json's config (and so of a study's comparison)
+# while they hold their defaults, so runs made before them keep their recorded configuration.
+COST_OPTION_DEFAULTS = {"stages": None, "cost_budget": None, "cost_unit": "seconds", "clip_price": None,
+                        "lvlm_price": None}  # fmt: skip
 
 
 MAX_SWEEP_POINTS = 10_000  # each point is a full pass over the records; more resolves nothing visible
@@ -234,6 +261,7 @@ def check_options(opts: CascadeOptions, dm: CascadeDataModule, has_lvlm: bool) -
         raise ValueError(
             f"cascade.fusion_weight must be in [0, 1] (1 = the LVLM decides), got {opts.fusion_weight}"
         )
+    check_cost_options(opts, has_lvlm)
     ro = routing_options(opts)
     ro.validate()
     if selects_on_eval(opts, dm.split, has_lvlm) and not opts.allow_selection_on_eval:
@@ -281,13 +309,61 @@ def check_options(opts: CascadeOptions, dm: CascadeDataModule, has_lvlm: bool) -
         raise ValueError(NEEDS_VAL_ANSWERS)
 
 
+def check_cost_options(opts: CascadeOptions, has_lvlm: bool) -> None:
+    """The cost options' refusals that need no stage built (one line each)."""
+    from cascadevlm.cascade.stages import check_price
+
+    check_price(opts.clip_price, "cascade.clip_price")
+    check_price(opts.lvlm_price, "cascade.lvlm_price")
+    if opts.stages is not None and opts.lvlm_price is not None:
+        raise ValueError(
+            "cascade.lvlm_price prices the top-level lvlm; with cascade.stages give each stage's price "
+            "(cascade.stages[i].price): --cascade.lvlm_price null"
+        )
+    if opts.cost_budget is None:
+        if opts.stages is not None and opts.budget is not None:
+            raise ValueError(
+                "cascade.budget chooses one threshold (a fraction sent to one LVLM); with cascade.stages give "
+                "cascade.tau and each stage's tau, or --cascade.cost_budget: --cascade.budget null"
+            )
+        return
+    if not (opts.cost_budget > 0 and math.isfinite(opts.cost_budget)):
+        raise ValueError(
+            f"cascade.cost_budget must be a positive cost per 1000 images (in cascade.cost_unit "
+            f"{opts.cost_unit}), got {opts.cost_budget}"
+        )
+    if opts.budget is not None or opts.tau != math.inf:
+        given = f"cascade.budget {opts.budget:g}" if opts.budget is not None else f"cascade.tau {opts.tau:g}"
+        flag = "--cascade.budget null" if opts.budget is not None else "--cascade.tau inf"
+        raise ValueError(
+            f"{given} and cascade.cost_budget {opts.cost_budget:g} are both set, and the cost budget chooses "
+            f"every threshold: give one, e.g. {flag}"
+        )
+    if opts.stages is None:
+        raise ValueError(
+            "cascade.cost_budget chooses the thresholds of cascade.stages: give the LVLM as a stage "
+            "(--cascade.stages '[{name: ..., lvlm: ...}]' and --lvlm null), or --cascade.cost_budget null"
+        )
+    if not opts.lvlm_on_val:
+        raise ValueError(
+            f"cascade.cost_budget chooses the thresholds on the {opts.budget_split} split from every stage's "
+            "answers there: set --cascade.lvlm_on_val true (each LVLM stage is asked about every validation "
+            "image)"
+        )
+
+
 def selects_on_eval(opts: CascadeOptions, split: str, has_lvlm: bool) -> bool:
     """Whether this run fits something (tau from a budget, calibration, conformal sets, a learned gate,
     a fusion weight, val answers) on ``budget_split`` and that split is the evaluated one."""
     if not has_lvlm or opts.budget_split != split:
         return False
     ro = routing_options(opts)
-    return opts.budget is not None or opts.lvlm_on_val or (not ro.is_paper_cascade() and ro.needs_val())
+    return (
+        opts.budget is not None
+        or opts.cost_budget is not None
+        or opts.lvlm_on_val
+        or (not ro.is_paper_cascade() and ro.needs_val())
+    )
 
 
 def weight_notes(model: ClipClassifier, backend: LVLMBackend | None, dataset: str | None = None) -> list[str]:
@@ -339,6 +415,7 @@ def default_run_name(
     opts: CascadeOptions | None = None,
     overridden: bool = False,
     precision: str | None = None,
+    stages: list | None = None,
 ) -> str:
     """A run directory name from everything that changes the result, so runs never overwrite each other:
     data (dataset, split, limit), CLIP (model, weights, precision, adapter method/k/seed from the adapter
@@ -367,6 +444,17 @@ def default_run_name(
                   f"ic{opts.incontext_shots}" if opts.incontext_shots else None]  # fmt: skip
         parts += routing_name_parts(opts)
         parts.append("selOnEval" if selects_on_eval(opts, dm.split, True) else None)
+    if stages:
+        from cascadevlm.cascade.stages import stages_identity_hash
+
+        if opts.cost_budget is not None:
+            gate = f"cost{opts.cost_budget:g}{opts.cost_unit[0]}-{opts.budget_split}"
+        else:
+            gate = f"tau{opts.tau:g}"
+        parts += ["stages-" + "+".join(st.name for st in stages), f"st{stages_identity_hash(stages)}", gate,
+                  opts.lvlm_on, f"top{opts.topk}", f"ic{opts.incontext_shots}" if opts.incontext_shots else None,
+                  f"clip{_short_hash(opts.clip_price)}" if opts.clip_price else None,
+                  "selOnEval" if selects_on_eval(opts, dm.split, True) else None]  # fmt: skip
     parts.append(f"n{dm.limit}" if dm.limit else None)
     return run_name(*parts)
 
@@ -427,6 +515,7 @@ class Run:
     backend: LVLMBackend | None
     run_dir: Path
     notes: list[str]
+    stages: list | None = None  # cascade.stages, checked and built (StageSpec); None: the two-stage cascade
 
     @property
     def rank0(self) -> bool:
@@ -438,21 +527,23 @@ def prepare(cli: LightningCLI) -> Run:
     cfg, model, dm = cli.config, cli.model, cli.datamodule
     backend: LVLMBackend | None = cli.config_init.get("lvlm")
     opts = CascadeOptions(**dict(cfg.cascade))
-    check_options(opts, dm, backend is not None)
-    # The records keep model.topk ids; the LVLM is shown cascade.topk of them: keep enough.
-    model.hparams.topk = max(model.hparams.topk, opts.topk)
-    prompt = getattr(backend, "prompt", None)
-    if getattr(prompt, "options", None) == "letters" and opts.topk > len(LETTERS):  # else: at its 1st prompt
+    if opts.stages is not None and backend is not None:
         raise ValueError(
-            f"cascade.topk is {opts.topk} but lettered options stop at {len(LETTERS)} (A-Z): set --cascade.topk "
-            f"<= {len(LETTERS)}, or name the options (--lvlm.init_args.prompt.options names)"
+            "cascade.stages and lvlm are both set: the stages list every LVLM in order; give the LVLM as a "
+            "stage and --lvlm null, or --cascade.stages null for the two-stage cascade"
         )
-    if (
-        prompt is not None
-        and getattr(prompt, "dataset", None) is None
-        and getattr(prompt, "noun", None) == "object"
-    ):
-        prompt.noun = dm.noun  # dataset-aware wording ("aircraft variant") unless the config set one
+    check_options(opts, dm, backend is not None or opts.stages is not None)
+    stages = prepare_stages(cfg, opts, dm) if opts.stages is not None else None
+    if opts.cost_unit == "usd":
+        check_usd_prices(opts, stages, backend)
+    # The records keep model.topk ids; the LVLM is shown cascade.topk of them: keep enough.
+    model.hparams.topk = max(model.hparams.topk, opts.topk, *(st.topk for st in stages or []))
+    if backend is not None:
+        _check_prompt(backend, opts.topk, dm, "--cascade.topk", "--lvlm.init_args.prompt.options names")
+    for st in stages or []:
+        _check_prompt(
+            st.backend, st.topk, dm, f"{st.where}.topk", f"{st.where}.lvlm's init_args.prompt.options names"
+        )
     data_cfg = cfg.get("data") or {}
     overridden = bool(data_cfg.get("class_names") or data_cfg.get("templates"))
     overridden = overridden or getattr(dm, "prompt_names_changed", False)  # readable folder names
@@ -463,8 +554,74 @@ def prepare(cli: LightningCLI) -> Run:
         opts,
         overridden,
         str(cli.trainer.precision) if hasattr(cli.trainer, "precision") else None,
+        stages,
     )
-    return Run(cli, opts, backend, Path(cfg.output_dir) / name, weight_notes(model, backend, dm.name))
+    notes = weight_notes(model, backend, dm.name)
+    for st in stages or []:
+        notes += [n for n in weight_notes(model, st.backend, dm.name) if n not in notes]
+    return Run(cli, opts, backend, Path(cfg.output_dir) / name, notes, stages)
+
+
+def _check_prompt(
+    backend: LVLMBackend, topk: int, dm: CascadeDataModule, topk_flag: str, names_flag: str
+) -> None:
+    """Lettered options stop at Z (refused here, not at the first prompt); a default prompt's noun
+    follows the dataset."""
+    prompt = getattr(backend, "prompt", None)
+    if getattr(prompt, "options", None) == "letters" and topk > len(LETTERS):  # else: at its 1st prompt
+        raise ValueError(
+            f"{topk_flag.lstrip('-')} is {topk} but lettered options stop at {len(LETTERS)} (A-Z): set {topk_flag} "
+            f"<= {len(LETTERS)}, or name the options ({names_flag})"
+        )
+    if (
+        prompt is not None
+        and getattr(prompt, "dataset", None) is None
+        and getattr(prompt, "noun", None) == "object"
+    ):
+        prompt.noun = dm.noun  # dataset-aware wording ("aircraft variant") unless the config set one
+
+
+def _config_dirs(cfg) -> list[Path]:
+    """Directories of the ``--config`` files, the last first (a stage's config file is relative to them)."""
+    dirs = []
+    for c in reversed(list(cfg.get("config") or [])):
+        path = getattr(c, "absolute", None) or getattr(c, "relative", None) or str(c)
+        dirs.append(Path(str(path)).parent)
+    return dirs
+
+
+def prepare_stages(cfg, opts: CascadeOptions, dm: CascadeDataModule) -> list:
+    """``cascade.stages`` checked and built (one-line refusals before any stage runs)."""
+    from cascadevlm.cascade.stages import parse_stages
+
+    if not routing_options(opts).is_paper_cascade():
+        raise ValueError(
+            "cascade.stages gates CLIP on its entropy and each LVLM stage on its own gate: keep --cascade.gate "
+            "entropy --cascade.calibration none --cascade.candidates topk --cascade.fusion none"
+        )
+    raw = [s.as_dict() if hasattr(s, "as_dict") else s for s in opts.stages]
+    return parse_stages(raw, _config_dirs(cfg), opts.topk, len(dm.class_names), opts.cost_budget)
+
+
+def check_usd_prices(opts: CascadeOptions, stages: list | None, backend: LVLMBackend | None) -> None:
+    """``cascade.cost_unit usd`` needs every stage's price (CLIP's too): the first one missing, in one line."""
+    if opts.clip_price is None:
+        raise ValueError(
+            "cascade.cost_unit usd needs every stage's price, and stage 0 'clip' has none: set "
+            "--cascade.clip_price '{usd_per_hour: ...}' (or usd_per_image), or --cascade.cost_unit seconds"
+        )
+    for st in stages or []:
+        if st.price is None:
+            raise ValueError(
+                f"cascade.cost_unit usd needs every stage's price, and stage {st.index} {st.name!r} has none: set "
+                f"{st.where}.price (usd_per_image, usd_per_1m_prompt_tokens, usd_per_1m_completion_tokens or "
+                "usd_per_hour), or --cascade.cost_unit seconds"
+            )
+    if backend is not None and opts.lvlm_price is None:
+        raise ValueError(
+            "cascade.cost_unit usd needs every stage's price, and stage 1 (lvlm) has none: set "
+            "--cascade.lvlm_price '{usd_per_image: ...}', or --cascade.cost_unit seconds"
+        )
 
 
 def clip_and_gate(run: Run) -> tuple[list[PredictionRecord], dict, set[int] | None]:
@@ -532,11 +689,20 @@ def clip_and_gate(run: Run) -> tuple[list[PredictionRecord], dict, set[int] | No
     return clip_records, gate, sent_ids
 
 
-def stage_fingerprint(run: Run, dm: CascadeDataModule | None = None) -> dict:
+def stage_fingerprint(
+    run: Run,
+    dm: CascadeDataModule | None = None,
+    backend: LVLMBackend | None = None,
+    topk: int | None = None,
+    stage: dict | None = None,
+) -> dict:
     """Everything that changes an LVLM answer (never connection settings): the backend's answer
     settings, the candidates' source (CLIP identity incl. precision, adapter content, class names,
-    templates), the data rows and the cascade's prompt options."""
+    templates), the data rows and the cascade's prompt options. A stage of ``cascade.stages`` passes its
+    ``backend``, ``topk`` and ``stage`` (its position and candidate source, with the previous stage's
+    fingerprint digest when its candidates are the previous stage's top-k)."""
     model, opts = run.cli.model, run.opts
+    backend = backend or run.backend
     dm = dm or run.cli.datamodule
     hp = model.hparams
     bundle = model.bundle
@@ -549,7 +715,7 @@ def stage_fingerprint(run: Run, dm: CascadeDataModule | None = None) -> dict:
     from cascadevlm.clip.features import dataset_fingerprint
 
     return {
-        "lvlm": run.backend.answer_fingerprint(),
+        "lvlm": backend.answer_fingerprint(),
         "clip": {
             "identity": identity,
             "precision": hp.precision,
@@ -562,19 +728,25 @@ def stage_fingerprint(run: Run, dm: CascadeDataModule | None = None) -> dict:
             "dataset": dm.name,
             "split": dm.split,
             "limit": dm.limit,
-            "rows": dm.eval_fingerprint() if getattr(dm, "streaming", False) else dataset_fingerprint(dm.eval_dataset()),
+            "rows": dm.eval_fingerprint()
+            if getattr(dm, "streaming", False)
+            else dataset_fingerprint(dm.eval_dataset()),
             "class_names": list(dm.class_names),
             "noun": dm.noun,
             "shots": dm.shots,
             "seed": dm.seed,
         },  # fmt: skip
+        **({"stage": stage} if stage is not None else {}),
         "cascade": {
-            "topk": opts.topk,
+            "topk": opts.topk if topk is None else topk,
             "incontext_shots": opts.incontext_shots,
             "max_examples": opts.max_examples,
             # answers stored before queries stopped being their own example are not reused
-            **({"incontext_query_excluded": True} if opts.incontext_shots and dm.split == dm.train_split
-               else {}),  # fmt: skip
+            **(
+                {"incontext_query_excluded": True}
+                if opts.incontext_shots and dm.split == dm.train_split
+                else {}
+            ),  # fmt: skip
         },
     }
 
@@ -586,22 +758,32 @@ def lvlm_stage(
     sent: set[int] | None = None,
     dm: CascadeDataModule | None = None,
     parts: Path | None = None,
+    stage=None,
+    wanted: list[PredictionRecord] | None = None,
+    candidates: dict[int, list[int]] | None = None,
+    stage_info: dict | None = None,
 ) -> tuple[dict, dict]:
     """Ask the LVLM about the images without a usable answer yet (resumable); returns the answers by
     image index and the call counts ``{"total": all ranks and attempts, "this_attempt": ...}``.
 
     ``sent``: the images the routing sends (``lvlm_on: deferred``), instead of entropy > tau;
-    ``dm``/``parts``: another split (the validation images of ``lvlm_on_val``, all of them asked)."""
-    trainer, opts, backend = run.cli.trainer, run.opts, run.backend
+    ``dm``/``parts``: another split (the validation images of ``lvlm_on_val``, all of them asked).
+    ``stage`` (a :class:`~cascadevlm.cascade.stages.StageSpec` of ``cascade.stages``): its backend and
+    top-k, the images ``wanted`` and their ``candidates``; ``stage_info`` goes into the fingerprint."""
+    trainer, opts = run.cli.trainer, run.opts
+    backend = stage.backend if stage is not None else run.backend
+    topk = stage.topk if stage is not None else opts.topk
     other_split = dm is not None
     dm = dm or run.cli.datamodule
     parts = parts or run.run_dir / "parts"
-    fingerprint = stage_fingerprint(run, dm)
+    fingerprint = stage_fingerprint(run, dm, backend, topk, stage_info)
     check_stage_fingerprint(parts, fingerprint)  # every rank: read-only
     trainer.strategy.barrier()
     answers = read_answers(parts)
     calls_before = read_lvlm_calls(parts)
-    if other_split or opts.lvlm_on == "all":
+    if wanted is not None:
+        pass
+    elif other_split or opts.lvlm_on == "all":
         wanted = clip_records
     elif sent is not None:
         wanted = [r for r in clip_records if r.index in sent]
@@ -611,8 +793,9 @@ def lvlm_stage(
     # answers that are failed API calls are asked again
     todo = [r for r in wanted if r.index not in answers or needs_retry(answers[r.index].fallback)]
     retried = sum(r.index in answers for r in todo)
+    title = f"LVLM stage {stage.index} ({stage.name})" if stage is not None else "LVLM stage"
     if run.rank0:
-        label = f"LVLM stage ({dm.split} split)" if other_split else "LVLM stage"
+        label = f"{title} ({dm.split} split)" if other_split else title
         log.info(f"{label}: {len(wanted)} images, {len(wanted) - len(todo)} answered before, {len(todo)} to ask"
                  + (f" ({retried} failed calls asked again)" if retried else ""))  # fmt: skip
         if todo:
@@ -629,12 +812,12 @@ def lvlm_stage(
         )  # fmt: skip
     cfg = run.cli.config
     store = open_answer_store(cfg.get("answer_store", "auto"), cfg.cache_dir)  # answers of earlier runs
-    stage = LVLMStage(backend, dm.class_names, exemplars, store)
+    module = LVLMStage(backend, dm.class_names, exemplars, store)
     counts = progress.LVLMCounts(backend, len(wanted) - len(todo))
     own_bar = bool(getattr(backend, "progress", False)) and hasattr(backend, "begin_stage")  # the API's bar
-    with progress.stage(trainer, f"LVLM stage: {dm.split}" if other_split else "LVLM stage", counts, not own_bar):
-        run_lvlm_stage(trainer, stage, dm.eval_dataset(), todo, opts.topk, dm.split, parts,
-                       opts.lvlm_batch_size, dm.num_workers)  # fmt: skip
+    with progress.stage(trainer, f"{title}: {dm.split}" if other_split else title, counts, not own_bar):
+        run_lvlm_stage(trainer, module, dm.eval_dataset(), todo, topk, dm.split, parts,
+                       opts.lvlm_batch_size, dm.num_workers, candidates=candidates)  # fmt: skip
     trainer.strategy.barrier()
     total = read_lvlm_calls(parts)
     return read_answers(parts), {"total": total, "this_attempt": total - calls_before}
@@ -754,6 +937,9 @@ def report(run: Run, clip_records: list[PredictionRecord], answers: dict, gate: 
     }
     if routing_info is not None:
         payload["routing"] = routing_info
+    cost = two_stage_costs(run, records, answers)
+    if cost is not None:
+        payload["cost"] = cost
     if backend is not None:
         payload["deferred"] = deferred_analysis(records, num_classes, opts.topk)
     paths = write_run_outputs(run_dir, records, payload, notes, sweep_rows)
@@ -765,7 +951,9 @@ def report(run: Run, clip_records: list[PredictionRecord], answers: dict, gate: 
 
         md = summary_markdown(run_dir.name, payload, notes, sweep_rows)
         write_tensorboard(run_dir / "tensorboard", sweep_rows, metrics, md, run_dir.name, params, op, refs)
-    files = ["records.parquet", "metrics.json", "summary.md"]
+    files = ["records.parquet", "metrics.json", "summary.md"] + (
+        ["stages.parquet"] if "cost" in payload else []
+    )
     files += ["sweep.csv", "plots/", "tensorboard/"] if sweep_rows else []
     if opts.lvlm_on_val and backend is not None and val_path.exists():
         from cascadevlm.report.gates import write_gates_report
@@ -788,6 +976,8 @@ def evaluate(cli: LightningCLI) -> dict | None:
             log.info(f"NOTE: {n}")
         hit = feature_cache_hit(cli.model, cli.datamodule, cli.config.cache_dir)
         log.info(f"image features: {'cached (image encoder skipped)' if hit else 'computing'}")
+    if run.stages is not None:
+        return evaluate_stages(run)
     clip_records, gate, sent = clip_and_gate(run)
     answers, calls = {}, {"total": 0, "this_attempt": 0}
     if run.backend is not None:
@@ -800,12 +990,327 @@ def evaluate(cli: LightningCLI) -> dict | None:
     return report(run, clip_records, answers, gate, calls)
 
 
+# ----------------------------------------------------------------------------------------- costs
+def two_stage_costs(run: Run, records: list[PredictionRecord], answers: dict) -> dict | None:
+    """The two-stage cascade's costs: ``stages.parquet`` (and ``val_stages.parquet`` with validation
+    answers) and metrics.json's ``cost`` block; records, metrics and the run name are untouched."""
+    from cascadevlm.cascade.runner import read_clip_seconds
+    from cascadevlm.cascade.stages import clip_column, cost_block, lvlm_column, write_stage_table
+
+    opts, backend, run_dir = run.opts, run.backend, run.run_dir
+
+    def columns(recs, answers, clip_parts):
+        cols = [clip_column(recs, read_clip_seconds(clip_parts, len(recs)), opts.clip_price, opts.gate)]
+        if backend is not None:
+            name = Path(str(backend.answer_fingerprint().get("model") or "lvlm")).name
+            cols.append(lvlm_column(name, recs, answers, "margin", opts.lvlm_price))
+        return cols
+
+    cols = columns(records, answers, run_dir / "parts")
+    write_stage_table(run_dir / "stages.parquet", records, cols)
+    val_path = run_dir / "val_records.parquet"
+    if backend is not None and opts.lvlm_on_val and val_path.exists():
+        val = read_records(val_path)
+        val_answers = read_answers(run_dir / "parts" / "val")
+        write_stage_table(
+            run_dir / "val_stages.parquet", val, columns(val, val_answers, run_dir / "parts" / "budget")
+        )
+    last = np.asarray([1 if r.deferred else 0 for r in records], dtype=np.int64)
+    return cost_block(cols, last, opts.cost_unit)
+
+
+# ----------------------------------------------------------------------------------- several LVLMs
+def _reaching(columns: list, thresholds: list[float], s: int) -> np.ndarray:
+    """Which images reach stage ``s`` given the first ``s`` stages' uncertainties and thresholds."""
+    from cascadevlm.cascade.stages import gate_uncertainty
+
+    going = np.ones(len(columns[0].pred), dtype=bool)
+    for k in range(s):
+        going &= gate_uncertainty(columns[k].uncertainty) > thresholds[k]
+    return going
+
+
+def ask_stages(
+    run: Run,
+    records: list[PredictionRecord],
+    columns: list,
+    thresholds: list[float] | None,
+    parts_root: Path,
+    dm: CascadeDataModule | None = None,
+) -> dict[str, dict]:
+    """Every LVLM stage of ``cascade.stages`` in order, each on its own parts directory (stage 1:
+    ``parts_root``, stage s: ``parts_root/stage<s>``) with its own fingerprint: about every image
+    (``thresholds`` None or ``lvlm_on: all``) or those that reach it. Appends each stage's column to
+    ``columns``; returns the call counts by stage name."""
+    from cascadevlm.cascade.lvlm_stage import _digest
+    from cascadevlm.cascade.stages import lvlm_column, ranked_candidates
+
+    calls: dict[str, dict] = {}
+    digests: list[str] = []
+    for st in run.stages:
+        s = st.index
+        if thresholds is None or run.opts.lvlm_on == "all":
+            wanted = list(records)
+        else:
+            mask = _reaching(columns, thresholds, s)
+            wanted = [r for r, m in zip(records, mask, strict=True) if m]
+        info = {"index": s, "candidates": st.candidates}
+        if st.candidates == "previous":
+            info["previous"] = digests[-1]
+            prev = columns[s - 1].results
+            missing = [r.index for r in wanted if r.index not in prev]
+            if missing:
+                raise RuntimeError(
+                    f"stage {st.name!r} takes stage {s - 1}'s candidates, which has no answer for image {missing[0]}"
+                )
+            cands = {r.index: ranked_candidates(prev[r.index].candidate_ids, prev[r.index].scores
+                                                or _choice_first(prev[r.index]), st.topk) for r in wanted}  # fmt: skip
+        else:
+            cands = {r.index: list(r.clip_topk[: st.topk]) for r in wanted}
+        fp = stage_fingerprint(run, dm or run.cli.datamodule, st.backend, st.topk, info)
+        digests.append(_digest(fp))
+        parts = parts_root if s == 1 else parts_root / f"stage{s}"
+        answers, c = lvlm_stage(run, records, -math.inf, dm=dm, parts=parts, stage=st, wanted=wanted,
+                                candidates=cands, stage_info=info)  # fmt: skip
+        for i, want in cands.items():
+            a = answers.get(i)
+            if a is not None and list(a.candidate_ids) != list(want):
+                raise RuntimeError(
+                    f"stored answer of stage {st.name!r} for image {i} was given other candidates"
+                )
+        check_failed_answers(answers, run.opts.max_failed_fraction, dm.split if dm is not None else "")
+        columns.append(lvlm_column(st.name, records, answers, st.gate, st.price))
+        calls[st.name] = c
+    return calls
+
+
+def _choice_first(answer) -> list[float]:
+    """Stand-in scores of an answer without any (a failed or unparseable call): its choice first, then
+    the candidates in their order."""
+    n = len(answer.candidate_ids)
+    pos = answer.candidate_ids.index(answer.lvlm_choice) if answer.lvlm_choice in answer.candidate_ids else 0
+    return [1.0 if c == pos else -float(c + 1) for c in range(n)]
+
+
+def _shared_clip_records(run: Run, dm: CascadeDataModule, parts: Path, title: str) -> list[PredictionRecord]:
+    """The CLIP stage on ``dm``'s split; every rank gets the records (rank 0 writes them once)."""
+    trainer, cfg = run.cli.trainer, run.cli.config
+    with progress.stage(trainer, title):
+        recs = run_clip_stage(trainer, run.cli.model, dm, parts, cfg.cache_dir)
+    if run.rank0:
+        write_records(parts / "clip_records.parquet", recs)
+    trainer.strategy.barrier()
+    return read_records(parts / "clip_records.parquet")
+
+
+def choose_stage_thresholds(run: Run) -> dict:
+    """``cascade.cost_budget``: CLIP, then every LVLM stage, on every ``budget_split`` image; every
+    threshold chosen there from ``val_stages.parquet`` (:func:`cascadevlm.gating.cost.choose_thresholds`).
+    A budget below CLIP alone's cost there is refused before any LVLM stage runs."""
+    from cascadevlm.cascade.runner import read_clip_seconds
+    from cascadevlm.cascade.stages import clip_column, stage_cost, stage_records, write_stage_table
+
+    opts, run_dir, trainer = run.opts, run.run_dir, run.cli.trainer
+    val_dm = _with_split(run.cli.datamodule, opts.budget_split)
+    parts = run_dir / "parts" / "budget"
+    val = _shared_clip_records(run, val_dm, parts, f"CLIP stage: {val_dm.split} (for the cost budget)")
+    columns = [clip_column(val, read_clip_seconds(parts, len(val)), opts.clip_price, opts.gate)]
+    clip_cost = stage_cost(columns[0], opts.cost_unit)
+    if not np.isfinite(clip_cost).all():
+        raise ValueError(
+            f"CLIP's {opts.cost_unit} cost is unknown on the {val_dm.split} split (seconds not kept with cached "
+            "features, or no usable price): delete the feature cache entry or set --cascade.clip_price"
+        )
+    clip_1000 = float(clip_cost.mean()) * 1000
+    if opts.cost_budget < clip_1000:
+        raise ValueError(
+            f"cascade.cost_budget {opts.cost_budget:g} {opts.cost_unit} per 1000 images is below CLIP alone's "
+            f"cost on the {val_dm.split} split ({clip_1000:.4g}): raise --cascade.cost_budget"
+        )
+    ask_stages(run, val, columns, None, run_dir / "parts" / "val", dm=val_dm)
+    gate_path = run_dir / "parts" / "stage_thresholds.json"
+    if run.rank0:
+        for col, st in zip(columns[1:], run.stages, strict=True):
+            cost = stage_cost(col, opts.cost_unit)[col.pred >= 0]
+            if not np.isfinite(cost).all():
+                raise ValueError(
+                    f"the {opts.cost_unit} cost of stage {st.index} {st.name!r} is unknown on "
+                    f"{int((~np.isfinite(cost)).sum())} {val_dm.split} images: set {st.where}.price so that it "
+                    "applies (a token rate needs a backend that reports tokens), or --cascade.cost_unit seconds"
+                )
+        from cascadevlm.gating.cost import choose_thresholds, read_cost_table
+
+        start = [-math.inf] * len(run.stages)
+        write_stage_table(run_dir / "val_stages.parquet", val, columns)
+        write_records(run_dir / "val_records.parquet", stage_records(val, columns, start))
+        table = read_cost_table(
+            run_dir / "val_stages.parquet", run_dir / "val_records.parquet", opts.cost_unit
+        )
+        choice = choose_thresholds(table, opts.cost_budget)
+        thresholds = [float(t) for t in choice.thresholds]
+        write_records(run_dir / "val_records.parquet", stage_records(val, columns, thresholds))
+        gate = {
+            "tau": thresholds[0],
+            "thresholds": thresholds,
+            "source": f"cost_budget {opts.cost_budget:g} {opts.cost_unit} per 1000 images on {val_dm.split}",
+            "budget_split_acc1": choice.acc,
+            "budget_split_cost_per_1000": choice.cost_per_1000,
+            "budget_split_calls": list(choice.calls),
+            "search": {"exact": choice.exact, "points_searched": choice.points_searched,
+                       "seconds": choice.seconds, "note": choice.note},
+        }  # fmt: skip
+        atomic_write_text(gate_path, json.dumps(gate, default=str))
+    trainer.strategy.barrier()
+    return json.loads(gate_path.read_text())
+
+
+def evaluate_stages(run: Run) -> dict | None:
+    """``cascade.stages``: CLIP, then each LVLM stage in order on the images that reach it (or on every
+    image, ``lvlm_on: all``), each resumable on its own parts; rank 0 reports."""
+    from cascadevlm.cascade.runner import read_clip_seconds
+    from cascadevlm.cascade.stages import clip_column
+
+    opts, run_dir = run.opts, run.run_dir
+    dm = run.cli.datamodule
+    clip_records = _shared_clip_records(run, dm, run_dir / "parts", f"CLIP stage: {dm.split}")
+    if opts.cost_budget is not None:
+        gate = choose_stage_thresholds(run)
+        thresholds = [float(t) for t in gate["thresholds"]]
+    else:
+        thresholds = [float(opts.tau), *(float(st.tau) for st in run.stages[:-1])]
+        gate = {"tau": thresholds[0], "thresholds": thresholds, "source": "config"}
+    seconds = read_clip_seconds(run_dir / "parts", len(clip_records))
+    columns = [clip_column(clip_records, seconds, opts.clip_price, opts.gate)]
+    calls = ask_stages(run, clip_records, columns, thresholds, run_dir / "parts")
+    if opts.lvlm_on_val and opts.cost_budget is None:  # answers on the validation split, for the report
+        val_dm = _with_split(dm, opts.budget_split)
+        val = _shared_clip_records(run, val_dm, run_dir / "parts" / "budget", f"CLIP stage: {val_dm.split}")
+        vseconds = read_clip_seconds(run_dir / "parts" / "budget", len(val))
+        vcols = [clip_column(val, vseconds, opts.clip_price, opts.gate)]
+        ask_stages(run, val, vcols, None, run_dir / "parts" / "val", dm=val_dm)
+        if run.rank0:
+            from cascadevlm.cascade.stages import stage_records, write_stage_table
+
+            write_stage_table(run_dir / "val_stages.parquet", val, vcols)
+            write_records(run_dir / "val_records.parquet", stage_records(val, vcols, thresholds))
+    if not run.rank0:
+        return None
+    return report_stages(run, clip_records, columns, thresholds, gate, calls)
+
+
+def report_stages(run: Run, clip_records: list, columns: list, thresholds: list[float], gate: dict,
+                  calls: dict) -> dict:  # fmt: skip
+    """Records, stages.parquet, metrics.json (a method per combination of stages), summary.md and the
+    Pareto report of a ``cascade.stages`` run."""
+    from cascadevlm.cascade.stages import (
+        combination_outcome,
+        combinations,
+        cost_block,
+        reached_stages,
+        stage_records,
+        write_stage_table,
+    )
+
+    cfg, model, dm, trainer, opts = (
+        run.cli.config,
+        run.cli.model,
+        run.cli.datamodule,
+        run.cli.trainer,
+        run.opts,
+    )
+    run_dir, notes, stages = run.run_dir, run.notes, run.stages
+    hp = model.hparams
+    num_classes = len(dm.class_names)
+    records = stage_records(clip_records, columns, thresholds)
+    write_stage_table(run_dir / "stages.parquet", records, columns)
+    metrics = classification_metrics(records, num_classes)
+    labels = np.asarray([r.label for r in records], dtype=np.int64)
+    names = [c.name for c in columns]
+    methods: dict = {"clip": {"acc1": metrics.get("clip_acc1", float("nan")), "deferral": 0.0}}
+    last = reached_stages(columns, thresholds)
+    methods["cascade"] = {"acc1": metrics.get("acc1", float("nan")), "deferral": float((last > 0).mean()),
+                          "tau": thresholds[0], "thresholds": thresholds}  # fmt: skip
+    combos = {}
+    for comb in combinations(len(columns)):
+        key = " > ".join(names[s] for s in comb)
+        out = combination_outcome(columns, labels, comb, [thresholds[s] for s in comb[:-1]])
+        if out is not None:
+            combos[key] = {"acc1": out["acc"], "calls": out["calls"], "cost_per_image": out["cost_per_image"],
+                           "thresholds": [thresholds[s] for s in comb[:-1]]}  # fmt: skip
+    for s in range(1, len(columns)):
+        out = combination_outcome(columns, labels, (0, s), [-math.inf])
+        if out is not None:
+            methods[f"{names[s]}_all"] = {"acc1": out["acc"], "deferral": 1.0}
+            combos[f"{names[s]} on all"] = {"acc1": out["acc"], "calls": out["calls"],
+                                            "cost_per_image": out["cost_per_image"]}  # fmt: skip
+    ad = adapter_params(model)
+    params = {
+        "dataset": dm.name, "split": dm.split, "images": len(records), "classes": num_classes,
+        "clip_model": hp.model_name, "clip_pretrained": hp.pretrained, "clip_precision": hp.precision,
+        "adapter": hp.adapter, "adapter_method": ad["method"] if ad else None,
+        "shots": ad["shots"] if ad and ad["shots"] is not None else dm.shots,
+        "seed": ad["seed"] if ad and ad["seed"] is not None else dm.seed,
+        "lvlm": " > ".join(st.name for st in stages), "stages": [st.name for st in stages],
+        "tau": thresholds[0], "thresholds": thresholds, "gate": gate["source"], "lvlm_on": opts.lvlm_on,
+        "topk": opts.topk, "incontext_shots": opts.incontext_shots, "gate_score": opts.gate,
+        "lvlm_on_val": opts.lvlm_on_val, "cost_budget": opts.cost_budget, "cost_unit": opts.cost_unit,
+        "selection_on_eval": selects_on_eval(opts, dm.split, True),
+        "lvlm_calls": sum(c["total"] for c in calls.values()),
+        "lvlm_calls_this_attempt": sum(c["this_attempt"] for c in calls.values()),
+        "lvlm_calls_by_stage": {k: c["total"] for k, c in calls.items()},
+        "lvlm_api_errors": sum(bool(needs_retry(r.fallback)) for r in records),
+        "devices": trainer.world_size,
+    }  # fmt: skip
+    stage_rows = [{"stage": 0, "name": "clip", "price": opts.clip_price, "threshold": thresholds[0]}]
+    for st in stages:
+        fp = st.backend.answer_fingerprint()
+        stage_rows.append({"stage": st.index, "name": st.name, "backend": fp.get("backend"), "model": fp.get("model"),
+                           "mode": fp.get("mode"), "gate": st.gate, "candidates": st.candidates, "topk": st.topk,
+                           "price": st.price,
+                           "threshold": thresholds[st.index] if st.index < len(thresholds) else None})  # fmt: skip
+    payload = {
+        "params": params,
+        "metrics": metrics,
+        "methods": methods,
+        "gate": gate,
+        "stages": stage_rows,
+        "combinations": combos,
+        "cost": cost_block(columns, last, opts.cost_unit),
+        "class_names": list(model.class_names or dm.class_names),
+        "templates": list(model.templates),
+        "config": _config_dict(cfg),
+    }
+    paths = write_run_outputs(run_dir, records, payload, notes, [])
+    files = ["records.parquet", "stages.parquet", "metrics.json", "summary.md"]
+    try:
+        from cascadevlm.gating.cost import read_cost_table
+        from cascadevlm.report.pareto import write_pareto_report
+
+        table = read_cost_table(run_dir / "stages.parquet", run_dir / "records.parquet", opts.cost_unit)
+        write_pareto_report(table, run_dir / "pareto", run_dir.name)
+        files.append("pareto/")
+    except (
+        ImportError,
+        ValueError,
+        RuntimeError,
+    ) as err:  # the run's outputs are written; the report is extra
+        log.warning(f"no Pareto report: {err}")
+    print(paths["summary"].read_text())
+    print(evaluate_closing_block(run_dir, files, methods))
+    return json.loads(paths["metrics"].read_text())
+
+
 def _config_dict(cfg) -> dict:
     """The parsed config as plain data (for metrics.json); secrets never live in it (API keys come
     from environment variables read by the backend)."""
     d = cfg.as_dict() if hasattr(cfg, "as_dict") else dict(cfg)
     for key in ("config", "verbose", "quiet"):  # console flags change no result
         d.pop(key, None)
+    cascade = d.get("cascade")
+    if isinstance(cascade, dict):
+        for key, default in COST_OPTION_DEFAULTS.items():
+            if key in cascade and cascade[key] == default:
+                cascade.pop(key)
     return json.loads(json.dumps(d, default=str))
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 from cascadevlm.cascade.runner import predict_with_writer
 from cascadevlm.data.loading import IMAGE_COLUMN, decode_image
-from cascadevlm.lvlm.base import LVLMAnswer, LVLMBackend, LVLMRequest, needs_retry
+from cascadevlm.lvlm.base import LVLMBackend, LVLMRequest, needs_retry
 from cascadevlm.lvlm.cache import AnswerStore, StoredAnswer, answer_key, cache_key, model_identity
 from cascadevlm.records import PredictionRecord, append_json_lines, atomic_write_text, read_json_lines
 
@@ -36,6 +38,12 @@ class LVLMResult:
     raw: str
     scores: list[float] | None
     fallback: str | None
+    # what the answer cost (see docs/stages.md): wall seconds per image of the batch that computed it
+    # (a stored answer: the seconds stored when it was first computed; None: unknown) and API tokens.
+    # Part files written before these fields read with None.
+    seconds: float | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
 
 
 @dataclass
@@ -46,13 +54,27 @@ class CallCount:
 
 
 class DeferredImages(torch.utils.data.Dataset):
-    """The deferred rows of a split, each with its candidate class ids (CLIP's top-k, in order)."""
+    """The deferred rows of a split, each with its candidate class ids (CLIP's top-k, in order, or
+    ``candidates[index]`` when given: e.g. a previous LVLM stage's top-k by its scores)."""
 
-    def __init__(self, dataset, records: list[PredictionRecord], topk: int, split: str) -> None:
+    def __init__(
+        self,
+        dataset,
+        records: list[PredictionRecord],
+        topk: int,
+        split: str,
+        candidates: dict[int, list[int]] | None = None,
+    ) -> None:
         self.dataset = dataset
         self.records = records
         self.topk = topk
         self.split = split
+        self.candidates = candidates
+
+    def candidate_ids(self, rec: PredictionRecord) -> list[int]:
+        if self.candidates is not None:
+            return list(self.candidates[rec.index])
+        return rec.clip_topk[: self.topk]
 
     def __len__(self) -> int:
         return len(self.records)
@@ -61,7 +83,7 @@ class DeferredImages(torch.utils.data.Dataset):
         rec = self.records[i]
         image = decode_image(self.dataset[rec.index][IMAGE_COLUMN], f"{self.split} row {rec.index}")
         key = f"{self.split}/{rec.index}"  # seeds per-image choices such as the shuffle ablation's order
-        return {"index": rec.index, "image": image, "candidate_ids": rec.clip_topk[: self.topk], "key": key}
+        return {"index": rec.index, "image": image, "candidate_ids": self.candidate_ids(rec), "key": key}
 
 
 def build_requests(batch: list[dict], class_names: list[str], exemplars=None) -> list[LVLMRequest]:
@@ -172,30 +194,36 @@ class LVLMStage(L.LightningModule):
     def predict_step(self, batch, batch_idx: int = 0) -> list[LVLMResult]:
         """Answers for ``batch``: ``(rows, work)`` from :class:`StageCollate`, or a list of rows."""
         rows, work = batch if isinstance(batch, tuple) else self.collate()(batch)
+        start = time.perf_counter()  # the fresh requests' wall time, shared equally among them
         if isinstance(work, PreparedRequests):
             fresh = [a for prepared in work.batches for a in self.backend.choose(prepared)]
         else:
             fresh = self.backend.choose(work) if work else []
+        per_image = (time.perf_counter() - start) / len(fresh) if fresh else None
         asked = [b for b in rows if "stored" not in b]
         if len(fresh) != len(asked):
             raise RuntimeError(f"backend returned {len(fresh)} answers for {len(asked)} requests")
         new = iter(fresh)
-        answers = [LVLMAnswer(**b["stored"].__dict__) if "stored" in b else next(new) for b in rows]
+        answers = [b["stored"] if "stored" in b else next(new) for b in rows]
         out = []
         for b, a in zip(rows, answers, strict=True):
             if not 0 <= a.choice < len(b["candidate_ids"]):
                 raise RuntimeError(
                     f"backend chose position {a.choice} among {len(b['candidate_ids'])} candidates"
                 )
+            seconds = a.seconds if "stored" in b else per_image
             out.append(
                 LVLMResult(
-                    b["index"], b["candidate_ids"], b["candidate_ids"][a.choice], a.raw, a.scores, a.fallback
+                    b["index"], b["candidate_ids"], b["candidate_ids"][a.choice], a.raw, a.scores, a.fallback,
+                    None if seconds is None or not math.isfinite(seconds) else float(seconds),
+                    a.prompt_tokens, a.completion_tokens,
                 )
-            )
+            )  # fmt: skip
         if self.lookup is not None:  # failed API calls are never stored: a rerun asks them again
             self.lookup.store.put_answers(
                 self.lookup.model_key,
-                {b["store_key"]: StoredAnswer(a.choice, a.raw, a.scores, a.fallback)
+                {b["store_key"]: StoredAnswer(a.choice, a.raw, a.scores, a.fallback, per_image,
+                                              a.prompt_tokens, a.completion_tokens)
                  for b, a in zip(asked, fresh, strict=True) if not needs_retry(a.fallback)},
             )  # fmt: skip
         return out
@@ -311,6 +339,7 @@ def run_lvlm_stage(
     batch_size: int,
     num_workers: int = 0,
     prefetch_factor: int = 2,
+    candidates: dict[int, list[int]] | None = None,
 ) -> None:
     """Ask the LVLM about ``todo`` (records still without an answer); answers land in part files.
 
@@ -318,6 +347,8 @@ def run_lvlm_stage(
     ``prepare`` (the transformers backend) render the prompts and run the processor, up to
     ``prefetch_factor`` batches each ahead of the model. The workers live for the whole stage (one pass
     over one DataLoader). Neither changes an answer, so neither is in the run name or fingerprint.
+    ``candidates``: each image's candidate class ids when they are not CLIP's top-``topk`` (a later
+    stage of ``cascade.stages`` narrowed by the previous stage's scores).
     """
     if not todo:
         return
@@ -327,9 +358,11 @@ def run_lvlm_stage(
     batch_size = max(batch_size, getattr(backend, "stage_batch_size", 0) or 0)
     from cascadevlm.data.streaming import StreamedRows, is_stream
 
-    images = DeferredImages(dataset, todo, topk, split)
+    images = DeferredImages(dataset, todo, topk, split, candidates)
     if is_stream(dataset):  # data.streaming: no random access, the rows are read in order
-        extra = {r.index: {"candidate_ids": r.clip_topk[:topk], "key": f"{split}/{r.index}"} for r in todo}
+        extra = {
+            r.index: {"candidate_ids": images.candidate_ids(r), "key": f"{split}/{r.index}"} for r in todo
+        }
         images = StreamedRows(dataset, extra, split)
     loader = torch.utils.data.DataLoader(
         images,

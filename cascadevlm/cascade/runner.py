@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import lightning as L
+import torch
 
 from cascadevlm.cascade.writer import RecordPartsWriter
 from cascadevlm.clip.features import FeatureCache, feature_key, split_feature_key
 from cascadevlm.clip.module import ClipClassifier
 from cascadevlm.data.datamodule import CascadeDataModule
-from cascadevlm.records import PredictionRecord
+from cascadevlm.records import PredictionRecord, atomic_write_text
+
+CLIP_SECONDS_FILE = "clip_seconds.json"
 
 
 def predict_with_writer(trainer: L.Trainer, module: L.LightningModule, loader, writer) -> None:
@@ -34,6 +39,10 @@ def run_clip_stage(
     Image features come from the cache when the key matches (the image encoder is skipped);
     otherwise they are computed and rank 0 writes them to the cache once all ranks are done. The
     zero-shot head is cached in the same directory (:func:`cascadevlm.clip.zero_shot.zero_shot_head`).
+
+    Each image's wall seconds (:func:`read_clip_seconds`) are written to ``<parts_dir>/clip_seconds.json``:
+    measured when the features are computed (and kept with them in the cache), read from the cache
+    when they are served from it (the cost of computing them; NaN when that cache file kept none).
     """
     dm.transform = model.preprocess
     # the zero-shot head beside the image features: built once per model, names and templates, then read
@@ -63,14 +72,30 @@ def run_clip_stage(
     n = len(records) if streaming else len(ds)
     if [r.index for r in records] != list(range(n)):
         raise RuntimeError(f"CLIP stage produced records for rows {_span(records)} of {n} images")
+    measured = writer.merged_seconds(trainer.world_size)
+    seconds = [measured.get(r.index, math.nan) for r in records]
+    if feats is not None:  # the cost of computing the cached features, when the cache kept it
+        kept = cache.load_seconds(key)
+        seconds = kept.tolist() if kept is not None and len(kept) == n else [math.nan] * n
     if feats is None and key:
         merged = writer.merged_features(trainer.world_size, n)
         if merged is not None:
             # the weights as in the key: a merged CLIP-LoRA shows as "<weights>+clip_lora:sha256:..."
             weights = model.bundle.feature_identity()["weights"]
             meta = {"model": model.bundle.model_name, "weights": weights, "split": dm.split}
-            cache.save(key, merged, meta)
+            cache.save(key, merged, meta, torch.tensor(seconds, dtype=torch.float64))
+    atomic_write_text(Path(parts_dir) / CLIP_SECONDS_FILE, json.dumps(seconds))
     return records
+
+
+def read_clip_seconds(parts_dir: str | Path, n: int) -> list[float]:
+    """The CLIP stage's wall seconds per image (row order) of the run whose CLIP parts are in
+    ``parts_dir``; NaN (unknown) for each image when they were not written."""
+    path = Path(parts_dir) / CLIP_SECONDS_FILE
+    if not path.exists():
+        return [math.nan] * n
+    values = [math.nan if v is None else float(v) for v in json.loads(path.read_text())]
+    return values if len(values) == n else [math.nan] * n
 
 
 def _span(records: list[PredictionRecord]) -> str:

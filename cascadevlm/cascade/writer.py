@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 import torch
@@ -35,6 +37,9 @@ class RecordPartsWriter(BasePredictionWriter):
     rank at epoch end, as ``<parts_dir>/clip.rank<r>.jsonl`` and ``features.rank<r>.pt``, for rank 0 to
     merge after the barrier. The CLIP stage is cheap to redo from the feature cache, so it is not
     resumed batch by batch (the LVLM stage is: see :mod:`cascadevlm.cascade.lvlm_stage`).
+
+    It also measures each image's wall seconds: the time from the previous batch's end (or the start of
+    prediction) to this batch's end (loading, preprocessing, encoding, the head), divided by its images.
     """
 
     def __init__(self, parts_dir: str | Path) -> None:
@@ -43,6 +48,11 @@ class RecordPartsWriter(BasePredictionWriter):
         self._records: list[PredictionRecord] = []
         self._feats: list[torch.Tensor] = []
         self._idx: list[torch.Tensor] = []
+        self._seconds: dict[int, float] = {}
+        self._last = time.perf_counter()
+
+    def seconds_path(self, rank: int) -> Path:
+        return self.parts_dir / f"clip_seconds.rank{rank}.json"
 
     def record_path(self, rank: int) -> Path:
         return self.parts_dir / f"clip.rank{rank}.jsonl"
@@ -54,11 +64,18 @@ class RecordPartsWriter(BasePredictionWriter):
         self.parts_dir.mkdir(parents=True, exist_ok=True)
         self.record_path(trainer.global_rank).unlink(missing_ok=True)
         self.feature_path(trainer.global_rank).unlink(missing_ok=True)
-        self._records, self._feats, self._idx = [], [], []
+        self.seconds_path(trainer.global_rank).unlink(missing_ok=True)
+        self._records, self._feats, self._idx, self._seconds = [], [], [], {}
+        self._last = time.perf_counter()
 
     def write_on_batch_end(
         self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0
     ):
+        now = time.perf_counter()
+        ids = [int(i) for i in prediction["index"]]
+        for i in ids:
+            self._seconds[i] = (now - self._last) / max(len(ids), 1)
+        self._last = now
         self._records.extend(outputs_to_records(prediction))
         if "features" in prediction:
             self._feats.append(prediction["features"])
@@ -66,6 +83,8 @@ class RecordPartsWriter(BasePredictionWriter):
 
     def on_predict_epoch_end(self, trainer, pl_module) -> None:
         append_jsonl(self.record_path(trainer.global_rank), self._records)
+        if trainer.world_size > 1:
+            self.seconds_path(trainer.global_rank).write_text(json.dumps(self._seconds))
         if self._feats and trainer.world_size > 1:  # one process: rank 0 already holds them
             torch.save(
                 {"index": torch.cat(self._idx), "features": torch.cat(self._feats)},
@@ -81,6 +100,16 @@ class RecordPartsWriter(BasePredictionWriter):
             if self.record_path(r).exists():
                 recs.extend(read_jsonl(self.record_path(r)))
         return dedupe_sorted(recs)
+
+    def merged_seconds(self, world_size: int) -> dict[int, float]:
+        """Each image's measured wall seconds (rank 0, after the barrier)."""
+        if world_size == 1:
+            return dict(self._seconds)
+        out: dict[int, float] = {}
+        for r in range(world_size):
+            if self.seconds_path(r).exists():
+                out.update({int(k): v for k, v in json.loads(self.seconds_path(r).read_text()).items()})
+        return out
 
     def merged_features(self, world_size: int, num_rows: int) -> torch.Tensor | None:
         if world_size == 1:

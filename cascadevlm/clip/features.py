@@ -48,11 +48,24 @@ class FeatureCache:
             return None
         return load_file(str(path))["features"]
 
-    def save(self, key: str, features: torch.Tensor, meta: dict | None = None) -> Path:
+    def load_seconds(self, key: str) -> torch.Tensor | None:
+        """Wall seconds per row measured when the features were computed; None when not kept (files
+        written before they were)."""
+        path = self.path(key)
+        if not path.exists():
+            return None
+        return load_file(str(path)).get("seconds")
+
+    def save(
+        self, key: str, features: torch.Tensor, meta: dict | None = None, seconds: torch.Tensor | None = None
+    ) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.path(key)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")  # unique per process: concurrent writers never collide
-        save_file({"features": features.detach().float().cpu().contiguous()}, str(tmp))
+        tensors = {"features": features.detach().float().cpu().contiguous()}
+        if seconds is not None:  # what computing them cost, so a cached rerun reports it
+            tensors["seconds"] = seconds.detach().double().cpu().contiguous()
+        save_file(tensors, str(tmp))
         tmp.replace(path)  # atomic, so a crash never leaves a half-written cache entry
         if meta is not None:
             path.with_suffix(".json").write_text(json.dumps(meta, indent=1, default=str))

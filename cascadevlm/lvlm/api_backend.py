@@ -59,6 +59,12 @@ API_ERROR = "api_error"
 OPENAI_URL = "https://api.openai.com/v1"
 
 
+def _count(usage, name: str) -> int | None:
+    """An integer field of an OpenAI ``usage`` object (or dict), None when absent."""
+    value = usage.get(name) if isinstance(usage, dict) else getattr(usage, name, None)
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
 class APIFatalError(RuntimeError):
     """An API error no retry and no other image can fix (bad key, no such model, no log-probabilities):
     the run stops at once with this one-line message."""
@@ -584,14 +590,24 @@ class OpenAIBackend(LVLMBackend):
         if halt is not None and halt.is_set():
             raise _Halted
         try:
-            payload = self._payload(self._send(self._request_kwargs(prompt)))
+            response = self._send(self._request_kwargs(prompt))
+            payload = self._payload(response)
         except APIFatalError:
             if halt is not None:
                 halt.set()  # before this thread takes its next task
             raise
         if self.cache is not None:
             self.cache.put(key, self.model, payload)
+        usage = getattr(response, "usage", None)  # token counts, where the server reports them
+        if usage is not None:
+            self._usage()[key] = (_count(usage, "prompt_tokens"), _count(usage, "completion_tokens"))
         return payload
+
+    def _usage(self) -> dict:
+        """Token usage of the requests fetched in the current ``choose`` (key -> (prompt, completion))."""
+        if getattr(self, "_usage_by_key", None) is None:
+            self._usage_by_key = {}
+        return self._usage_by_key
 
     def _answer(self, request: LVLMRequest, prompt: Prompt, payload: str) -> LVLMAnswer:
         if self.mode == "generate":
@@ -692,11 +708,15 @@ class OpenAIBackend(LVLMBackend):
                     fut.cancel()
                 raise
         out = []
+        usage = self._usage()
         for r, p, key in zip(requests, prompts, keys, strict=True):
             if key in errors:
                 out.append(LVLMAnswer(choice=r.fallback, raw="", fallback=API_ERROR))
             else:
                 out.append(self._answer(r, p, payloads[key]))
+                # tokens of the call that answered it (a cache hit or a duplicate's shared call: unknown)
+                out[-1].prompt_tokens, out[-1].completion_tokens = usage.pop(key, (None, None))
+        usage.clear()
         return out
 
     def _settle(self, key: str, result, payloads: dict, errors: set, probe: bool = False) -> None:

@@ -75,6 +75,8 @@ class LVLMAnswer:
     raw: str  # the raw answer text ("" for pure scoring)
     scores: list[float] | None = None  # per-candidate scores (e.g. log-likelihoods) where available
     fallback: str | None = None  # why `choice` is the request's fallback, when it is
+    prompt_tokens: int | None = None  # API backends: the response's usage (None where not reported)
+    completion_tokens: int | None = None
 
 
 class LVLMBackend(abc.ABC):

@@ -51,12 +51,17 @@ def _checksum(key: str, value: str) -> str:
 
 @dataclass
 class StoredAnswer:
-    """An answer as the store keeps it: the chosen candidate position, raw text, scores, fallback."""
+    """An answer as the store keeps it: the chosen candidate position, raw text, scores, fallback, and
+    what it cost when first computed (wall seconds per image, API tokens; None: unknown, as in entries
+    stored before costs were kept, which still read)."""
 
     choice: int
     raw: str
     scores: list[float] | None = None
     fallback: str | None = None
+    seconds: float | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
 
 
 def _is_busy(err: sqlite3.OperationalError) -> bool:
@@ -179,6 +184,7 @@ class AnswerStore:
             a = StoredAnswer(**json.loads(raw))
             ok = isinstance(a.choice, int) and 0 <= a.choice < num_candidates and isinstance(a.raw, str)
             ok = ok and (a.scores is None or len(a.scores) == num_candidates)
+            ok = ok and (a.seconds is None or isinstance(a.seconds, (int, float)))
         except (TypeError, ValueError):
             ok = False
         if not ok:

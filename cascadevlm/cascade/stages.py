@@ -1,0 +1,511 @@
+"""Several LVLM stages after CLIP (``cascade.stages``), and what every stage costs.
+
+Stage 0 is CLIP, stages 1..S-1 the LVLMs in order. Each stage gives, for each image it was asked about,
+its answer (``pred``), an ``uncertainty`` (CLIP: the run's gate score, entropy by default; an LVLM:
+from p = softmax(its candidate scores): ``margin`` 1 - (p1 - p2), ``max_prob`` 1 - p1, ``entropy``
+H(p)) and its cost (wall seconds, API tokens, dollars from the stage's price table). An image reaches
+stage s+1 iff it reached stage s and ``uncertainty_s > t_s``; its answer is the last reached stage's,
+its cost the sum over every stage it reached. ``<run_dir>/stages.parquet`` holds one row per (image,
+stage) (schema :data:`STAGE_SCHEMA`, the interface of :mod:`cascadevlm.gating.cost`). See docs/stages.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cascadevlm.lvlm.base import LVLMBackend
+from cascadevlm.records import PredictionRecord, atomic_path
+
+# Where short backend class names (``TransformersBackend``) are looked up, as ``--lvlm`` does.
+BACKEND_MODULES = ("cascadevlm.lvlm.transformers_backend", "cascadevlm.lvlm.api_backend")
+
+PRICE_KEYS = ("usd_per_image", "usd_per_1m_prompt_tokens", "usd_per_1m_completion_tokens", "usd_per_hour")
+STAGE_KEYS = ("name", "lvlm", "gate", "tau", "candidates", "topk", "price")
+GATES = ("margin", "max_prob", "entropy")
+CANDIDATE_SOURCES = ("clip", "previous")
+COST_UNITS = ("seconds", "usd")
+
+STAGE_SCHEMA = pa.schema(
+    [
+        ("index", pa.int64()),
+        ("stage", pa.int32()),
+        ("name", pa.string()),
+        ("answered", pa.bool_()),
+        ("pred", pa.int64()),
+        ("uncertainty", pa.float64()),
+        ("seconds", pa.float64()),
+        ("prompt_tokens", pa.int64()),
+        ("completion_tokens", pa.int64()),
+        ("usd", pa.float64()),
+    ]
+)
+
+
+# ------------------------------------------------------------------------------------------- prices
+def check_price(price, where: str) -> dict | None:
+    """A price table as given (``None``: unknown); refuses, in one line, a key or value it cannot use."""
+    if price is None:
+        return None
+    if not isinstance(price, dict):
+        raise ValueError(f"{where} must be a mapping of {', '.join(PRICE_KEYS)}, got {price!r}")
+    for key, value in price.items():
+        if key not in PRICE_KEYS:
+            raise ValueError(f"{where} has an unknown key {key!r}; known: {', '.join(PRICE_KEYS)}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise ValueError(f"{where}.{key} must be a number >= 0, got {value!r}")
+    return {k: float(v) for k, v in price.items()}
+
+
+def usd_of(
+    price: dict | None, seconds: float | None, prompt_tokens: int | None, completion_tokens: int | None
+) -> float | None:
+    """Dollars of one image at one stage: usd_per_image + tokens x their rates + seconds/3600 x
+    usd_per_hour. None (unknown, never 0) without a price, or when a rate it sets has no quantity to
+    apply to (e.g. a token rate on a backend that reports no tokens, an hourly rate without seconds)."""
+    if not price:
+        return None
+    total = price.get("usd_per_image", 0.0)
+    for key, quantity, scale in (
+        ("usd_per_1m_prompt_tokens", prompt_tokens, 1e-6),
+        ("usd_per_1m_completion_tokens", completion_tokens, 1e-6),
+        ("usd_per_hour", seconds, 1 / 3600),
+    ):
+        if key not in price:
+            continue
+        if quantity is None or not math.isfinite(quantity):
+            return None
+        total += price[key] * quantity * scale
+    return float(total)
+
+
+# ------------------------------------------------------------------------------------------- gates
+def softmax(scores: Sequence[float]) -> np.ndarray:
+    s = np.asarray(scores, dtype=np.float64)
+    if s.size == 0 or not np.isfinite(s).any():
+        return np.full(s.shape, np.nan)
+    e = np.exp(s - s[np.isfinite(s)].max())
+    return e / e.sum()
+
+
+def lvlm_uncertainty(scores: Sequence[float] | None, gate: str) -> float:
+    """An LVLM stage's uncertainty (higher = less sure) from its candidate scores; NaN without scores."""
+    if not scores:
+        return math.nan
+    p = softmax(scores)
+    if np.isnan(p).any():
+        return math.nan
+    top = np.sort(p)[::-1]
+    if gate == "max_prob":
+        return float(1.0 - top[0])
+    if gate == "margin":
+        return float(1.0 - (top[0] - (top[1] if len(top) > 1 else 0.0)))
+    if gate == "entropy":
+        nz = p[p > 0]
+        return float(-(nz * np.log(nz)).sum())
+    raise ValueError(f"unknown LVLM gate {gate!r}; known: {', '.join(GATES)}")
+
+
+def clip_uncertainty(rec: PredictionRecord, gate: str = "entropy") -> float:
+    """CLIP's uncertainty: its entropy, or 1 - p1 (``max_prob``) / 1 - (p1 - p2) (``margin``) of its
+    top-k probabilities; other gates (learned, calibrated) are reported by the entropy."""
+    p = rec.clip_topk_probs
+    if gate == "max_prob" and p:
+        return float(1.0 - p[0])
+    if gate == "margin" and p:
+        return float(1.0 - (p[0] - (p[1] if len(p) > 1 else 0.0)))
+    return float(rec.entropy)
+
+
+def ranked_candidates(candidate_ids: Sequence[int], scores: Sequence[float] | None, topk: int) -> list[int]:
+    """The ``topk`` candidates of an answer by its scores, best first (ties: the earlier candidate)."""
+    if scores is None:
+        raise ValueError("an answer without scores cannot rank candidates")
+    order = sorted(range(len(candidate_ids)), key=lambda c: (-scores[c], c))
+    return [int(candidate_ids[c]) for c in order[:topk]]
+
+
+# ------------------------------------------------------------------------------------------- stages
+@dataclass
+class StageSpec:
+    """One LVLM stage of ``cascade.stages``, checked and with its backend built."""
+
+    index: int  # 1..S-1
+    name: str
+    backend: LVLMBackend
+    spec: dict  # the backend's config as loaded ({class_path, init_args})
+    gate: str = "margin"
+    tau: float | None = None
+    candidates: str = "clip"
+    topk: int = 5
+    price: dict | None = None
+    where: str = ""
+
+    def identity(self) -> dict:
+        """What changes this stage's answers or its place in the cascade (run name, metrics.json)."""
+        return {
+            "name": self.name,
+            "lvlm": self.backend.answer_fingerprint(),
+            "gate": self.gate,
+            "tau": self.tau,
+            "candidates": self.candidates,
+            "topk": self.topk,
+            "price": self.price,
+        }
+
+
+def _resolve_file(value: str, config_dirs: Sequence[Path]) -> Path | None:
+    for base in [*config_dirs, Path.cwd()]:
+        p = (base / value) if not Path(value).is_absolute() else Path(value)
+        if p.is_file():
+            return p
+    return None
+
+
+def _backend_class(class_path: str, where: str) -> type:
+    candidates = [class_path] if "." in class_path else [f"{m}.{class_path}" for m in BACKEND_MODULES]
+    for full in candidates:
+        module, _, name = full.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError, ValueError):
+            continue
+        if isinstance(cls, type) and issubclass(cls, LVLMBackend):
+            return cls
+    known = ", ".join(["TransformersBackend", "OpenAIBackend"])
+    raise ValueError(
+        f"{where}.lvlm: unknown LVLM backend class {class_path!r}; known: {known} (or a full "
+        "module.Class path of an LVLMBackend subclass)"
+    )
+
+
+def build_backend(spec, where: str, config_dirs: Sequence[Path] = ()) -> tuple[LVLMBackend, dict]:
+    """A stage's backend from its ``lvlm`` entry: a config file path (relative to the config file or the
+    working directory) or an inline ``{class_path, init_args}``; returns it and the spec as loaded."""
+    import yaml
+    from jsonargparse import ArgumentParser
+
+    if isinstance(spec, (str, Path)):
+        path = _resolve_file(str(spec), config_dirs)
+        if path is None:
+            looked = ", ".join(str(d) for d in [*config_dirs, Path.cwd()])
+            raise ValueError(
+                f"{where}.lvlm: config file {str(spec)!r} not found (looked in {looked}); give a path "
+                "relative to the config file or the working directory, or an inline {class_path, init_args}"
+            )
+        spec = yaml.safe_load(path.read_text())
+    if not isinstance(spec, dict) or not spec.get("class_path"):
+        raise ValueError(
+            f"{where}.lvlm must be a config file path or a mapping with class_path (and init_args), got {spec!r}"
+        )
+    cls = _backend_class(str(spec["class_path"]), where)
+    spec = {
+        "class_path": f"{cls.__module__}.{cls.__qualname__}",
+        "init_args": dict(spec.get("init_args") or {}),
+    }
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(LVLMBackend, "lvlm", required=True)
+    try:
+        backend = parser.instantiate_classes(parser.parse_object({"lvlm": copy.deepcopy(spec)})).lvlm
+    except Exception as err:  # jsonargparse's errors span lines; the backend's own are one line
+        first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise ValueError(f"{where}.lvlm ({cls.__name__}): {first}") from None
+    return backend, spec
+
+
+def parse_stages(
+    raw, config_dirs: Sequence[Path], default_topk: int, num_classes: int, cost_budget: float | None
+) -> list[StageSpec]:
+    """``cascade.stages`` checked and built, in order; each problem refused in one line."""
+    if not isinstance(raw, (list, tuple)) or not raw:
+        raise ValueError(
+            "cascade.stages is empty: give at least one LVLM stage ({name, lvlm, gate, tau, candidates, "
+            "topk, price}), or leave cascade.stages unset for the two-stage cascade with --lvlm"
+        )
+    out: list[StageSpec] = []
+    names: set[str] = set()
+    for i, entry in enumerate(raw, start=1):
+        where = f"cascade.stages[{i - 1}]"
+        entry = dict(entry) if isinstance(entry, dict) else entry
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where} must be a mapping with keys {', '.join(STAGE_KEYS)}, got {entry!r}")
+        unknown = sorted(set(entry) - set(STAGE_KEYS))
+        if unknown:
+            raise ValueError(f"{where} has unknown keys {unknown}; known: {', '.join(STAGE_KEYS)}")
+        if entry.get("lvlm") in (None, ""):
+            raise ValueError(f"{where}.lvlm is missing: give a config file path or {{class_path, init_args}}")
+        gate = entry.get("gate", "margin")
+        if gate not in GATES:
+            raise ValueError(f"{where}.gate must be one of {', '.join(GATES)}, got {gate!r}")
+        source = entry.get("candidates", "clip")
+        if source not in CANDIDATE_SOURCES:
+            raise ValueError(
+                f"{where}.candidates must be one of {', '.join(CANDIDATE_SOURCES)}, got {source!r}"
+            )
+        if source == "previous" and i == 1:
+            raise ValueError(
+                f"{where}.candidates is 'previous' but the first LVLM stage has no previous stage: use clip"
+            )
+        topk = entry.get("topk", default_topk)
+        if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= num_classes:
+            raise ValueError(
+                f"{where}.topk must be between 1 and the number of classes ({num_classes}), got {topk!r}"
+            )
+        last = i == len(raw)
+        tau = entry.get("tau")
+        if tau is not None:
+            try:
+                tau = float(tau)
+            except (TypeError, ValueError):
+                raise ValueError(f"{where}.tau must be a number, got {tau!r}") from None
+            if math.isnan(tau):
+                raise ValueError(f"{where}.tau is NaN: give a number (uncertainty > tau goes on)")
+        if cost_budget is not None and tau is not None and not last:
+            raise ValueError(
+                f"{where}.tau {tau:g} and cascade.cost_budget are both set, and the budget chooses every "
+                f"threshold: leave out the stages' tau, or --cascade.cost_budget null"
+            )
+        if cost_budget is None and tau is None and not last:
+            raise ValueError(
+                f"{where}.tau is missing: images with uncertainty > tau go on to the next stage (or set "
+                "--cascade.cost_budget to choose every threshold on the validation split)"
+            )
+        price = check_price(entry.get("price"), f"{where}.price")
+        backend, spec = build_backend(entry["lvlm"], where, config_dirs)
+        fp = backend.answer_fingerprint()
+        name = str(entry.get("name") or Path(str(fp.get("model") or f"lvlm{i}")).name)
+        if name in names or name == "clip":
+            raise ValueError(
+                f"{where}.name {name!r} is used twice (clip is stage 0's): give each stage its own name"
+            )
+        names.add(name)
+        out.append(StageSpec(i, name, backend, spec, gate, tau, source, topk, price, where))
+    for st in out[:-1]:  # every stage but the last gates on its scores (and may rank the next's candidates)
+        if not gives_scores(st.backend):
+            raise ValueError(
+                f"{st.where} ({st.name!r}) answers in mode generate without candidate scores, which its gate "
+                f"{st.gate!r} needs: set {st.where}.lvlm's init_args.mode score, or make it the last stage"
+            )
+    return out
+
+
+def gives_scores(backend: LVLMBackend) -> bool:
+    """Whether a backend's answers carry per-candidate scores (every mode but ``generate``)."""
+    fp = backend.answer_fingerprint()
+    return getattr(backend, "gives_scores", fp.get("mode") != "generate")
+
+
+def stages_identity_hash(stages: Sequence[StageSpec]) -> str:
+    text = json.dumps([s.identity() for s in stages], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+# ------------------------------------------------------------------------------------------- walking
+@dataclass
+class StageAnswers:
+    """One stage's per-image columns (stage 0 = CLIP), in the order of the run's records."""
+
+    name: str
+    pred: np.ndarray  # int64, -1 = not answered
+    uncertainty: np.ndarray  # float64, NaN = not answered / no scores
+    seconds: np.ndarray  # float64, NaN = unknown
+    prompt_tokens: list = field(default_factory=list)  # int or None
+    completion_tokens: list = field(default_factory=list)
+    usd: list = field(default_factory=list)  # float or None (unknown)
+    results: dict = field(default_factory=dict)  # index -> LVLMResult (LVLM stages)
+
+
+def clip_column(records: Sequence[PredictionRecord], seconds: Sequence[float], price: dict | None,
+                gate: str = "entropy") -> StageAnswers:  # fmt: skip
+    secs = np.asarray(seconds, dtype=np.float64)
+    return StageAnswers(
+        "clip",
+        np.asarray([r.clip_pred for r in records], dtype=np.int64),
+        np.asarray([clip_uncertainty(r, gate) for r in records], dtype=np.float64),
+        secs,
+        [None] * len(records),
+        [None] * len(records),
+        [usd_of(price, float(s), None, None) for s in secs],
+    )
+
+
+def lvlm_column(
+    name: str, records: Sequence[PredictionRecord], answers: dict, gate: str, price: dict | None
+) -> StageAnswers:
+    n = len(records)
+    pred = np.full(n, -1, dtype=np.int64)
+    unc = np.full(n, np.nan)
+    secs = np.full(n, np.nan)
+    pt, ct, usd = [None] * n, [None] * n, [None] * n
+    for j, r in enumerate(records):
+        a = answers.get(r.index)
+        if a is None:
+            continue
+        pred[j] = a.lvlm_choice
+        unc[j] = lvlm_uncertainty(a.scores, gate)
+        secs[j] = np.nan if a.seconds is None else a.seconds
+        pt[j], ct[j] = a.prompt_tokens, a.completion_tokens
+        usd[j] = usd_of(price, a.seconds, a.prompt_tokens, a.completion_tokens)
+    return StageAnswers(name, pred, unc, secs, pt, ct, usd, dict(answers))
+
+
+def gate_uncertainty(u: np.ndarray) -> np.ndarray:
+    """An answer without scores (a failed or unparseable call) counts as the most uncertain: it goes on
+    (as :mod:`cascadevlm.gating.cost` reads stages.parquet)."""
+    return np.where(np.isnan(u), np.inf, u)
+
+
+def reached_stages(columns: Sequence[StageAnswers], thresholds: Sequence[float]) -> np.ndarray:
+    """The last stage each image reaches (0 = CLIP only): it goes on from s while uncertainty_s > t_s."""
+    if len(thresholds) != len(columns) - 1:
+        raise ValueError(f"{len(columns)} stages need {len(columns) - 1} thresholds, got {len(thresholds)}")
+    n = len(columns[0].pred)
+    last = np.zeros(n, dtype=np.int64)
+    going = np.ones(n, dtype=bool)
+    for s, t in enumerate(thresholds):
+        going &= gate_uncertainty(columns[s].uncertainty) > t
+        last[going] = s + 1
+    return last
+
+
+def stage_records(
+    records: Sequence[PredictionRecord], columns: Sequence[StageAnswers], thresholds: Sequence[float]
+) -> list[PredictionRecord]:
+    """Final records of a multi-stage run: ``deferred`` = went past CLIP, ``lvlm_*`` = the answer of the
+    last LVLM stage reached (None when CLIP answered), ``final`` = the cascade's answer."""
+    last = reached_stages(columns, thresholds)
+    out = []
+    for j, rec in enumerate(records):
+        r = copy.copy(rec)
+        s = int(last[j])
+        r.deferred = s > 0
+        r.lvlm_choice = r.lvlm_raw = r.lvlm_scores = r.fallback = None
+        if s > 0:
+            a = columns[s].results.get(r.index)
+            if a is None:
+                raise RuntimeError(
+                    f"image {r.index} reached stage {columns[s].name!r} but has no answer there"
+                )
+            r.lvlm_choice, r.lvlm_raw, r.lvlm_scores, r.fallback = a.lvlm_choice, a.raw, a.scores, a.fallback
+        r.final = int(columns[s].pred[j]) if s > 0 else r.clip_pred
+        out.append(r)
+    return out
+
+
+def write_stage_table(
+    path: str | Path, records: Sequence[PredictionRecord], columns: Sequence[StageAnswers]
+) -> Path:
+    """``stages.parquet``: one row per (image, stage), atomically."""
+    rows: dict[str, list] = {f.name: [] for f in STAGE_SCHEMA}
+    for s, col in enumerate(columns):
+        for j, rec in enumerate(records):
+            answered = bool(col.pred[j] >= 0)
+            rows["index"].append(rec.index)
+            rows["stage"].append(s)
+            rows["name"].append(col.name)
+            rows["answered"].append(answered)
+            rows["pred"].append(int(col.pred[j]))
+            rows["uncertainty"].append(float(col.uncertainty[j]))
+            rows["seconds"].append(float(col.seconds[j]) if answered else math.nan)
+            rows["prompt_tokens"].append(col.prompt_tokens[j] if answered else None)
+            rows["completion_tokens"].append(col.completion_tokens[j] if answered else None)
+            rows["usd"].append(col.usd[j] if answered else None)
+    table = pa.Table.from_pydict(rows, schema=STAGE_SCHEMA)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+    return Path(path)
+
+
+def stage_cost(col: StageAnswers, unit: str) -> np.ndarray:
+    """Per-image cost of one stage in ``unit`` (NaN = unknown)."""
+    if unit == "seconds":
+        return col.seconds.astype(np.float64)
+    return np.asarray([np.nan if u is None else u for u in col.usd], dtype=np.float64)
+
+
+def combination_outcome(
+    columns: Sequence[StageAnswers],
+    labels: np.ndarray,
+    combination: Sequence[int],
+    thresholds: Sequence[float],
+) -> dict:
+    """Accuracy, mean cost per image (seconds and usd, None when unknown), calls per stage and the
+    answers of CLIP followed by the LVLM stages ``combination[1:]`` at ``thresholds``; None when a stage
+    the combination sends images to has not answered them (``lvlm_on: deferred``)."""
+    cols = [columns[s] for s in combination]
+    last = reached_stages(cols, thresholds)
+    n = len(labels)
+    final = np.empty(n, dtype=np.int64)
+    calls = []
+    for k, col in enumerate(cols):
+        reached = last >= k
+        calls.append(int(reached.sum()))
+        if k > 0 and (col.pred[reached] < 0).any():
+            return None
+        final[last == k] = col.pred[last == k]
+    known = labels >= 0
+    acc = float((final[known] == labels[known]).mean()) if known.any() else math.nan
+    cost = {}
+    for unit in COST_UNITS:
+        total = np.zeros(n)
+        for k, col in enumerate(cols):
+            c = stage_cost(col, unit)
+            total += np.where(last >= k, c, 0.0)
+        cost[unit] = float(total.mean()) if n and np.isfinite(total).all() else None
+    return {"acc": acc, "cost_per_image": cost, "calls": calls, "final": final}
+
+
+def combinations(num_stages: int) -> list[tuple[int, ...]]:
+    """CLIP followed by every ordered subset of the LVLM stages 1..S-1 (CLIP only first)."""
+    from itertools import combinations as subsets
+
+    lvlms = range(1, num_stages)
+    return [(0, *c) for k in range(num_stages) for c in subsets(lvlms, k)]
+
+
+def _mean_or_unknown(values: np.ndarray):
+    if values.size == 0:
+        return None
+    return float(values.mean()) if np.isfinite(values).all() else "unknown"
+
+
+def cost_block(columns: Sequence[StageAnswers], last: np.ndarray, unit: str) -> dict:
+    """metrics.json's ``cost``: per stage, the images asked (``asked``; ``lvlm_on: all`` asks more than
+    reach it), the images that reach it at the run's thresholds (``calls``) and the mean cost per call;
+    for the cascade, the mean cost per image (the sum over the stages each image reached) in seconds
+    and usd, and per 1000 images in ``unit``. "unknown" where a cost is (a missing price, seconds not
+    kept), never 0."""
+    stages = []
+    totals = {u: np.zeros(len(last)) for u in COST_UNITS}
+    for s, col in enumerate(columns):
+        answered = col.pred >= 0
+        reached = last >= s
+        row = {"stage": s, "name": col.name, "asked": int(answered.sum()), "calls": int(reached.sum())}
+        for u in COST_UNITS:
+            c = stage_cost(col, u)
+            row[f"{u}_per_call"] = _mean_or_unknown(c[answered])
+            totals[u] += np.where(reached, c, 0.0)
+        for t in ("prompt_tokens", "completion_tokens"):
+            got = [v for v, a in zip(getattr(col, t), answered, strict=True) if a and v is not None]
+            if got:
+                row[f"{t}_per_call"] = float(np.mean(got))
+        stages.append(row)
+    per_image = {u: _mean_or_unknown(totals[u]) for u in COST_UNITS}
+    per_1000 = per_image[unit] * 1000 if isinstance(per_image[unit], float) else per_image[unit]
+    return {
+        "unit": unit,
+        "per_image": per_image,
+        "per_1000_images": per_1000,
+        "calls": [row["calls"] for row in stages],
+        "stages": stages,
+    }
