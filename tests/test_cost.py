@@ -1,0 +1,284 @@
+"""Cost of a multi-stage cascade (cascadevlm/gating/cost.py) and its Pareto report (report/pareto.py):
+the budget search and the front against brute force over every threshold tuple."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from cascadevlm.gating import cost as cost_module
+from cascadevlm.gating.cost import (
+    CostTable,
+    StageColumn,
+    choose_thresholds,
+    outcome,
+    pareto_front,
+    pareto_points,
+    read_cost_table,
+)
+from cascadevlm.gating.gate import defer_mask
+
+STAGES_SCHEMA = pa.schema(
+    [
+        ("index", pa.int64()),
+        ("stage", pa.int32()),
+        ("name", pa.string()),
+        ("answered", pa.bool_()),
+        ("pred", pa.int64()),
+        ("uncertainty", pa.float64()),
+        ("seconds", pa.float64()),
+        ("prompt_tokens", pa.int64()),
+        ("completion_tokens", pa.int64()),
+        ("usd", pa.float64()),
+    ]
+)
+
+
+def random_table(
+    seed: int, n: int = 40, stages: int = 3, classes: int = 4, levels: int = 5, exact_costs=True
+):
+    """Labels with some unknown (-1), predictions, uncertainties with many ties (``levels`` values; None:
+    all distinct) and some NaN, per-image costs (multiples of 1/4 when ``exact_costs``: sums are exact in floating point)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, n)
+    labels[rng.random(n) < 0.15] = -1
+    cols = []
+    for s in range(stages):
+        skill = 0.4 + 0.2 * s  # later stages answer better
+        pred = np.where(rng.random(n) < skill, labels, rng.integers(0, classes, n))
+        pred = np.where(pred < 0, rng.integers(0, classes, n), pred)
+        unc = rng.integers(0, levels, n).astype(np.float64) if levels else rng.random(n)
+        if s > 0:
+            unc[rng.random(n) < 0.1] = np.nan  # no scores: counts as most uncertain
+        if exact_costs:
+            cost = rng.choice([0.25, 0.5, 1.0], n) * (1 + 4 * s)
+        else:
+            cost = rng.uniform(0.5, 1.5, n) * (1 + 4 * s)
+        cols.append(StageColumn(f"stage{s}", pred.astype(np.int64), unc, cost.astype(np.float64)))
+    return CostTable(labels=labels.astype(np.int64), stages=cols, unit="seconds")
+
+
+def candidates(u: np.ndarray) -> list[float]:
+    """Every threshold that gives a distinct set of images going on: +inf, -inf and each value seen."""
+    return [math.inf, -math.inf, *sorted({float(v) for v in u if not math.isnan(v)})]
+
+
+def brute_force(table: CostTable, combo: tuple[int, ...]) -> list[tuple[float, float, tuple]]:
+    """(accuracy, cost per 1000, thresholds) of every threshold tuple of ``combo`` that is feasible."""
+    grids = [candidates(table.stages[s].uncertainty) for s in combo[:-1]]
+    out = []
+    for ts in itertools.product(*grids):
+        try:
+            res = outcome(table, list(ts), combo)
+        except ValueError:
+            continue
+        if math.isnan(res["cost_per_1000"]):
+            continue
+        out.append((res["acc"], res["cost_per_1000"], ts))
+    return out
+
+
+def brute_front(values: list[tuple[float, float]]) -> set[tuple[float, float]]:
+    return {
+        (a, c)
+        for a, c in values
+        if not any((a2 >= a and c2 <= c) and (a2 > a or c2 < c) for a2, c2 in values)
+    }
+
+
+@pytest.fixture(params=[256, 3], ids=["one_block", "blocks_of_3"])
+def block(request, monkeypatch):
+    """The sweep evaluates CLIP's thresholds in blocks: also with many small blocks."""
+    monkeypatch.setattr(cost_module, "BLOCK", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("levels", [5, None], ids=["ties", "distinct"])
+@pytest.mark.parametrize("stages", [2, 3])
+@pytest.mark.parametrize("seed", range(3))
+def test_choose_thresholds_equals_brute_force(stages, seed, levels, block):
+    table = random_table(seed, stages=stages, levels=levels)
+    combo = tuple(range(stages))
+    settings = brute_force(table, combo)
+    costs = sorted({c for _, c, _ in settings})
+    for budget in [costs[0], *np.quantile(costs, [0.1, 0.3, 0.5, 0.8]), costs[-1], costs[-1] * 2]:
+        choice = choose_thresholds(table, float(budget))
+        fits = [(a, c) for a, c, _ in settings if c <= budget + 1e-9]
+        best = max(a for a, _ in fits)
+        assert choice.acc == pytest.approx(best, abs=1e-12)
+        assert choice.cost_per_1000 == pytest.approx(min(c for a, c in fits if a == best), abs=1e-9)
+        assert choice.cost_per_1000 <= budget + 1e-9
+        assert choice.exact and choice.stages == combo
+        again = outcome(table, choice.thresholds)
+        assert (again["acc"], again["cost_per_1000"], again["calls"]) == (
+            choice.acc,
+            choice.cost_per_1000,
+            choice.calls,
+        )
+
+
+def test_choose_thresholds_never_exceeds_budget_on_validation(block):
+    val = random_table(11, n=400, stages=3, levels=60, exact_costs=False)
+    clip = val.stages[0].cost.mean() * 1000
+    everything = outcome(val, [-math.inf, -math.inf])["cost_per_1000"]
+    accs = []
+    for budget in np.linspace(clip, everything, 15):
+        choice = choose_thresholds(val, float(budget))
+        assert outcome(val, choice.thresholds)["cost_per_1000"] <= budget * (1 + 1e-12)
+        accs.append(choice.acc)
+    assert accs == sorted(accs)  # more budget never lowers the best accuracy
+    assert accs[-1] > accs[0]
+
+
+@pytest.mark.parametrize("levels", [5, None], ids=["ties", "distinct"])
+@pytest.mark.parametrize("seed", range(2))
+def test_pareto_front_equals_brute_force(seed, levels, block):
+    table = random_table(seed + 20, n=30, stages=3, levels=levels)
+    table.stages[2].pred[[3, 7]] = -1  # the big LVLM did not answer two images: settings reaching them go
+    values = []
+    for combo in [(0,), (0, 1), (0, 2), (0, 1, 2)]:
+        values += [(a, c) for a, c, _ in brute_force(table, combo)]
+    points = pareto_points(table)
+    front = pareto_front(points)
+    assert {(p.acc, p.cost_per_1000) for p in front} == brute_front(values)
+    assert sorted((p for p in points if p.on_front), key=lambda p: p.cost_per_1000) == front
+    for p in points:  # every point is what its thresholds give
+        res = outcome(table, p.thresholds, p.stage_ids)
+        assert (res["acc"], res["cost_per_1000"], res["calls"]) == (p.acc, p.cost_per_1000, p.calls)
+
+
+def test_two_stages_at_tau_are_todays_entropy_gate():
+    rng = np.random.default_rng(3)
+    n = 50
+    labels = rng.integers(0, 5, n)
+    entropy = rng.uniform(0, 1.6, n)
+    entropy[:5] = 0.8  # ties at tau
+    clip_pred, lvlm_choice = rng.integers(0, 5, n), rng.integers(0, 5, n)
+    table = CostTable(
+        labels,
+        [
+            StageColumn("clip", clip_pred, entropy, np.full(n, 0.002)),
+            StageColumn("lvlm", lvlm_choice, np.full(n, np.nan), np.full(n, 0.05)),
+        ],
+    )
+    for tau in [0.8, 0.3, math.inf, -math.inf]:
+        deferred = defer_mask(entropy, tau)  # today's gate: entropy > tau
+        final = np.where(deferred, lvlm_choice, clip_pred)
+        res = outcome(table, [tau])
+        assert np.array_equal(res["final"], final)
+        assert res["calls"] == [n, int(deferred.sum())]
+        assert res["acc"] == (final == labels).mean()
+        assert res["cost_per_image"] == pytest.approx(0.002 + 0.05 * deferred.mean())
+
+
+def test_budget_below_clip_alone_is_refused_in_one_line():
+    table = random_table(0, stages=2)
+    table.stages[0].cost[:] = 0.002
+    with pytest.raises(ValueError) as err:
+        choose_thresholds(table, 1.5)
+    assert str(err.value) == (
+        "--cascade.cost_budget 1.5 seconds per 1000 images is below CLIP alone's cost (2 seconds per 1000 images)"
+    )
+
+
+def test_missing_answers_where_needed_are_refused_in_one_line():
+    table = random_table(1, stages=3)
+    table.stages[1].pred[[2, 9]] = -1
+    with pytest.raises(ValueError) as err:
+        choose_thresholds(table, 10_000)
+    assert str(err.value) == (
+        "stage 1 (stage1) has no answer on 2 of 40 validation image(s) it could reach; "
+        "--cascade.cost_budget needs every stage's answers on the validation split"
+    )
+    # a combination without that stage is searched
+    assert choose_thresholds(table, 10_000, stages=[0, 2]).stages == (0, 2)
+
+
+def test_unknown_usd_price_is_refused_naming_the_stage_and_the_price_key():
+    table = random_table(2, stages=3)
+    table.unit = "usd"
+    table.stages[2].cost[:] = np.nan  # no price table for the big LVLM
+    with pytest.raises(ValueError) as err:
+        choose_thresholds(table, 10_000)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert msg.startswith(
+        "stage 2 (stage2) has no usd price (40 image(s) of unknown cost): set price.usd_per_image"
+    )
+    assert msg.endswith("or budget in seconds (--cascade.cost_unit seconds)")
+
+
+def test_longer_combinations_are_approximate_and_say_so():
+    table = random_table(5, n=30, stages=4, levels=3)
+    budget = outcome(table, [-math.inf] * 3)["cost_per_1000"] * 0.6
+    choice = choose_thresholds(table, budget)
+    assert not choice.exact and choice.note.startswith("approximate: 4 stages")
+    assert choice.cost_per_1000 <= budget + 1e-9
+    best = max(a for a, c, _ in brute_force(table, (0, 1, 2, 3)) if c <= budget + 1e-9)
+    assert choice.acc <= best + 1e-12
+    assert choice.acc >= outcome(table, [math.inf, math.inf, math.inf])["acc"]
+
+
+def write_stage_rows(path, table: CostTable, skip=()):
+    rows = []
+    for s, col in enumerate(table.stages):
+        for i in range(table.n):
+            if (s, i) in skip:
+                continue
+            answered = bool(col.pred[i] >= 0)
+            rows.append(
+                {
+                    "index": 100 + i,
+                    "stage": s,
+                    "name": col.name,
+                    "answered": answered,
+                    "pred": int(col.pred[i]),
+                    "uncertainty": float(col.uncertainty[i]),
+                    "seconds": float(col.cost[i]),
+                    "prompt_tokens": None,
+                    "completion_tokens": None,
+                    "usd": None if s == 2 else float(col.cost[i]) / 100,
+                }
+            )
+    pq.write_table(pa.Table.from_pylist(rows, schema=STAGES_SCHEMA), path)
+
+
+def write_label_records(path, labels):
+    from cascadevlm.records import PredictionRecord, write_records
+
+    records = [
+        PredictionRecord(
+            index=100 + i, label=int(y), clip_topk=[0], clip_topk_probs=[1.0], entropy=0.0, clip_pred=0
+        )
+        for i, y in enumerate(labels)
+    ]
+    write_records(path, records[::-1])  # order of rows does not matter
+
+
+def test_read_cost_table_round_trip(tmp_path):
+    table = random_table(4, n=12, stages=3)
+    table.stages[1].pred[5] = -1
+    write_stage_rows(tmp_path / "stages.parquet", table, skip={(2, 7)})
+    write_label_records(tmp_path / "records.parquet", table.labels)
+    back = read_cost_table(tmp_path / "stages.parquet", tmp_path / "records.parquet")
+    assert np.array_equal(back.labels, table.labels) and back.unit == "seconds"
+    for s, (got, want) in enumerate(zip(back.stages, table.stages, strict=True)):
+        pred, unc, cost = want.pred.copy(), want.uncertainty.copy(), want.cost.copy()
+        if s == 2:  # no row: no answer, unknown cost
+            pred[7], unc[7], cost[7] = -1, np.nan, np.nan
+        assert got.name == want.name
+        assert np.array_equal(got.pred, pred)
+        assert np.array_equal(got.uncertainty, unc, equal_nan=True)
+        assert np.array_equal(got.cost, cost, equal_nan=True)
+    usd = read_cost_table(tmp_path / "stages.parquet", tmp_path / "records.parquet", unit="usd")
+    assert np.isnan(usd.stages[2].cost).all()
+    assert np.allclose(usd.stages[1].cost, table.stages[1].cost / 100)
+    with pytest.raises(
+        ValueError, match=r"^cost unit 'euro' is not one of seconds, usd; set --cascade.cost_unit$"
+    ):
+        read_cost_table(tmp_path / "stages.parquet", tmp_path / "records.parquet", unit="euro")
