@@ -3,6 +3,7 @@ the budget search and the front against brute force over every threshold tuple."
 
 from __future__ import annotations
 
+import csv
 import itertools
 import math
 
@@ -282,3 +283,62 @@ def test_read_cost_table_round_trip(tmp_path):
         ValueError, match=r"^cost unit 'euro' is not one of seconds, usd; set --cascade.cost_unit$"
     ):
         read_cost_table(tmp_path / "stages.parquet", tmp_path / "records.parquet", unit="euro")
+
+
+def read_csv_rows(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def floats(text: str) -> list[float]:
+    return [float(t) for t in text.split()]
+
+
+def test_pareto_report_files_and_front(tmp_path):
+    from cascadevlm.report.pareto import write_pareto_report
+
+    table = random_table(7, n=30, stages=3)
+    paths = write_pareto_report(table, tmp_path / "out", "demo run")
+    for name in ("pareto.csv", "pareto.md", "pareto.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 0
+    assert paths["png"] == tmp_path / "out" / "pareto.png"
+    rows = read_csv_rows(paths["csv"])
+    front = pareto_front(pareto_points(table))
+    front_rows = [r for r in rows if r["kind"] == "point" and r["on_front"] == "True"]
+    got = sorted(
+        (float(r["cost_per_1000"]), float(r["acc"]), r["stage_ids"], tuple(floats(r["thresholds"])))
+        for r in front_rows
+    )
+    want = sorted(
+        (p.cost_per_1000, p.acc, " ".join(map(str, p.stage_ids)), tuple(p.thresholds)) for p in front
+    )
+    assert got == want
+    singles = {r["combination"]: r for r in rows if r["kind"] == "single"}
+    assert set(singles) == {"stage0 only", "stage1 on every image", "stage2 on every image"}
+    everything = outcome(table, [-math.inf], [0, 2])
+    assert float(singles["stage2 on every image"]["acc"]) == everything["acc"]
+    assert floats(singles["stage2 on every image"]["calls"]) == [30, 30]
+    md = paths["md"].read_text()
+    assert "## Pareto front (every combination)" in md and "### stage0 -> stage1 -> stage2" in md
+
+
+def test_pareto_entry_on_a_run_directory(tmp_path, capsys):
+    from cascadevlm.report.pareto import main
+
+    table = random_table(8, n=25, stages=3)
+    run = tmp_path / "run"
+    run.mkdir()
+    write_stage_rows(run / "val_stages.parquet", table)
+    write_label_records(run / "val_records.parquet", table.labels)
+    main([str(run), "--split", "val", "--unit", "seconds"])
+    rows = read_csv_rows(run / "pareto_val" / "pareto.csv")
+    front = pareto_front(pareto_points(table))
+    assert sorted(
+        float(r["cost_per_1000"]) for r in rows if r["on_front"] == "True" and r["kind"] == "point"
+    ) == sorted(p.cost_per_1000 for p in front)
+    assert (run / "pareto_val" / "pareto.png").exists()
+    assert "Pareto front" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # no test-split stages in this run: one line, exit 2
+        main([str(run)])
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "stages.parquet" in err and "\n" not in err

@@ -547,7 +547,8 @@ def combinations(table: CostTable) -> list[tuple[int, ...]]:
 def pareto_points(table: CostTable) -> list[ParetoPoint]:
     """Every combination's best points (its own accuracy-cost front over all its thresholds), each marked
     ``on_front`` when no point of any combination dominates it. Settings where an image would reach a
-    stage without an answer or of unknown cost are left out."""
+    stage without an answer or of unknown cost are left out, and so are settings where no image reaches
+    one of the stages (they are a shorter combination's points)."""
     n_labelled = int((table.labels >= 0).sum())
     points: list[ParetoPoint] = []
     for combo in combinations(table):
@@ -555,6 +556,8 @@ def pareto_points(table: CostTable) -> list[ParetoPoint]:
         order = np.argsort(-pts.correct, kind="stable")
         cheapest = math.inf
         for i in order:  # the combination's own front: cheaper than every more accurate setting
+            if (pts.calls[i] == 0).any():
+                continue  # a stage nobody reaches: the same point as a shorter combination
             if pts.cost[i] >= cheapest:
                 continue
             cheapest = pts.cost[i]
