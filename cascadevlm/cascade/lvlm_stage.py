@@ -16,7 +16,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
@@ -40,10 +40,11 @@ class LVLMResult:
     fallback: str | None
     # what the answer cost (see docs/stages.md): wall seconds per image of the batch that computed it
     # (a stored answer: the seconds stored when it was first computed; None: unknown) and API tokens.
-    # Part files written before these fields read with None.
-    seconds: float | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
+    # Part files written before these fields read with None. Not compared: two runs that gave the same
+    # answers are equal whatever they cost.
+    seconds: float | None = field(default=None, compare=False)
+    prompt_tokens: int | None = field(default=None, compare=False)
+    completion_tokens: int | None = field(default=None, compare=False)
 
 
 @dataclass

@@ -22,7 +22,7 @@ import os
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
@@ -59,9 +59,9 @@ class StoredAnswer:
     raw: str
     scores: list[float] | None = None
     fallback: str | None = None
-    seconds: float | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
+    seconds: float | None = field(default=None, compare=False)  # a cost, not part of the answer
+    prompt_tokens: int | None = field(default=None, compare=False)
+    completion_tokens: int | None = field(default=None, compare=False)
 
 
 def _is_busy(err: sqlite3.OperationalError) -> bool:

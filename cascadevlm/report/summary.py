@@ -117,9 +117,53 @@ def summary_markdown(
             "",
             "Full sweep: `sweep.csv`; plots: `plots/`; TensorBoard: `tensorboard --logdir <run dir>/tensorboard`.",
         ]
+    lines += cost_lines(payload)
     params = [(k, display_number(v)) for k, v in shown_params(payload["params"]).items()]
     lines += ["", *markdown_table(["parameter", "value"], params)]
     return "\n".join(lines) + "\n"
+
+
+def _cost(v) -> str:
+    """A cost for a person: 'unknown' stays so (never 0), numbers with 4 significant digits."""
+    if v is None:
+        return "-"
+    return v if isinstance(v, str) else f"{v:.4g}"
+
+
+def cost_lines(payload: dict) -> list[str]:
+    """The stages table (calls at the run's thresholds, images asked, mean cost per call) and the
+    cascade's mean cost per image; with several LVLM stages, every combination's accuracy and cost."""
+    cost = payload.get("cost")
+    if not cost:
+        return []
+    rows = [
+        (str(st["stage"]), st["name"], str(st["calls"]), str(st["asked"]), _cost(st.get("seconds_per_call")),
+         _cost(st.get("usd_per_call")))
+        for st in cost["stages"]
+    ]  # fmt: skip
+    per = cost["per_image"]
+    lines = [
+        "",
+        *markdown_table(
+            ["stage", "name", "calls", "asked", "seconds per call", "usd per call"], rows, "rlrrrr"
+        ),
+    ]
+    lines += [
+        "",
+        f"Cost per image (the stages each image reached): {_cost(per.get('seconds'))} seconds, "
+        f"{_cost(per.get('usd'))} usd; per 1000 images: {_cost(cost.get('per_1000_images'))} {cost['unit']}. "
+        "Per (image, stage): `stages.parquet`.",
+    ]
+    combos = payload.get("combinations")
+    if combos:
+        crow = [
+            (key, _pct(c["acc1"]), " / ".join(str(n) for n in c["calls"]),
+             _cost(c["cost_per_image"].get("seconds")), _cost(c["cost_per_image"].get("usd")))
+            for key, c in combos.items()
+        ]  # fmt: skip
+        head = ["combination", "top-1 acc", "calls per stage", "seconds per image", "usd per image"]
+        lines += ["", *markdown_table(head, crow, "lrrrr"), "", "Pareto front and figure: `pareto/`."]
+    return lines
 
 
 def closing_block(run_dir: str | Path, files: Sequence[str], numbers: Sequence[tuple[str, str]]) -> str:
