@@ -225,6 +225,18 @@ def test_longer_combinations_are_approximate_and_say_so():
     assert choice.acc >= outcome(table, [math.inf, math.inf, math.inf])["acc"]
 
 
+def test_above_the_exact_size_clip_threshold_comes_from_a_grid_and_says_so(monkeypatch):
+    table = random_table(6, n=60, stages=3, levels=None)
+    monkeypatch.setattr(cost_module, "EXACT_WORK_LIMIT", 60 * 10)  # at most 10 CLIP thresholds
+    budget = outcome(table, [-math.inf, -math.inf])["cost_per_1000"] * 0.5
+    choice = choose_thresholds(table, budget)
+    assert not choice.exact and choice.note.startswith("approximate: stage0's threshold from a quantile grid")
+    assert choice.cost_per_1000 <= budget + 1e-9
+    best = max(a for a, c, _ in brute_force(table, (0, 1, 2)) if c <= budget + 1e-9)
+    assert choice.acc <= best
+    assert all(not p.exact for p in pareto_points(table) if len(p.stage_ids) == 3)
+
+
 def write_stage_rows(path, table: CostTable, skip=()):
     rows = []
     for s, col in enumerate(table.stages):
@@ -338,6 +350,11 @@ def test_pareto_entry_on_a_run_directory(tmp_path, capsys):
     ) == sorted(p.cost_per_1000 for p in front)
     assert (run / "pareto_val" / "pareto.png").exists()
     assert "Pareto front" in capsys.readouterr().out
+    main([str(run), "--split", "val", "--unit", "usd", "--out", str(tmp_path / "usd")])  # stage2 has no price
+    usd_rows = read_csv_rows(tmp_path / "usd" / "pareto.csv")
+    assert not [r for r in usd_rows if r["kind"] == "point" and "2" in r["stage_ids"].split()]
+    assert "| stage2 on every image | -inf |" in (tmp_path / "usd" / "pareto.md").read_text()
+    assert "| unknown |" in (tmp_path / "usd" / "pareto.md").read_text()
     with pytest.raises(SystemExit):  # no test-split stages in this run: one line, exit 2
         main([str(run)])
     err = capsys.readouterr().err.strip()

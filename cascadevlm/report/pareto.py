@@ -78,7 +78,7 @@ def _md_rows(points: list[ParetoPoint], name) -> list[list[str]]:
             name(p),
             ", ".join(display_number(t) for t in p.thresholds) or "-",
             f"{100 * p.acc:.2f}",
-            display_number(p.cost_per_1000),
+            display_number(p.cost_per_1000) if math.isfinite(p.cost_per_1000) else "unknown",
             " / ".join(map(str, p.calls)),
         ]
         for p in points
