@@ -366,17 +366,16 @@ def _sweep_three(a: list[_Arrays], sub: np.ndarray, budget: int | None, max_x: i
                 (val[r, c : c + 1].copy(), cost[r, c : c + 1].copy(), np.array([start + r]), np.array([c]))
             )
             continue
-        feasible = val >= 0
-        v, cst = val[feasible], cost[feasible]
-        if not len(v):
-            continue
-        lowest = np.full(n + 1, np.iinfo(np.int64).max)
+        # each correct count's cheapest setting in the block; infeasible ones go to a slot past the end
+        v = np.where(val >= 0, val, n + 1).ravel()
+        cst = cost.ravel()
+        lowest = np.full(n + 2, np.iinfo(np.int64).max)
         np.minimum.at(lowest, v, cst)
-        hit = np.nonzero(cst == lowest[v])[0]
-        _, first = np.unique(v[hit], return_index=True)
-        r, c = np.nonzero(feasible)
+        hit = np.flatnonzero((cst == lowest[v]) & (v <= n))
+        _, first = np.unique(v[hit], return_index=True)  # the first of equals
         pick = hit[first]
-        found.append((v[pick], cst[pick], start + r[pick], c[pick]))
+        r, c = np.divmod(pick, val.shape[1])
+        found.append((v[pick], cst[pick], start + r, c))
     if not found:
         return _empty(3)
     v, cst, rows, colj = (np.concatenate(f) for f in zip(*found, strict=True))
