@@ -12,6 +12,11 @@ Records-only approximation: the LVLM saw CLIP's fixed top-k. When a rule (a conf
 fewer candidates, the LVLM's choice among them is read from its per-candidate scores (the best-scored
 candidate in the set), or, without scores, its answer when it lies in the set and CLIP's top-1
 otherwise. A run that shows the LVLM the sets themselves can differ (prompts change with the list).
+
+Records without full logits (above the CLIP stage's keep limit, e.g. 10,000 classes) are routed as a
+:class:`TopkTail`: CLIP's stored top-k and one tail column for the other classes, each given an equal
+share of the remaining mass. Memory is K + 1 numbers per image whatever the class count, and every
+result equals that of the dense [N, C] rebuild it replaces (tests/test_routing_scale.py).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from typing import Literal
 import numpy as np
 import torch
 from scipy.optimize import minimize, minimize_scalar
-from torchmetrics.functional.classification import multiclass_calibration_error
+from torchmetrics.functional.classification import binary_calibration_error, multiclass_calibration_error
 
 from cascadevlm.gating.gate import tau_for_budget
 from cascadevlm.records import PredictionRecord
@@ -128,6 +133,144 @@ class RoutingOptions:
 
 
 # ------------------------------------------------------------------------------------------- arrays
+@dataclass(frozen=True)
+class TopkTail:
+    """An [N, C] matrix kept in [N, K + 1] numbers: row i holds ``values[i, j]`` at class ``ids[i, j]``
+    (j < K) and ``values[i, -1]`` at each of its ``count[i, -1]`` other classes (the tail).
+
+    What :func:`record_arrays` gives for records without ``clip_logits`` (CLIP's top-k probabilities
+    and the rest of the mass spread evenly over the other classes, as the dense rebuild did), so routing
+    at 10,000 classes needs memory for K + 1 columns per image, not C. Every function of this module
+    that takes CLIP's logits or log-probabilities accepts one and computes what it computes on the
+    dense matrix, with the tail counted ``count`` times and ties between equal values ordered by
+    class index (the dense code's stable argsort). Elementwise ufuncs (``np.exp``) act on ``values``.
+    Padding columns (records with a shorter stored top-k) have id -1 and count 0.
+    """
+
+    values: np.ndarray  # [N, K + 1] float64; the last column is the tail's value
+    ids: np.ndarray  # [N, K] int64 class ids of the stored columns, -1 = padding
+    count: np.ndarray  # [N, K + 1] float64: 1 stored, 0 padding, C - (stored ids) the tail
+    num_classes: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self.values), self.num_classes)
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __getitem__(self, rows) -> TopkTail:
+        """Rows only (a boolean mask or indices), as ``logits[rows]`` on the dense matrix."""
+        return TopkTail(self.values[rows], self.ids[rows], self.count[rows], self.num_classes)
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        if method != "__call__" or kwargs or sum(isinstance(x, TopkTail) for x in inputs) != 1:
+            return NotImplemented
+        if any(not isinstance(x, TopkTail) and np.ndim(x) != 0 for x in inputs):
+            return NotImplemented  # only scalars besides the matrix: the result is elementwise again
+        return self.with_values(ufunc(*(x.values if isinstance(x, TopkTail) else x for x in inputs)))
+
+    def with_values(self, values: np.ndarray) -> TopkTail:
+        return TopkTail(values, self.ids, self.count, self.num_classes)
+
+    def columns(self, classes: np.ndarray) -> np.ndarray:
+        """Column of each class in ``classes`` ([N, L] ids): its stored column, else the tail's."""
+        classes = np.asarray(classes)
+        hit = self.ids[:, None, :] == classes[:, :, None]
+        return np.where(hit.any(axis=2), hit.argmax(axis=2), self.values.shape[1] - 1)
+
+    def take(self, classes: np.ndarray) -> np.ndarray:
+        """The values at ``classes`` ([N, L] ids), as ``np.take_along_axis(dense, classes, 1)``."""
+        return np.take_along_axis(self.values, self.columns(classes), axis=1)
+
+    def to_dense(self) -> np.ndarray:
+        """The [N, C] matrix (small C only: tests)."""
+        out = np.repeat(self.values[:, -1:], self.num_classes, axis=1)
+        rows, cols = np.nonzero(self.ids >= 0)
+        out[rows, self.ids[rows, cols]] = self.values[rows, cols]
+        return out
+
+
+def _counted(x: TopkTail, values: np.ndarray, fill: float) -> np.ndarray:
+    """``values`` where a column stands for at least one class, ``fill`` elsewhere."""
+    return np.where(x.count > 0, values, fill)
+
+
+def _row_sum(x: TopkTail, values: np.ndarray) -> np.ndarray:
+    """Sum over each row's C classes of ``values`` (per column), each column counted ``count`` times."""
+    return _counted(x, x.count * values, 0.0).sum(axis=1)
+
+
+def _top_values(x: TopkTail, n: int) -> np.ndarray:
+    """The n largest of each row's C values, descending: ``-np.sort(-dense, axis=1)[:, :n]``."""
+    v = _counted(x, x.values, -np.inf)
+    order = np.argsort(-v, axis=1, kind="stable")
+    v, ends = (
+        np.take_along_axis(v, order, axis=1),
+        np.cumsum(np.take_along_axis(x.count, order, axis=1), axis=1),
+    )
+    rows = np.arange(len(v))
+    return np.column_stack([v[rows, (ends <= r).sum(axis=1)] for r in range(n)]) if n else v[:, :0]
+
+
+def _first_max(x: TopkTail, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(row maximum, the smallest class index holding it): ``dense.max(1)``, ``dense.argmax(1)``."""
+    v = _counted(x, values, -np.inf)
+    best = v.max(axis=1)
+    tied = v == best[:, None]
+    stored = np.where(tied[:, :-1] & (x.ids >= 0), x.ids, np.iinfo(np.int64).max).min(axis=1)
+    # the tail's smallest class: the first gap in the sorted stored ids
+    ids = np.sort(np.where(x.ids >= 0, x.ids, np.iinfo(np.int64).max), axis=1)
+    gap = ids != np.arange(ids.shape[1])
+    tail_first = np.where(gap.any(axis=1), gap.argmax(axis=1), ids.shape[1])
+    tail = np.where(tied[:, -1] & (x.count[:, -1] > 0), tail_first, np.iinfo(np.int64).max)
+    return best, np.minimum(stored, tail)
+
+
+def _label_rank(x: TopkTail, labels: np.ndarray) -> np.ndarray:
+    """0-based rank of each label in its row sorted descending, ties by class index (a stable argsort
+    of ``-dense``): the classes with a larger value, and those with an equal value and a smaller index."""
+    lv = x.take(labels[:, None])[:, 0]
+    stored = x.count[:, :-1] > 0
+    v, t, m = x.values[:, :-1], x.values[:, -1], x.count[:, -1]
+    below = stored & (x.ids < labels[:, None])
+    tail_below = labels - below.sum(axis=1)  # tail classes with a smaller index than the label
+    greater = (stored & (v > lv[:, None])).sum(axis=1) + np.where(t > lv, m, 0)
+    equal_before = (below & (v == lv[:, None])).sum(axis=1) + np.where((t == lv) & (m > 0), tail_below, 0)
+    return (greater + equal_before).astype(np.int64)
+
+
+def _rebuilt_log_probs(rec: PredictionRecord, num_classes: int) -> np.ndarray:
+    """Log-probabilities from the stored top-k: exact for those classes, the rest of the mass spread
+    evenly over the others (the records lack the full logits)."""
+    p = np.asarray(rec.clip_topk_probs, dtype=np.float64)
+    rest = max(1.0 - float(p.sum()), 0.0)
+    others = num_classes - len(p)
+    out = np.full(num_classes, math.log(max(rest / others, 1e-12)) if others > 0 else -30.0)
+    out[rec.clip_topk] = np.log(np.maximum(p, 1e-12))
+    return out
+
+
+def _topk_tail_log_probs(records: Sequence[PredictionRecord], num_classes: int) -> TopkTail:
+    """:func:`_rebuilt_log_probs` of every record as a :class:`TopkTail` (the same numbers)."""
+    n, k = len(records), max(len(r.clip_topk_probs) for r in records)
+    p = np.ones((n, k))  # padding: log(1) = 0, never counted
+    ids = np.full((n, k), -1, dtype=np.int64)
+    for i, r in enumerate(records):
+        p[i, : len(r.clip_topk_probs)] = r.clip_topk_probs
+        ids[i, : len(r.clip_topk)] = r.clip_topk
+    stored = ids >= 0
+    rest = np.maximum(1.0 - np.where(stored, p, 0.0).sum(axis=1), 0.0).tolist()
+    others = num_classes - stored.sum(axis=1)
+    # math.log as the dense rebuild takes it (np.log may differ in the last bit: ties must stay ties)
+    tail = np.array(
+        [math.log(max(r / o, 1e-12)) if o > 0 else -30.0 for r, o in zip(rest, others.tolist(), strict=True)]
+    )
+    values = np.column_stack([np.where(stored, np.log(np.maximum(p, 1e-12)), tail[:, None]), tail])
+    count = np.column_stack([stored.astype(np.float64), others.astype(np.float64)])
+    return TopkTail(values, ids, count, num_classes)
+
+
 @dataclass
 class RecordArrays:
     """The numbers of a list of records as arrays (one row per record)."""
@@ -135,7 +278,9 @@ class RecordArrays:
     label: np.ndarray  # [N] int, -1 unknown
     clip_pred: np.ndarray  # [N] int
     entropy: np.ndarray  # [N] stored entropy (nats) of CLIP's uncalibrated distribution
-    logits: np.ndarray  # [N, C] CLIP logits; reconstructed log-probs where records lack them
+    # [N, C] CLIP logits; where no record has them (C above the records' keep limit), a TopkTail of
+    # log-probs rebuilt from the stored top-k (rows with and without logits: rebuilt rows, dense)
+    logits: np.ndarray | TopkTail
     exact_logits: bool  # False: some rows were rebuilt from the stored top-k probabilities
     topk: np.ndarray  # [N, K] CLIP's top-k class ids (K = shortest stored list)
     lvlm_choice: np.ndarray  # [N] int, -1 where the LVLM was not asked
@@ -153,17 +298,6 @@ class RecordArrays:
         return self.lvlm_choice >= 0
 
 
-def _rebuilt_log_probs(rec: PredictionRecord, num_classes: int) -> np.ndarray:
-    """Log-probabilities from the stored top-k: exact for those classes, the rest of the mass spread
-    evenly over the others (the records lack the full logits)."""
-    p = np.asarray(rec.clip_topk_probs, dtype=np.float64)
-    rest = max(1.0 - float(p.sum()), 0.0)
-    others = num_classes - len(p)
-    out = np.full(num_classes, math.log(max(rest / others, 1e-12)) if others > 0 else -30.0)
-    out[rec.clip_topk] = np.log(np.maximum(p, 1e-12))
-    return out
-
-
 def record_arrays(records: Sequence[PredictionRecord], num_classes: int | None = None) -> RecordArrays:
     """Arrays from records; ``num_classes`` defaults to the length of the stored logits."""
     if not records:
@@ -178,6 +312,8 @@ def record_arrays(records: Sequence[PredictionRecord], num_classes: int | None =
     exact = all(r.clip_logits is not None and len(r.clip_logits) == num_classes for r in records)
     if exact:  # the common case, in one conversion
         logits = np.array([r.clip_logits for r in records], dtype=np.float64)
+    elif all(r.clip_logits is None for r in records):  # bounded memory at any class count
+        logits = _topk_tail_log_probs(records, num_classes)
     else:
         logits = np.empty((n, num_classes))
         for i, r in enumerate(records):
@@ -212,18 +348,24 @@ def record_arrays(records: Sequence[PredictionRecord], num_classes: int | None =
 
 
 # -------------------------------------------------------------------------------------- calibration
-def log_softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+def log_softmax(logits: np.ndarray | TopkTail, temperature: float = 1.0) -> np.ndarray | TopkTail:
+    if isinstance(logits, TopkTail):  # the tail's classes counted as many times as they are
+        z = logits.values / temperature
+        z = z - _counted(logits, z, -np.inf).max(axis=1, keepdims=True)
+        return logits.with_values(z - np.log(_row_sum(logits, np.exp(z)))[:, None])
     z = logits / temperature
     z = z - z.max(axis=1, keepdims=True)
     return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
 
 
-def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
+def nll(logits: np.ndarray | TopkTail, labels: np.ndarray, temperature: float = 1.0) -> float:
     """Mean negative log-likelihood of the labels under softmax(logits / temperature)."""
+    if isinstance(logits, TopkTail):
+        return float(-log_softmax(logits, temperature).take(np.asarray(labels)[:, None]).mean())
     return float(-log_softmax(logits, temperature)[np.arange(len(labels)), labels].mean())
 
 
-def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+def fit_temperature(logits: np.ndarray | TopkTail, labels: np.ndarray) -> float:
     """The temperature minimising the validation NLL; top-1 never changes.
 
     The NLL is convex in 1/T (log-sum-exp of a linear function minus a linear term), so a bounded
@@ -241,8 +383,16 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     return t if math.isfinite(t) and t > 0 else 1.0
 
 
-def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
+def expected_calibration_error(probs: np.ndarray | TopkTail, labels: np.ndarray, n_bins: int = 15) -> float:
     """Top-label ECE (L1, equal-width confidence bins), torchmetrics' definition."""
+    if isinstance(probs, TopkTail):  # torchmetrics' top-label confidences and hits, on the compact rows
+        conf, pred = _first_max(probs, probs.values.astype(np.float32))  # float32 as torchmetrics sees it
+        return float(
+            binary_calibration_error(
+                torch.as_tensor(conf), torch.as_tensor(pred == np.asarray(labels), dtype=torch.long),
+                n_bins=n_bins, norm="l1",
+            )
+        )  # fmt: skip
     return float(
         multiclass_calibration_error(
             torch.as_tensor(probs, dtype=torch.float32),
@@ -254,10 +404,14 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: in
     )
 
 
-def reliability_bins(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> dict:
+def reliability_bins(probs: np.ndarray | TopkTail, labels: np.ndarray, n_bins: int = 15) -> dict:
     """Per equal-width confidence bin: count, mean confidence and accuracy (a reliability diagram)."""
-    conf = probs.max(axis=1)
-    correct = (probs.argmax(axis=1) == labels).astype(np.float64)
+    if isinstance(probs, TopkTail):
+        conf, pred = _first_max(probs, probs.values)
+        correct = (pred == labels).astype(np.float64)
+    else:
+        conf = probs.max(axis=1)
+        correct = (probs.argmax(axis=1) == labels).astype(np.float64)
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     b = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, n_bins - 1)  # (lo, hi] bins
     count = np.bincount(b, minlength=n_bins)
@@ -271,15 +425,20 @@ def reliability_bins(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) ->
 
 
 # -------------------------------------------------------------------------------------------- gates
-def entropy_of(logp: np.ndarray) -> np.ndarray:
+def entropy_of(logp: np.ndarray | TopkTail) -> np.ndarray:
+    if isinstance(logp, TopkTail):
+        return -_row_sum(logp, np.exp(logp.values) * logp.values)
     return -(np.exp(logp) * logp).sum(axis=1)
 
 
-def gate_score(gate: str, logp: np.ndarray) -> np.ndarray:
+def gate_score(gate: str, logp: np.ndarray | TopkTail) -> np.ndarray:
     """Uncertainty per image (higher = send first) for the rule-based gates."""
     if gate == "entropy":
         return entropy_of(logp)
-    top2 = -np.sort(-logp, axis=1)[:, :2]
+    if isinstance(logp, TopkTail):
+        top2 = _top_values(logp, min(2, logp.shape[1]))
+    else:
+        top2 = -np.sort(-logp, axis=1)[:, :2]
     if gate == "max_prob":
         return 1.0 - np.exp(top2[:, 0])
     if gate == "margin":
@@ -288,9 +447,12 @@ def gate_score(gate: str, logp: np.ndarray) -> np.ndarray:
     raise ValueError(f"gate {gate!r} has no closed-form score; choose one of entropy, max_prob, margin")
 
 
-def gate_features(logp: np.ndarray) -> np.ndarray:
+def gate_features(logp: np.ndarray | TopkTail) -> np.ndarray:
     """What the learned gate sees of CLIP's distribution (all known before the LVLM is asked)."""
-    p = np.exp(-np.sort(-logp, axis=1))
+    if isinstance(logp, TopkTail):  # the five largest are all it reads of the sorted row
+        p = np.exp(_top_values(logp, min(5, logp.shape[1])))
+    else:
+        p = np.exp(-np.sort(-logp, axis=1))
     k = min(5, p.shape[1])
     p1 = p[:, 0]
     p2 = p[:, 1] if p.shape[1] > 1 else np.zeros_like(p1)
@@ -388,6 +550,67 @@ def _sorted_probs(logp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return order, np.exp(np.take_along_axis(logp, order, axis=1))
 
 
+def _runs(logp: TopkTail) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Each row's C probabilities sorted descending, as runs of equal values (a stored class: a run of
+    one; the tail: a run of ``count``): (probability, length, 0-based rank of the run's first class,
+    the mass ranked before the run) [N, K + 1] each. Equal values may run in any order: the
+    cumulative mass at each rank is the same."""
+    v = _counted(logp, logp.values, -np.inf)
+    order = np.argsort(-v, axis=1, kind="stable")
+    p = np.exp(np.take_along_axis(v, order, axis=1))
+    length = np.take_along_axis(logp.count, order, axis=1)
+    start = np.cumsum(length, axis=1) - length
+    before = np.concatenate([np.zeros((len(p), 1)), np.cumsum(length * p, axis=1)[:, :-1]], axis=1)
+    return p, length, start, before
+
+
+def _run_cum(p, start, before, t, method: str, lam: float, k_reg: int) -> np.ndarray:
+    """The penalised cumulative mass at the t-th (1-based) class of a run: a run of one adds as
+    ``np.cumsum`` does; a run of m equal values at once."""
+    cum = before + t * p
+    if method == "raps":
+        cum = cum + lam * np.maximum(0, start + t - k_reg)
+    elif method != "aps":
+        raise ValueError(f"conformal method {method!r} is unknown; choose 'aps' or 'raps'")
+    return cum
+
+
+def _tail_set_sizes(logp: TopkTail, qhat: float, method: str, lam: float, k_reg: int) -> np.ndarray:
+    """How many ranks have a penalised cumulative mass <= qhat + 1e-12 (a prefix: the mass grows with
+    the rank), counted run by run: within a run of m, the largest t with before + t p (+ penalty) <= q,
+    from the closed form and checked against the sum itself."""
+    q = qhat + 1e-12
+    p, length, start, before = _runs(logp)
+    raps = method == "raps"
+    total = np.zeros(len(p), dtype=np.int64)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        for j in range(p.shape[1]):
+            pj, mj, sj, bj = p[:, j], length[:, j], start[:, j], before[:, j]
+            room = q - bj
+
+            def most(num, den):
+                return np.where(den > 0, np.floor(num / den), np.where(num >= 0, np.inf, -np.inf))
+
+            t = most(room, pj)  # ranks before RAPS's penalty starts (all, for APS)
+            if raps:
+                free = np.maximum(k_reg - sj, 0)
+                t = np.where(t < free, t, np.maximum(free, most(room + lam * (k_reg - sj), pj + lam)))
+            t = np.clip(np.nan_to_num(t, nan=0.0), 0, mj)
+            t = t - ((t >= 1) & (_run_cum(pj, sj, bj, t, method, lam, k_reg) > q))
+            t = t + ((t + 1 <= mj) & (_run_cum(pj, sj, bj, t + 1, method, lam, k_reg) <= q))
+            total += t.astype(np.int64)
+    return total
+
+
+def _tail_label_scores(logp: TopkTail, labels: np.ndarray, method: str, lam: float, k_reg: int) -> np.ndarray:
+    """The conformal score of each label: the penalised cumulative mass at its rank."""
+    rank = _label_rank(logp, labels)
+    p, length, start, before = _runs(logp)
+    j = (np.cumsum(length, axis=1) <= rank[:, None]).sum(axis=1)[:, None]
+    pick = [np.take_along_axis(x, j, axis=1)[:, 0] for x in (p, start, before)]
+    return _run_cum(pick[0], pick[1], pick[2], rank - pick[1] + 1, method, lam, k_reg)
+
+
 def _penalised_cumsum(p_sorted: np.ndarray, method: str, lam: float, k_reg: int) -> np.ndarray:
     cum = np.cumsum(p_sorted, axis=1)
     if method == "raps":
@@ -399,25 +622,35 @@ def _penalised_cumsum(p_sorted: np.ndarray, method: str, lam: float, k_reg: int)
 
 
 def conformal_quantile(
-    logp: np.ndarray, labels: np.ndarray, alpha: float, method: str = "aps", lam: float = 0.05, k_reg: int = 2
+    logp: np.ndarray | TopkTail,
+    labels: np.ndarray,
+    alpha: float,
+    method: str = "aps",
+    lam: float = 0.05,
+    k_reg: int = 2,
 ) -> float:
     """Split-conformal threshold from calibration images: the k-th smallest, k = ceil((n+1)(1-alpha)), of the
     (non-randomised) APS / RAPS score, the mass of the classes ranked up to and including the label."""
     n = len(labels)
     if n == 0:
         raise ValueError("conformal sets need labelled validation records")
-    order, p_sorted = _sorted_probs(logp)
-    cum = _penalised_cumsum(p_sorted, method, lam, k_reg)
-    rank = np.argmax(order == labels[:, None], axis=1)
-    scores = cum[np.arange(n), rank]
-    k = math.ceil((n + 1) * (1 - alpha) - 1e-9)  # the k-th smallest score (1-based), as split conformal prescribes
+    if isinstance(logp, TopkTail):
+        scores = _tail_label_scores(logp, labels, method, lam, k_reg)
+    else:
+        order, p_sorted = _sorted_probs(logp)
+        cum = _penalised_cumsum(p_sorted, method, lam, k_reg)
+        rank = np.argmax(order == labels[:, None], axis=1)
+        scores = cum[np.arange(n), rank]
+    k = math.ceil(
+        (n + 1) * (1 - alpha) - 1e-9
+    )  # the k-th smallest score (1-based), as split conformal prescribes
     if k > n:
         return math.inf  # too few calibration images for this alpha: every class
     return float(np.sort(scores)[k - 1])
 
 
 def conformal_set_sizes(
-    logp: np.ndarray,
+    logp: np.ndarray | TopkTail,
     qhat: float,
     method: str = "aps",
     lam: float = 0.05,
@@ -426,21 +659,27 @@ def conformal_set_sizes(
 ) -> np.ndarray:
     """Size of each image's set: the classes in CLIP's order whose score is <= qhat (at least one,
     at most ``cap``). Sets are prefixes of CLIP's ranking, so a size says which classes are in it."""
-    _, p_sorted = _sorted_probs(logp)
-    cum = _penalised_cumsum(p_sorted, method, lam, k_reg)
-    sizes = np.maximum((cum <= qhat + 1e-12).sum(axis=1), 1)
+    if isinstance(logp, TopkTail):
+        sizes = np.maximum(_tail_set_sizes(logp, qhat, method, lam, k_reg), 1)
+    else:
+        _, p_sorted = _sorted_probs(logp)
+        cum = _penalised_cumsum(p_sorted, method, lam, k_reg)
+        sizes = np.maximum((cum <= qhat + 1e-12).sum(axis=1), 1)
     return np.minimum(sizes, cap) if cap is not None else sizes
 
 
 RAPS_LAMBDAS = (0.001, 0.01, 0.1, 0.2, 0.5)  # the official code's pick_lamda_size grid
 
 
-def tune_raps(logp: np.ndarray, labels: np.ndarray, alpha: float) -> tuple[float, int]:
+def tune_raps(logp: np.ndarray | TopkTail, labels: np.ndarray, alpha: float) -> tuple[float, int]:
     """(lambda, k_reg) as RAPS's code picks them on its tuning records: k_reg the (1 - alpha) quantile
     ('higher') of the label's 1-based rank; lambda the grid value whose sets, calibrated and measured on
     the same records, are smallest on average (ties to the first)."""
-    order = np.argsort(-logp, axis=1, kind="stable")
-    ranks = np.argmax(order == labels[:, None], axis=1)
+    if isinstance(logp, TopkTail):
+        ranks = _label_rank(logp, labels)
+    else:
+        order = np.argsort(-logp, axis=1, kind="stable")
+        ranks = np.argmax(order == labels[:, None], axis=1)
     k_reg = int(np.quantile(ranks, 1 - alpha, method="higher")) + 1
     best = (math.inf, RAPS_LAMBDAS[0])
     for lam in RAPS_LAMBDAS:
@@ -452,7 +691,11 @@ def tune_raps(logp: np.ndarray, labels: np.ndarray, alpha: float) -> tuple[float
 
 
 def fit_raps_penalty(
-    logp: np.ndarray, labels: np.ndarray, rows: np.ndarray, options: RoutingOptions, notes: list[str]
+    logp: np.ndarray | TopkTail,
+    labels: np.ndarray,
+    rows: np.ndarray,
+    options: RoutingOptions,
+    notes: list[str],
 ) -> tuple[tuple[float, int], np.ndarray]:
     """RAPS's (lambda, k_reg) and the calibration rows left for the quantile: the given values and every
     row, or values tuned on a seeded ``raps_tune_fraction`` of ``rows`` and the other rows."""
@@ -475,10 +718,13 @@ def fit_raps_penalty(
     return (lam, k_reg), cal
 
 
-def set_coverage(logp: np.ndarray, labels: np.ndarray, sizes: np.ndarray) -> float:
+def set_coverage(logp: np.ndarray | TopkTail, labels: np.ndarray, sizes: np.ndarray) -> float:
     """Fraction of images whose label is among the first ``sizes`` classes of CLIP's ranking."""
-    order = np.argsort(-logp, axis=1, kind="stable")
-    rank = np.argmax(order == labels[:, None], axis=1)
+    if isinstance(logp, TopkTail):
+        rank = _label_rank(logp, labels)
+    else:
+        order = np.argsort(-logp, axis=1, kind="stable")
+        rank = np.argmax(order == labels[:, None], axis=1)
     return float((rank < sizes).mean())
 
 
@@ -503,13 +749,18 @@ def restricted_choice(a: RecordArrays, sizes: np.ndarray, full: int) -> np.ndarr
     return out
 
 
-def fused_choice(a: RecordArrays, clip_logp: np.ndarray, sizes: np.ndarray, weight: float) -> np.ndarray:
+def fused_choice(
+    a: RecordArrays, clip_logp: np.ndarray | TopkTail, sizes: np.ndarray, weight: float
+) -> np.ndarray:
     """argmax over each image's candidates of (1 - w) * CLIP log-prob + w * LVLM log-softmax(scores);
     an LVLM without scores counts as 0 for its answer and -1 for the other candidates."""
     n, k = a.topk.shape
     cols = np.arange(k)
     in_set = cols[None, :] < np.minimum(sizes, k)[:, None]
-    clip_c = np.take_along_axis(clip_logp, a.topk, axis=1)
+    if isinstance(clip_logp, TopkTail):
+        clip_c = clip_logp.take(a.topk)
+    else:
+        clip_c = np.take_along_axis(clip_logp, a.topk, axis=1)
     s = np.where(in_set, a.lvlm_scores, np.nan)
     has_scores = ~np.isnan(s).all(axis=1)
     s_max = np.nanmax(np.where(has_scores[:, None], s, 0.0), axis=1, keepdims=True)
@@ -525,7 +776,7 @@ def fused_choice(a: RecordArrays, clip_logp: np.ndarray, sizes: np.ndarray, weig
 
 
 def choose_fusion_weight(
-    a: RecordArrays, clip_logp: np.ndarray, sizes: np.ndarray, grid: Sequence[float] = FUSION_GRID
+    a: RecordArrays, clip_logp: np.ndarray | TopkTail, sizes: np.ndarray, grid: Sequence[float] = FUSION_GRID
 ) -> float:
     """The LVLM weight with the best validation accuracy over images with answers (first best in
     ``grid``, which starts at 1: ties go to the hard cascade)."""
@@ -726,6 +977,7 @@ __all__ = [
     "LearnedGate",
     "RecordArrays",
     "RoutingOptions",
+    "TopkTail",
     "accuracy_at_budget",
     "accuracy_curve",
     "apply_routing",
