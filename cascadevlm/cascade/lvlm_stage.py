@@ -195,6 +195,8 @@ class LVLMStage(L.LightningModule):
     def predict_step(self, batch, batch_idx: int = 0) -> list[LVLMResult]:
         """Answers for ``batch``: ``(rows, work)`` from :class:`StageCollate`, or a list of rows."""
         rows, work = batch if isinstance(batch, tuple) else self.collate()(batch)
+        if work and callable(getattr(self.backend, "load", None)):
+            self.backend.load()  # a lazily loaded model: its loading is no image's cost
         start = time.perf_counter()  # the fresh requests' wall time, shared equally among them
         if isinstance(work, PreparedRequests):
             fresh = [a for prepared in work.batches for a in self.backend.choose(prepared)]
