@@ -127,7 +127,7 @@ class ClipClassifier(L.LightningModule):
                 from cascadevlm.clip.adapters import load_adapter
 
                 self.adapter_module = load_adapter(
-                    self.hparams.adapter, bundle=self.bundle, class_names=self.class_names
+                    self.hparams.adapter, self.bundle, self.class_names, self.head_cache_dir
                 )
                 if self.hparams.adapter_mix != 1.0 and not self.bundle.weight_adapters:  # else mixed weights
                     from cascadevlm.clip.adapters.base import WiseHead

@@ -59,6 +59,7 @@ class AdapterFile:
     bundle: Any  # ClipBundle
     class_names: list[str]
     meta: dict[str, str]
+    head_cache_dir: Path | None = None  # where a kind that encodes class names caches its head (--cache_dir)
 
 
 @dataclass(frozen=True)
@@ -253,7 +254,9 @@ def check_adapter_fits(
         )
 
 
-def load_adapter(path: str | Path, bundle, class_names: Sequence[str]) -> torch.nn.Module:
+def load_adapter(
+    path: str | Path, bundle, class_names: Sequence[str], head_cache_dir: str | Path | None = None
+) -> torch.nn.Module:
     """Load a trained adapter as a module ``forward(image_features [N, D]) -> logits [N, C]``.
 
     Args:
@@ -261,6 +264,8 @@ def load_adapter(path: str | Path, bundle, class_names: Sequence[str]) -> torch.
         bundle: the loaded CLIP (:class:`ClipBundle`); its model name, weights id and dimension must
             be those the adapter was trained with.
         class_names: the classes in class-id order; must equal the adapter's list.
+        head_cache_dir: the feature cache directory; CLIP-LoRA's head (the merged text encoder's zero-shot
+            head) is cached there (None: built on every load).
 
     Each kind builds its own head through the registry (a prompt-tuned adapter runs the text encoder
     once here and becomes a fixed linear head).
@@ -276,6 +281,7 @@ def load_adapter(path: str | Path, bundle, class_names: Sequence[str]) -> torch.
         bundle=bundle,
         class_names=list(class_names),
         meta=meta,
+        head_cache_dir=Path(head_cache_dir) if head_cache_dir is not None else None,
     )
     return entry.load(file)
 

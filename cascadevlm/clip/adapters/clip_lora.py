@@ -40,7 +40,7 @@ from cascadevlm.clip.adapters.datamodule import KShotFeatureDataModule
 from cascadevlm.clip.adapters.module import AdapterModule
 from cascadevlm.clip.adapters.recipes import check_recipe, make_optimizer, method_name, warmup_cosine
 from cascadevlm.clip.model import encode_images, file_sha256
-from cascadevlm.clip.zero_shot import build_zero_shot_head, clip_logits
+from cascadevlm.clip.zero_shot import clip_logits, zero_shot_head
 from cascadevlm.data.loading import ImageClassificationDataset
 
 log = logging.getLogger(__name__)
@@ -459,14 +459,18 @@ def merge_clip_lora(bundle, path: str | Path, mix: float = 1.0) -> bool:
 
 def load_clip_lora_head(f) -> PromptHead:
     """The inference head of a CLIP-LoRA file: merge it into ``f.bundle`` (if not yet), then the zero-shot
-    head of the merged text encoder with the training templates (called by :func:`load_adapter`)."""
+    head of the merged text encoder with the training templates (called by :func:`load_adapter`).
+
+    The head comes from the head cache in ``f.head_cache_dir`` when it holds it: the merge put the
+    adapter's content hash (and a mix other than 1) into the bundle's weights identity, which is part of
+    the head's key, so another adapter, or the plain CLIP, never shares the entry."""
     merge_clip_lora(f.bundle, f.path)
     model = f.bundle.model
-    head = build_zero_shot_head(
-        model,
-        f.bundle.tokenizer,
+    head = zero_shot_head(
+        f.bundle,
         f.class_names,
         f.params["templates"],
+        f.head_cache_dir,
         int(f.params.get("class_batch_size", 64)),
         next(model.parameters()).device,
     )
