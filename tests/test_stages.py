@@ -330,3 +330,29 @@ def test_scored_lvlm_parts_and_configs_relative_to_the_config_file(small_root, t
         "index": 1,
         "candidates": "clip",
     }
+
+
+def test_three_tiny_llava_stages_follow_the_rule(tiny_clip_path, data_root, tiny_llava_dir, tmp_path):
+    """CLIP -> tiny LLaVA (top-5, entropy gate) -> tiny LLaVA on its top-3 (the transformers backend's
+    real scores): the records are the walk over stages.parquet, stage 2's candidates stage 1's top-3."""
+    lv = {"class_path": "TransformersBackend",
+          "init_args": {"model": str(tiny_llava_dir), "device": "cpu", "batch_size": 8}}  # fmt: skip
+    stages = [{"name": "a", "lvlm": lv, "gate": "entropy", "tau": 0.0},
+              {"name": "b", "lvlm": lv, "candidates": "previous", "topk": 3}]  # fmt: skip
+    a = args(data_root, tmp_path, "tiny", stages, "--data.limit", "16", "--model.pretrained", str(tiny_clip_path),
+             "--cascade.tau", "0.02", "--cascade.lvlm_on", "deferred", "--cascade.lvlm_batch_size", "8")  # fmt: skip
+    m = main(a)
+    run = tmp_path / "tiny"
+    cols = stage_columns(run / "stages.parquet")
+    last, final = walk(cols, [0.02, 0.0])
+    assert (
+        0 < (last >= 1).sum() and [r.final for r in read_records(run / "records.parquet")] == final.tolist()
+    )
+    first, second = read_answers(run / "parts"), read_answers(run / "parts" / "stage2")
+    assert sorted(second) == sorted(i for i, s in zip(cols[0]["index"], last, strict=True) if s >= 2)
+    assert all(
+        b.candidate_ids == ranked_candidates(first[i].candidate_ids, first[i].scores, 3)
+        for i, b in second.items()
+    )
+    assert (cols[1]["seconds"][cols[1]["answered"]] > 0).all()  # measured around the model's forward
+    assert m["cost"]["calls"] == [16, int((last >= 1).sum()), int((last >= 2).sum())]
