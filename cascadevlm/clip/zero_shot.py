@@ -86,10 +86,38 @@ def head_key(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
+def differing_parts(stored, parts: dict) -> str:
+    """Which key parts of a cached head differ from the ones asked for, in a few words each (lists of
+    10,000 names say where they first differ, not what they hold)."""
+    if not isinstance(stored, dict):
+        return "no key parts (not a head this project wrote)"
+
+    def short(x) -> str:
+        r = repr(x)
+        return r if len(r) <= 60 else r[:57] + "..."
+
+    out = []
+    for k in [*parts, *(k for k in stored if k not in parts)]:
+        a, b = stored.get(k), parts.get(k)
+        if a == b:
+            continue
+        if isinstance(a, list) and isinstance(b, list):
+            i = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+            where = (
+                f"{short(a[i])} where {short(b[i])} was asked" if i < min(len(a), len(b)) else "one list ends"
+            )
+            out.append(f"{k} ({len(a)} stored, {len(b)} asked; at {i}: {where})")
+        else:
+            out.append(f"{k} ({short(a)} stored, {short(b)} asked)")
+    return "; ".join(out)
+
+
 class HeadCache:
     """Zero-shot heads [C, D] as ``<root>/zero-shot-head-<key>.safetensors``, the key's parts in the file's
-    metadata. A file whose parts differ from the ones asked for, or that cannot be read, is a miss (the
-    head is recomputed and the file replaced), never trusted."""
+    metadata. A file whose parts differ from the ones asked for (a copied or hand-placed file, a hash
+    collision), that cannot be read (truncated) or whose tensor does not fit is a miss: the head is
+    recomputed and the file replaced, with one warning naming what was wrong (for other parts: which
+    parts, e.g. the templates or the model's weights), never trusted and never a stop."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -109,7 +137,10 @@ class HeadCache:
             log.warning(f"zero-shot head cache {path} is unreadable ({type(err).__name__}): recomputing it")
             return None
         if stored != parts:
-            log.warning(f"zero-shot head cache {path} was made from other key parts: recomputing it")
+            log.warning(
+                f"zero-shot head cache {path} does not hold this head, other {differing_parts(stored, parts)} "
+                "(a copied or hand-placed file, or a hash collision): recomputing it"
+            )
             return None
         if head.ndim != 2 or head.shape[0] != len(parts["class_names"]) or not torch.isfinite(head).all():
             log.warning(f"zero-shot head cache {path} holds a {list(head.shape)} tensor: recomputing it")
