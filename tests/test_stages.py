@@ -176,6 +176,7 @@ def test_three_stage_run_matches_a_walk_by_hand(small_root, truth, tmp_path):
         assert m["combinations"][key]["acc1"] == pytest.approx(ref["acc"])
         assert m["combinations"][key]["calls"] == ref["calls"]
         assert m["combinations"][key]["cost_per_image"]["seconds"] == pytest.approx(ref["cost_per_image"])
+    assert m["methods"]["clip > small"]["acc1"] == m["combinations"]["clip > small"]["acc1"]
     assert "clip > big" not in m["combinations"]  # big never saw the images small kept
     assert (run / "pareto" / "pareto.csv").exists()
     assert "| stage |" in (run / "summary.md").read_text()
@@ -356,3 +357,16 @@ def test_three_tiny_llava_stages_follow_the_rule(tiny_clip_path, data_root, tiny
     )
     assert (cols[1]["seconds"][cols[1]["answered"]] > 0).all()  # measured around the model's forward
     assert m["cost"]["calls"] == [16, int((last >= 1).sum()), int((last >= 2).sum())]
+
+
+def test_two_stage_run_with_validation_answers_writes_val_stages(small_root, truth, tmp_path):
+    lv = ["--lvlm.class_path", SCORED, "--lvlm.init_args.truth", truth, "--lvlm.init_args.skill", "2"]
+    main(
+        args(small_root, tmp_path, "two", None, *lv, "--cascade.tau", "0.6", "--cascade.lvlm_on_val", "true")
+    )
+    run = tmp_path / "two"
+    val = read_records(run / "val_records.parquet")
+    cols = stage_columns(run / "val_stages.parquet")
+    assert cols[0]["index"].tolist() == [r.index for r in val] and len(val) == 60
+    assert cols[1]["answered"].all() and cols[1]["pred"].tolist() == [r.lvlm_choice for r in val]
+    assert np.allclose(cols[0]["uncertainty"], [r.entropy for r in val])

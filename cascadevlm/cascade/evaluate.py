@@ -1237,6 +1237,10 @@ def report_stages(run: Run, clip_records: list, columns: list, thresholds: list[
         if out is not None:
             combos[key] = {"acc1": out["acc"], "calls": out["calls"], "cost_per_image": out["cost_per_image"],
                            "thresholds": [thresholds[s] for s in comb[:-1]]}  # fmt: skip
+    full = " > ".join(names)
+    for key, c in combos.items():  # each combination at the run's thresholds (the whole one is "cascade")
+        if key not in ("clip", full):
+            methods[key] = {"acc1": c["acc1"], "deferral": c["calls"][1] / max(len(records), 1)}
     for s in range(1, len(columns)):
         out = combination_outcome(columns, labels, (0, s), [-math.inf])
         if out is not None:
