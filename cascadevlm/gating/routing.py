@@ -254,7 +254,7 @@ def _rebuilt_log_probs(rec: PredictionRecord, num_classes: int) -> np.ndarray:
 def _topk_tail_log_probs(records: Sequence[PredictionRecord], num_classes: int) -> TopkTail:
     """:func:`_rebuilt_log_probs` of every record as a :class:`TopkTail` (the same numbers)."""
     n, k = len(records), max(len(r.clip_topk_probs) for r in records)
-    p = np.ones((n, k))  # padding: log(1) = 0, never counted
+    p = np.ones((n, k))  # padding columns (count 0) take the tail's value below
     ids = np.full((n, k), -1, dtype=np.int64)
     for i, r in enumerate(records):
         p[i, : len(r.clip_topk_probs)] = r.clip_topk_probs
