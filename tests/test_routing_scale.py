@@ -21,7 +21,6 @@ from cascadevlm.gating.routing import (
     GATES,
     RoutingOptions,
     TopkTail,
-    apply_routing,
     conformal_quantile,
     conformal_set_sizes,
     entropy_of,
@@ -259,13 +258,14 @@ def test_records_with_full_logits_keep_the_dense_matrix():
 
 
 # ---------------------------------------------------------------------------- 10,000 classes
-def _routing_peak(val, test, options, c) -> tuple[int, np.ndarray, np.ndarray]:
-    """Peak traced memory (bytes) of fitting on ``val`` and deciding ``test`` (records built before)."""
+def _routing_peak(val, test, options, c):
+    """Peak traced memory (bytes) of fitting on ``val`` and deciding ``test`` (records built before),
+    the fit, and what it decided."""
     tracemalloc.start()
     try:
         fit = fit_routing(val, options, c)
         sent, sizes = fit.decide(test)
-        return tracemalloc.get_traced_memory()[1], sent, sizes
+        return tracemalloc.get_traced_memory()[1], fit, sent, sizes
     finally:
         tracemalloc.stop()
 
@@ -282,9 +282,9 @@ def test_ten_thousand_classes_route_in_bounded_memory():
         combos = RULE_BASED[::4] + LEARNED[1:3] if c == 10_000 else both
         for gate, cal, cand, fusion in combos:
             o = RoutingOptions(gate=gate, calibration=cal, candidates=cand, fusion=fusion, budget=0.2, topk=5)
-            peaks[c, gate, cal, cand, fusion], sent, sizes = _routing_peak(val, test, o, c)
+            peaks[c, gate, cal, cand, fusion], fit, sent, sizes = _routing_peak(val, test, o, c)
             assert 0.15 < sent.mean() < 0.25 and sizes.min() >= 1 and sizes.max() <= 5
-            final, info = apply_routing(test, val, o, c)
+            final, info = fit.finalize(test)  # apply_routing's last step (its fit is the one above)
             assert [r.deferred for r in final] == sent.tolist() and info["deferral"] == sent.mean()
     big = {k[1:]: v for k, v in peaks.items() if k[0] == 10_000}
     assert max(big.values()) < 20 * one_array, peaks
