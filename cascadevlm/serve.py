@@ -273,6 +273,10 @@ SERVED_OPTIONS = (
 
 def check_servable(opts: CascadeOptions, has_lvlm: bool) -> None:
     """Refuse options the server cannot honour per request (they are fitted on a split of records)."""
+    if opts.stages is not None or opts.cost_budget is not None:  # several LVLMs: evaluate.py only
+        raise ServeConfigError(
+            f"cascade.stages / cascade.cost_budget are not served (evaluate.py runs them): {SERVED_OPTIONS}"
+        )
     if has_lvlm and (
         not routing_options(opts).is_paper_cascade() or opts.incontext_shots or opts.lvlm_on_val
     ):

@@ -370,3 +370,12 @@ def test_two_stage_run_with_validation_answers_writes_val_stages(small_root, tru
     assert cols[0]["index"].tolist() == [r.index for r in val] and len(val) == 60
     assert cols[1]["answered"].all() and cols[1]["pred"].tolist() == [r.lvlm_choice for r in val]
     assert np.allclose(cols[0]["uncertainty"], [r.entropy for r in val])
+
+
+def test_the_server_refuses_stages_it_cannot_serve():
+    from cascadevlm.cascade.evaluate import CascadeOptions
+    from cascadevlm.serve import ServeConfigError, check_servable
+
+    for opts in (CascadeOptions(stages=[{"lvlm": "x.yaml"}]), CascadeOptions(cost_budget=5.0)):
+        with pytest.raises(ServeConfigError, match=r"^cascade.stages / cascade.cost_budget are not served"):
+            check_servable(opts, False)
