@@ -17,6 +17,7 @@ Used through ``train.py`` (``LightningCLI``)::
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Literal
 
@@ -66,10 +67,29 @@ def training_candidates(
 
 
 class CascadePromptDataset(torch.utils.data.Dataset):
-    """Rows as ``{"index", "image", "candidates" (names), "target" (position)}``."""
+    """Rows as ``{"index", "image", "candidates" (names), "target" (position)}``, plus ``"options"``
+    (``letters`` or ``names``) when ``letters_fraction`` is set.
+
+    Args:
+        name_variants: naming schemes, each a list of names by class id (e.g. official spellings, upper
+            case, synonyms); each prompt draws ONE scheme (every candidate of that prompt in it),
+            deterministically in ``(seed, row)``. None (default): ``class_names`` everywhere.
+        name_weights: the schemes' draw probabilities (uniform when None).
+        letters_fraction: share of prompts shown with lettered options and answered by letter (the
+            rest by name, the module's prompt wording otherwise). 0 (default): no ``"options"`` key.
+    """
 
     def __init__(
-        self, ds, rows: list[int], class_names: list[str], k: int, seed: int, topk: dict[int, list[int]]
+        self,
+        ds,
+        rows: list[int],
+        class_names: list[str],
+        k: int,
+        seed: int,
+        topk: dict[int, list[int]],
+        name_variants: list[list[str]] | None = None,
+        name_weights: list[float] | None = None,
+        letters_fraction: float = 0.0,
     ):
         self.ds = ds
         self.rows = rows
@@ -77,6 +97,26 @@ class CascadePromptDataset(torch.utils.data.Dataset):
         self.k = k
         self.seed = seed
         self.topk = topk
+        self.name_variants = [list(v) for v in name_variants] if name_variants else None
+        for v in self.name_variants or []:
+            if len(v) != len(class_names):
+                raise ValueError(
+                    f"a name variant has {len(v)} names for {len(class_names)} classes: {v!r} "
+                    "(--data.init_args.name_variants)"
+                )
+        if name_weights is not None and (
+            not self.name_variants or len(name_weights) != len(self.name_variants) or min(name_weights) < 0
+        ):
+            raise ValueError(
+                f"name_weights {name_weights!r} must be one non-negative weight per name variant "
+                "(--data.init_args.name_weights)"
+            )
+        self.name_p = None if name_weights is None else np.asarray(name_weights, float) / sum(name_weights)
+        if not 0.0 <= letters_fraction <= 1.0:
+            raise ValueError(
+                f"letters_fraction must be in [0, 1], got {letters_fraction} (--data.init_args.letters_fraction)"
+            )
+        self.letters_fraction = letters_fraction
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -88,12 +128,20 @@ class CascadePromptDataset(torch.utils.data.Dataset):
         ids, target = training_candidates(
             label, len(self.class_names), self.k, self.seed, row, self.topk.get(row)
         )
-        return {
+        names = self.class_names
+        # a stream of its own, so the candidates stay those drawn without the options below
+        rng = np.random.default_rng([self.seed, row, 1])
+        if self.name_variants:
+            names = self.name_variants[int(rng.choice(len(self.name_variants), p=self.name_p))]
+        out = {
             "index": row,
             "image": decode_image(item[IMAGE_COLUMN], f"row {row}"),
-            "candidates": [self.class_names[c] for c in ids],
+            "candidates": [names[c] for c in ids],
             "target": target,
         }
+        if self.letters_fraction > 0:
+            out["options"] = "letters" if rng.random() < self.letters_fraction else "names"
+        return out
 
 
 def collate_prompts(items: list[dict]) -> dict:
@@ -103,7 +151,7 @@ def collate_prompts(items: list[dict]) -> dict:
         "image": [it["image"] for it in items],
         "candidates": [it["candidates"] for it in items],
         "target": torch.tensor([it["target"] for it in items]),
-    }
+    } | ({"options": [it["options"] for it in items]} if "options" in items[0] else {})
 
 
 class LoRADataModule(L.LightningDataModule):
@@ -121,6 +169,8 @@ class LoRADataModule(L.LightningDataModule):
         records_path: prediction records of CLIP over ``train_split`` (their ``clip_topk`` become the
             candidates); random distractors when None.
         class_names: override the dataset's class names.
+        name_variants, name_weights, letters_fraction: training-prompt augmentation (see
+            :class:`CascadePromptDataset`); validation prompts keep ``class_names`` and the module's options.
         batch_size, num_workers: data loading; ``seed`` picks the k-shot draw and the distractors.
     """
 
@@ -140,6 +190,9 @@ class LoRADataModule(L.LightningDataModule):
         class_names: list[str] | None = None,
         batch_size: int = 4,
         num_workers: int = 0,
+        name_variants: list[list[str]] | None = None,
+        name_weights: list[float] | None = None,
+        letters_fraction: float = 0.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -152,6 +205,8 @@ class LoRADataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.seed = seed
+        self.name_variants, self.name_weights = name_variants, name_weights
+        self.letters_fraction = letters_fraction
         if dataset == "fashion_mnist":
             from cascadevlm.data.demo import fashion_mnist_dir
 
@@ -191,6 +246,9 @@ class LoRADataModule(L.LightningDataModule):
             self.num_candidates,
             self.seed,
             topk,
+            self.name_variants,
+            self.name_weights,
+            self.letters_fraction,
         )
         self.val_set = None
         if self.val_split:
@@ -289,7 +347,10 @@ class LoRAModule(L.LightningModule):
             LVLMRequest(image=im, candidates=c, key=str(int(i)))
             for im, c, i in zip(batch["image"], batch["candidates"], batch["index"], strict=True)
         ]
-        return [build_prompt(r, self.prompt) for r in reqs]
+        if "options" not in batch:  # one wording for the batch
+            return [build_prompt(r, self.prompt) for r in reqs]
+        configs = {o: dataclasses.replace(self.prompt, options=o) for o in set(batch["options"])}
+        return [build_prompt(r, configs[o]) for r, o in zip(reqs, batch["options"], strict=True)]
 
     def loss(self, batch: dict) -> torch.Tensor:
         """Mean cross-entropy of the true answers' tokens."""
