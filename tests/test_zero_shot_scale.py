@@ -209,3 +209,48 @@ def test_more_lettered_candidates_than_letters_refused_before_any_stage(
         "the options (--lvlm.init_args.prompt.options names)"
     ]
     assert not (many["root"] / "runs" / "letters").exists()  # refused before any stage
+
+
+def test_class_label_copies_do_not_walk_the_names():
+    """``datasets`` deep-copies a dataset's features on every ``features`` read, cast and select: a
+    10,000-name ClassLabel is copied flat (a handful of deepcopy calls, not one per name and dict entry:
+    ~30,000 before, 12 ms a copy), and the copy equals the original without sharing its containers."""
+    import copy
+    import cProfile
+    import pstats
+
+    import cascadevlm.data.loading  # noqa: F401  (installs the flat copy)
+
+    names = synthetic_class_names(N_CLASSES)
+    label = datasets.ClassLabel(names=names)
+    features = datasets.Features({"label": label, "image": datasets.Image()})
+    prof = cProfile.Profile()  # counts the recursive calls too (copy binds deepcopy as a default argument)
+    dup = prof.runcall(copy.deepcopy, features)
+    calls = sum(v[1] for k, v in pstats.Stats(prof).stats.items() if k[2] == "deepcopy")
+    assert 0 < calls < 100
+    assert dup == features and dup["label"].names == names
+    assert dup["label"].str2int(names[1234]) == 1234 and dup["label"].int2str(9999) == names[9999]
+    for attr in ("names", "_int2str", "_str2int"):
+        assert getattr(dup["label"], attr) is not getattr(label, attr)
+    dup["label"].names.append("extra")
+    assert len(label.names) == N_CLASSES  # independent, as a deep copy is
+    # names that are not plain strings (a subclass of str) are deep-copied the ordinary way
+    odd = datasets.ClassLabel(names=["a", "b"])
+    odd.names = [type("Name", (str,), {})("a"), "b"]
+    assert copy.deepcopy(odd).names == ["a", "b"]
+
+
+def test_evaluate_cli_does_not_walk_the_linked_class_names(many, tiny_clip_path, monkeypatch):
+    """jsonargparse links data.class_names into the model on instantiation; typed as a list it adapted
+    each of the 10,000 names (one deepcopy of its arguments per name: ~120 ms), now it passes the list on
+    and ClipClassifier validates it once."""
+    import jsonargparse._typehints as typehints
+
+    from cascadevlm.cli import build_evaluate_cli
+
+    calls = []
+    real = typehints.adapt_typehints
+    monkeypatch.setattr(typehints, "adapt_typehints", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cli = build_evaluate_cli(_args(many, tiny_clip_path, "cli"))
+    assert cli.model.class_names == many["names"] == cli.datamodule.class_names
+    assert 0 < len(calls) < 1000  # about 70: one per option, not one per class name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
 import lightning as L
 import torch
@@ -57,7 +58,9 @@ class ClipClassifier(L.LightningModule):
         model_name: str = "cascadevlm-tiny-vit",
         pretrained: str | None = None,
         precision: str = "fp32",
-        class_names: list[str] | None = None,
+        # a list of names (or None); typed Any so that jsonargparse, which links it from data.class_names,
+        # does not walk its elements when instantiating (120 ms at 10,000 names); validated below
+        class_names: Any = None,
         templates: list[str] | None = None,
         class_batch_size: int = 64,
         topk: int = 5,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -15,6 +16,33 @@ from cascadevlm.data.registry import benchmark_names, get_benchmark
 
 IMAGE_COLUMN = "image"
 LABEL_COLUMN = "label"
+
+
+def _class_label_deepcopy(self: datasets.ClassLabel, memo: dict) -> datasets.ClassLabel:
+    """``copy.deepcopy`` of a ClassLabel, its lists of names and name -> id dict copied flat.
+
+    ``datasets`` deep-copies a dataset's features on every ``Dataset.features`` read, ``cast_column`` and
+    ``select``; the default deepcopy walks a ClassLabel's names one by one (three containers of C entries:
+    12 ms a copy at 10,000 names, a dozen copies per run). Strings and ints are immutable, so a flat copy
+    of a container of them is what deepcopy gives (equal, not shared); anything else is deep-copied.
+    """
+    new = copy.copy(self)  # the same attributes, shared
+    memo[id(self)] = new
+    for key, value in vars(self).items():
+        if type(value) is list and set(map(type, value)) <= {str}:
+            flat = list(value)
+        elif (
+            type(value) is dict and set(map(type, value)) <= {str} and set(map(type, value.values())) <= {int}
+        ):
+            flat = dict(value)
+        else:
+            flat = copy.deepcopy(value, memo)
+        object.__setattr__(new, key, flat)
+    return new
+
+
+if "__deepcopy__" not in vars(datasets.ClassLabel):  # a datasets release with its own copy keeps it
+    datasets.ClassLabel.__deepcopy__ = _class_label_deepcopy
 
 
 class ImageDecodeError(ValueError):
