@@ -119,9 +119,12 @@ def match_class_names(spec: BenchmarkSpec, names: list[str], dataset: str) -> li
 
 def validate_class_names(class_names: list[str] | tuple[str, ...], where: str = "dataset") -> list[str]:
     """Reject an empty class list and duplicate names (case-insensitive), naming the duplicates."""
-    names = [str(n) for n in class_names]
+    names = list(map(str, class_names))
     if not names:
         raise ValueError(f"{where} has an empty class list; at least one class name is needed")
+    keys = [n.strip().lower() for n in names]
+    if all(keys) and len(set(keys)) == len(keys):
+        return names  # the usual case, in one pass (the checks below name what is wrong)
     empty = [i for i, n in enumerate(names) if not n.strip()]
     if empty:  # a blank name gives a prompt without its class ("a photo of a .")
         raise ValueError(f"{where} has empty class names (class ids {empty[:10]}); give every class a name")
