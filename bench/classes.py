@@ -8,16 +8,20 @@ genus). Model: the demo CLIP (cascadevlm/zoo/checkpoints/clip.safetensors, casca
 Per class count N:
 
 - head build: the zero-shot head encoded (N x ``--templates`` prompts), then read back from the cache;
-- evaluate.py, first run (empty cache: head and image features computed) and rerun (both cached; best
-  of ``--repeats``), in this process (interpreter start-up, ~10 s, left out: the same for every N);
+- evaluate.py, first run (empty cache: head and image features computed) and rerun (both cached), in
+  this process (interpreter start-up, ~10 s, left out: the same for every N);
 - CLIP stage per image, head excluded: the Lightning predict loop (``run_clip_stage``) with the image
-  encoder (fresh feature cache) and with cached features (best of ``--repeats``);
-- peak RSS of the process after N (sizes run in increasing order, so each value covers N and below).
+  encoder (fresh feature cache) and with cached features;
+- peak RSS of the process after N's set-up (sizes set up in increasing order: each covers N and below).
+
+The repeated timings (rerun, CLIP stage) run side by side: ``--repeats`` rounds, each timing every N in
+turn, so a busy spell of a shared machine lands on all sizes alike. Each is printed as the median and
+the range over the rounds (the noise); a ratio is the median of the per-round ratios, with its range.
 
 Targets (issue 27): a 10,000-class rerun within 1.2x of a 10-class rerun; per-image CLIP-stage cost at
 10,000 classes within 1.5x of 10 classes (head excluded).
 
-    python bench/classes.py [--classes 10 100 1000 10000] [--images 256] [--templates 1] [--repeats 3]
+    python bench/classes.py [--classes 10 100 1000 10000] [--images 256] [--templates 1] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import json
 import logging
 import os
 import resource
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -80,31 +85,51 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
 
 
-def measure(n: int, source: datasets.DatasetDict, args, tmp: Path) -> dict:
+def setup(n: int, source: datasets.DatasetDict, args, tmp: Path) -> dict:
+    """Class count ``n``: its dataset, evaluate.py's first run (nothing cached), the head built into an
+    empty cache and read back, and a module holding the head for the CLIP-stage timings."""
     names = synthetic_class_names(n)
     templates = list(GENERIC_TEMPLATES[: args.templates])
     ds = relabelled_dataset(source, names, tmp / f"ds{n}", rows=args.images)
-    row: dict = {"classes": n}
-    # evaluate.py: first run (nothing cached), then reruns (head and features from the cache)
-    cache = tmp / f"cache{n}"
-    row["first"] = timed(run_evaluate, evaluate_args(ds, templates, tmp, cache, f"first{n}"))
-    row["rerun"] = min(timed(run_evaluate, evaluate_args(ds, templates, tmp, cache, f"re{n}"))
-                       for _ in range(args.repeats))  # fmt: skip
-    # the head alone: built into an empty cache, then read back
+    row: dict = {"classes": n, "ds": ds, "templates": templates, "rerun": [], "fresh": [], "cached": []}
+    row["first"] = timed(run_evaluate, evaluate_args(ds, templates, tmp, tmp / f"cache{n}", f"first{n}"))
     model = ClipClassifier(TINY_CLIP, str(DEMO_CLIP), class_names=names, templates=templates)
     heads = tmp / f"heads{n}"
     row["head_build"] = timed(zero_shot_head, model.bundle, names, templates, heads)
     row["head_cached"] = min(timed(zero_shot_head, model.bundle, names, templates, heads) for _ in range(3))
-    # the CLIP stage per image, head excluded: image encoder (fresh features), then cached features
-    dm = CascadeDataModule(str(ds), batch_size=64)
     model.head_cache_dir = str(heads)
     model.ensure_head()
-    fresh = [stage_seconds(model, dm, tmp / f"s{n}_{r}", tmp / f"feat{n}_{r}") for r in range(args.repeats)]
-    cached = [stage_seconds(model, dm, tmp / f"c{n}_{r}", tmp / f"feat{n}_0") for r in range(args.repeats)]
-    row["stage_fresh_ms"] = 1000 * min(fresh) / args.images
-    row["stage_cached_ms"] = 1000 * min(cached) / args.images
+    row["model"], row["dm"] = model, CascadeDataModule(str(ds), batch_size=64)
     row["peak_rss_mib"] = peak_rss_mib()
     return row
+
+
+def one_round(row: dict, r: int, args, tmp: Path) -> None:
+    """One repeat for one class count: an evaluate.py rerun (head and features cached), then the CLIP
+    stage with the image encoder (a fresh feature cache) and with those features cached."""
+    n, ds = row["classes"], row["ds"]
+    row["rerun"].append(
+        timed(run_evaluate, evaluate_args(ds, row["templates"], tmp, tmp / f"cache{n}", f"re{n}"))
+    )
+    model, dm, feats = row["model"], row["dm"], tmp / f"feat{n}_{r}"
+    row["fresh"].append(1000 * stage_seconds(model, dm, tmp / f"s{n}_{r}", feats) / args.images)
+    row["cached"].append(1000 * stage_seconds(model, dm, tmp / f"c{n}_{r}", feats) / args.images)
+
+
+def spread(values: list[float], fmt: str) -> str:
+    """The median, and the range over the repeats (the noise) in brackets."""
+    return f"{format(statistics.median(values), fmt)} [{format(min(values), fmt)}-{format(max(values), fmt)}]"
+
+
+def ratio_line(what: str, hi: dict, lo: dict, key: str, target: float | None) -> str:
+    """``hi`` / ``lo`` per round (measured side by side), as the median ratio and its range over rounds."""
+    per_round = [a / b for a, b in zip(hi[key], lo[key], strict=True)]
+    med = statistics.median(per_round)
+    verdict = "" if target is None else (f" (target <= {target}x: {'holds' if med <= target else 'MISSED'})")
+    return (
+        f"{what} {hi['classes']:,} / {lo['classes']:,} classes = {med:.2f}x "
+        f"[{min(per_round):.2f}-{max(per_round):.2f} over {len(per_round)} rounds]{verdict}"
+    )
 
 
 def main() -> None:
@@ -114,9 +139,11 @@ def main() -> None:
     ap.add_argument(
         "--templates", type=int, default=1, help=f"first N of the {len(GENERIC_TEMPLATES)} generic"
     )
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5, help="rounds of the timings that are repeated")
     ap.add_argument("--data-root", default="data")
     args = one_flag_style(ap).parse_args()
+    if args.repeats < 1:
+        ap.error(f"--repeats must be >= 1, got {args.repeats}; set --repeats")
     logging.getLogger("lightning").setLevel(logging.ERROR)
     datasets.disable_progress_bars()
     source = datasets.load_from_disk(str(fashion_mnist_dir(args.data_root)))
@@ -127,9 +154,13 @@ def main() -> None:
         timed(
             run_evaluate, evaluate_args(warm, ["a photo of a {}."], tmp, tmp / "warm_cache", "warm")
         )  # imports
-        rows = [measure(n, source, args, tmp) for n in sorted(args.classes)]
+        rows = [setup(n, source, args, tmp) for n in sorted(args.classes)]
+        for r in range(args.repeats):  # side by side: each round times every class count in turn
+            for row in rows:
+                one_round(row, r, args, tmp)
     print(f"demo CLIP ({TINY_CLIP}), {args.images} Fashion-MNIST test images, {args.templates} template(s), "
-          f"CPU threads {os.cpu_count()}; best of {args.repeats} where repeated")  # fmt: skip
+          f"CPU threads {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}; repeated timings: median "
+          f"[min-max] of {args.repeats} rounds, every class count timed in each round")  # fmt: skip
     print(
         "| classes | head build (s) | head from cache (s) | evaluate first run (s) | evaluate rerun (s) "
         "| CLIP stage, encoder (ms/img) | CLIP stage, cached features (ms/img) | peak RSS (MiB) |"
@@ -138,23 +169,16 @@ def main() -> None:
     for r in rows:
         print(
             f"| {r['classes']:,} | {r['head_build']:.2f} | {r['head_cached']:.3f} | {r['first']:.2f} "
-            f"| {r['rerun']:.2f} | {r['stage_fresh_ms']:.3f} | {r['stage_cached_ms']:.3f} | {r['peak_rss_mib']:.0f} |"
+            f"| {spread(r['rerun'], '.2f')} | {spread(r['fresh'], '.2f')} | {spread(r['cached'], '.3f')} "
+            f"| {r['peak_rss_mib']:.0f} |"
         )
     lo, hi = rows[0], rows[-1]
-    print(
-        f"rerun {hi['classes']:,} / {lo['classes']:,} classes = {hi['rerun'] / lo['rerun']:.2f}x (target <= 1.2x)"
-    )
-    print(
-        f"CLIP stage per image (encoder) {hi['classes']:,} / {lo['classes']:,} = "
-        f"{hi['stage_fresh_ms'] / lo['stage_fresh_ms']:.2f}x (target <= 1.5x)"
-    )
-    print(
-        f"CLIP stage per image (cached features) {hi['classes']:,} / {lo['classes']:,} = "
-        f"{hi['stage_cached_ms'] / lo['stage_cached_ms']:.2f}x"
-    )
+    print(ratio_line("rerun", hi, lo, "rerun", 1.2))
+    print(ratio_line("CLIP stage per image (encoder)", hi, lo, "fresh", 1.5))
+    print(ratio_line("CLIP stage per image (cached features)", hi, lo, "cached", None))
     print(
         f"head build {hi['classes']:,} / {lo['classes']:,} = {hi['head_build'] / lo['head_build']:.0f}x; "
-        f"first run / rerun at {hi['classes']:,} = {hi['first'] / hi['rerun']:.1f}x"
+        f"first run / rerun at {hi['classes']:,} = {hi['first'] / statistics.median(hi['rerun']):.1f}x"
     )
 
 

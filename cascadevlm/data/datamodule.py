@@ -339,7 +339,7 @@ class CascadeDataModule(L.LightningDataModule):
             from cascadevlm.data.streaming import stream_labels
 
             return stream_labels(ds)
-        return [int(x) for x in ds[LABEL_COLUMN]]
+        return ds.with_format("arrow")[LABEL_COLUMN].to_pylist()  # ints, without formatting each row
 
     def kshot_split(self, shots: int | None = None, seed: int | None = None) -> KShotSplit:
         """The (dataset, k, seed) k-shot split of the train split, written once and reused."""
