@@ -172,6 +172,10 @@ def main() -> None:
             f"| {spread(r['rerun'], '.2f')} | {spread(r['fresh'], '.2f')} | {spread(r['cached'], '.3f')} "
             f"| {r['peak_rss_mib']:.0f} |"
         )
+    for r in rows:  # every round's value, in round order (which sizes a busy spell hit)
+        rounds = {k: [round(v, 3) for v in r[k]] for k in ("rerun", "fresh", "cached")}
+        print(f"rounds {r['classes']:,}: rerun s {rounds['rerun']}, encoder ms/img {rounds['fresh']}, "
+              f"cached ms/img {rounds['cached']}")  # fmt: skip
     lo, hi = rows[0], rows[-1]
     print(ratio_line("rerun", hi, lo, "rerun", 1.2))
     print(ratio_line("CLIP stage per image (encoder)", hi, lo, "fresh", 1.5))
