@@ -27,10 +27,12 @@ from cascadevlm.zoo.miniature import (
     CLIP_MODEL,
     LEFT_OUT,
     LLAVA_DIR,
+    LLAVA_SMALL_DIR,
     cascade_claims,
     claim_failures,
     group_accuracy,
     manifest,
+    spelling,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,7 +71,7 @@ def test_committed_models_match_their_manifest_and_say_what_they_are():
         assert hashlib.sha256(files[rel].read_bytes()).hexdigest() == digest, rel
     assert sum(p.stat().st_size for p in files.values()) < 30 * 2**20
     assert m["data"]["test_split"] == "never read" and m["left_out_classes"] == list(LEFT_OUT)
-    for path in (CLIP_CHECKPOINT, LLAVA_DIR):
+    for path in (CLIP_CHECKPOINT, LLAVA_DIR, LLAVA_SMALL_DIR):
         mark = read_provenance(path)
         assert mark is not None and mark["kind"] == "trained-demo", path
         assert "Fashion-MNIST's train split" in mark["description"]
@@ -159,6 +161,79 @@ def test_canary_candidates_in_reversed_order_is_caught(demo_run, data_root, monk
     numbers = _canary(monkeypatch, data_root, demo_run[2], "reversed")
     assert numbers["lvlm_on_deferred"] < 0.40, numbers
     assert any("LVLM" in f for f in claim_failures(numbers)), numbers
+
+
+# ------------------------------------------------------------------------------------------ reading the options
+@pytest.fixture(scope="module")
+def deferred(demo_run, data_root):
+    """The demo run's deferred test images with CLIP's top-5 (ids) and CLIP's accuracy on them."""
+    from cascadevlm.data.loading import decode_image, load_dataset_dict
+
+    records, _, out = demo_run
+    tau = json.loads((out / "demo" / "gate.json").read_text())["tau"]
+    sent = [r for r in records if r.entropy > tau]
+    test = load_dataset_dict(str(data_root / "fashion_mnist"))["test"]
+    images = [decode_image(test[r.index]["image"], f"test row {r.index}") for r in sent]
+    clip = float(np.mean([r.clip_pred == r.label for r in sent]))
+    return images, [r.label for r in sent], [list(r.clip_topk[:5]) for r in sent], clip
+
+
+def _lvlm_on(model_dir: Path, deferred, names: list[str]) -> float:
+    """The LVLM (the demo config's prompt) choosing among CLIP's top-5, named ``names``."""
+    import yaml
+
+    from cascadevlm.lvlm.base import LVLMRequest
+    from cascadevlm.lvlm.prompts import PromptConfig
+
+    cfg = yaml.safe_load((REPO / "configs" / "lvlm" / "demo_llava_score.yaml").read_text())["init_args"]
+    prompt = PromptConfig(**cfg["prompt"])
+    backend = TransformersBackend(
+        model=str(model_dir), mode="score", device="cpu", batch_size=64, prompt=prompt
+    )
+    images, labels, cands, _ = deferred
+    reqs = [LVLMRequest(image=im, candidates=[names[c] for c in cs], key=str(i))
+            for i, (im, cs) in enumerate(zip(images, cands, strict=True))]  # fmt: skip
+    answers = backend.load().choose(reqs)
+    return float(np.mean([cs[a.choice] == y for a, cs, y in zip(answers, cands, labels, strict=True)]))
+
+
+@pytest.mark.parametrize("scheme", ["registry", "official", "upper"])
+def test_lvlm_reads_the_candidates_in_three_spellings(deferred, scheme):
+    """CLIP's stage keeps the registry's names; only the names SHOWN TO THE LVLM change: the registry's
+    ("t-shirt"), the dataset's official ones ("T-shirt/top", "Ankle boot") and FULL UPPER CASE."""
+    names = spelling(NAMES, scheme)
+    acc = _lvlm_on(LLAVA_DIR, deferred, names)
+    clip = deferred[3]
+    assert acc >= clip + 0.10, (scheme, acc, clip, len(deferred[1]))
+
+
+def test_canary_names_swapped_between_classes_are_caught(deferred):
+    """A reader follows the names: shown each class under the next class's name, it is mostly wrong."""
+    swapped = NAMES[1:] + NAMES[:1]
+    assert _lvlm_on(LLAVA_DIR, deferred, swapped) < deferred[3], deferred[3]
+
+
+def test_small_lvlm_is_cheaper_weaker_and_still_beats_clip_where_clip_is_unsure(deferred):
+    """configs/lvlm/demo_llava_small_score.yaml's model (issue 24's cheap stage), through the user's route."""
+    import yaml
+    from transformers import AutoModelForImageTextToText
+
+    cfg = yaml.safe_load((REPO / "configs" / "lvlm" / "demo_llava_small_score.yaml").read_text())["init_args"]
+    assert (REPO / cfg["model"]).resolve() == LLAVA_SMALL_DIR
+    main_cfg = yaml.safe_load((REPO / "configs" / "lvlm" / "demo_llava_score.yaml").read_text())["init_args"]
+    assert cfg["prompt"] == main_cfg["prompt"]  # same prompt: the stages differ in the model only
+
+    def params(d):
+        return sum(p.numel() for p in AutoModelForImageTextToText.from_pretrained(d).parameters())
+
+    assert params(LLAVA_SMALL_DIR) * 3 < params(LLAVA_DIR)
+    small = _lvlm_on(LLAVA_SMALL_DIR, deferred, NAMES)
+    big = _lvlm_on(LLAVA_DIR, deferred, NAMES)
+    clip = deferred[3]
+    assert clip + 0.10 <= small <= big, (clip, small, big)
+    m = manifest()
+    cost = m["lvlm_small"]["val_most_uncertain_30pct"]["seconds_per_image"]
+    assert cost < m["lvlm"]["val_most_uncertain_30pct"]["seconds_per_image"]
 
 
 # ------------------------------------------------------------------------------------------ full fine-tuning
@@ -294,7 +369,8 @@ def test_pretraining_script_runs_a_few_steps_and_writes_loadable_marked_models(d
 
     out = tmp_path / "zoo"
     cmd = [sys.executable, "-m", "cascadevlm.zoo.pretrain", "--out", str(out), "--clip-steps", "2",
-           "--vision-steps", "2", "--lvlm-steps", "2", "--train-limit", "300", "--val-limit", "60",
+           "--vision-steps", "2", "--lvlm-steps", "2", "--small-vision-steps", "2", "--small-lvlm-steps", "2",
+           "--train-limit", "300", "--val-limit", "60",
            "--data-root", str(data_root)]  # fmt: skip
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400,
                        env=dict(os.environ, PYTHONWARNINGS="ignore"))  # fmt: skip
@@ -303,5 +379,10 @@ def test_pretraining_script_runs_a_few_steps_and_writes_loadable_marked_models(d
     assert m["command"].endswith("--data-root " + str(data_root)) and m["seed"] == 0
     assert set(m["files"]) >= {"clip.safetensors", "llava/config.json", "llava/cascadevlm_provenance.json"}
     assert load_clip(CLIP_MODEL, str(out / "clip.safetensors")).provenance["kind"] == "trained-demo"
-    AutoModelForImageTextToText.from_pretrained(out / "llava")
-    assert read_provenance(out / "llava")["kind"] == "trained-demo"
+    for d in ("llava", "llava_small"):
+        AutoModelForImageTextToText.from_pretrained(out / d)
+        assert read_provenance(out / d)["kind"] == "trained-demo"
+        assert f"{d}/model.safetensors" in m["files"]
+    checks = m["lvlm_small"]["val_most_uncertain_30pct"]
+    assert {"lvlm_acc_registry", "lvlm_acc_official", "lvlm_acc_upper", "lvlm_acc_letters"} <= set(checks)
+    assert m["lvlm_training_names"]["held_out"] == [] and "upper" in m["lvlm_training_names"]["schemes"]

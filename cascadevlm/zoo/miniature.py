@@ -19,9 +19,28 @@ CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
 CLIP_MODEL = "cascadevlm-tiny-vit"
 CLIP_CHECKPOINT = CHECKPOINTS / "clip.safetensors"
 LLAVA_DIR = CHECKPOINTS / "llava"
+# The cheaper, weaker second LVLM (issue 24's cost cascade): the same training, a smaller network.
+LLAVA_SMALL_DIR = CHECKPOINTS / "llava_small"
 MANIFEST = CHECKPOINTS / "manifest.json"
 # Never seen by the CLIP (images nor names); the LVLM saw every class.
 LEFT_OUT = ("trouser", "sandal", "bag")
+# The dataset's own spellings (the hub copy's ClassLabel names), by class id as in the registry.
+OFFICIAL_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                  "Ankle boot")  # fmt: skip
+
+
+def spelling(names: Sequence[str], scheme: str) -> list[str]:
+    """The class names as one naming scheme writes them: ``registry`` (as given), ``official``
+    (:data:`OFFICIAL_NAMES`, for the ten Fashion-MNIST classes), ``upper`` (FULL UPPER CASE) or ``title``."""
+    if scheme == "registry":
+        return list(names)
+    if scheme == "official":
+        return list(OFFICIAL_NAMES)
+    if scheme == "upper":
+        return [n.upper() for n in names]
+    if scheme == "title":
+        return [n.title() for n in names]
+    raise ValueError(f"unknown spelling scheme {scheme!r}; known: registry, official, upper, title")
 
 
 def manifest() -> dict:

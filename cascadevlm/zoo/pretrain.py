@@ -2,7 +2,7 @@
 
     python -m cascadevlm.zoo.pretrain [--out cascadevlm/zoo/checkpoints] [--seed 0]
 
-Two models, the paper's premise in miniature:
+Three models, the paper's premise in miniature (and issue 24's cheap second LVLM):
 
 - **CLIP** (open_clip architecture ``cascadevlm-tiny-vit``, the real CLIP BPE tokenizer) trained
   contrastively on images and captions made from class names x the registry's prompt templates
@@ -16,22 +16,27 @@ Two models, the paper's premise in miniature:
   THROUGH the project's LVLM training module (:class:`cascadevlm.lvlm.lora.LoRAModule` with
   ``finetune="full"``, :class:`~cascadevlm.lvlm.lora.LoRADataModule`) on the cascade prompt: the image
   and five candidate classes as options, answered with the right candidate's name (the demo's prompt,
-  ``options: names``; a tiny language model learns to name what it sees within minutes, while learning
-  to map a name to its option letter took far longer than this budget). Half of the training images
-  get CLIP's top-5 in CLIP's order (from the CLIP trained above), the other half the true class among
-  random distractors. It sees all ten classes.
+  ``options: names``). Each prompt names its candidates in ONE spelling drawn from
+  :func:`name_schemes` (the registry's, the dataset's official ones, Title Case, plurals, synonyms,
+  upper case), so the model must read the options rather than recall ten strings. Half of the training
+  images get CLIP's top-5 in CLIP's order (from the CLIP trained above), the other half the true class
+  among random distractors in random order. It sees all ten classes.
+- **LLaVA small** (``llava_small/``): the same recipe on a smaller network (2-layer vision tower and
+  2-layer Llama, 64 wide): cheaper per image and weaker, for a cost-budgeted cascade of several LVLMs.
 
-Both are saved the way a user's weights are loaded: ``clip.safetensors`` for
-``load_clip("cascadevlm-tiny-vit", pretrained=PATH)`` and ``llava/`` for
+All are saved the way a user's weights are loaded: ``clip.safetensors`` for
+``load_clip("cascadevlm-tiny-vit", pretrained=PATH)``, ``llava/`` and ``llava_small/`` for
 ``AutoModelForImageTextToText.from_pretrained``, each with a provenance mark ``trained-demo``, plus
-``manifest.json`` (sha256 per file, the command, data split, seed, validation accuracy, times).
+``manifest.json`` (sha256 per file, the command, data split, seed, recipe, validation accuracy, times).
 Only the train split is used for training; the val split (5000 images held out of the official train
-split) is used for the numbers in the manifest; the test split is never read.
+split) is used for the numbers in the manifest; the test split is never read. One torch thread and
+seeded draws make a rerun of the same command give the same bytes.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -49,14 +54,57 @@ import torch.nn.functional as F
 
 from cascadevlm.flags import one_flag_style
 from cascadevlm.zoo.miniature import CHECKPOINTS as DEFAULT_OUT
-from cascadevlm.zoo.miniature import CLIP_CHECKPOINT, CLIP_MODEL, LEFT_OUT
+from cascadevlm.zoo.miniature import CLIP_CHECKPOINT, CLIP_MODEL, LEFT_OUT, spelling
 from cascadevlm.zoo.miniature import LLAVA_DIR as _LLAVA
+from cascadevlm.zoo.miniature import LLAVA_SMALL_DIR as _LLAVA_SMALL
 
 log = logging.getLogger(__name__)
 
 CLIP_FILE = CLIP_CHECKPOINT.name
 LLAVA_DIR = _LLAVA.name
+LLAVA_SMALL_DIR = _LLAVA_SMALL.name
 NUM_CANDIDATES = 5
+# Stage 2 names the candidates of each prompt in ONE of these schemes (all five in it), so the LLaVA must
+# read the options rather than recall ten strings. By class id, as the registry orders them.
+_PLURAL = ["t-shirts", "trousers", "pullovers", "dresses", "coats", "sandals", "shirts", "sneakers", "bags",
+           "ankle boots"]  # fmt: skip
+_SYNONYMS_A = [
+    "tee",
+    "pants",
+    "sweater",
+    "frock",
+    "jacket",
+    "flip-flop",
+    "blouse",
+    "trainer",
+    "handbag",
+    "boot",
+]
+_SYNONYMS_B = ["top", "slacks", "jumper", "gown", "overcoat", "sandals", "button-up shirt", "trainers", "purse",
+               "boots"]  # fmt: skip
+# FULL UPPER CASE is trained on: held out (--hold-out-upper) it cannot be read, since its BPE tokens share
+# nothing with the lower-case ones (val, 400 steps: 11.8% on CLIP's most uncertain images, CLIP 30.3%).
+# Lettered prompts are off: a quarter of them (800 steps) gave letters 32.2% (CLIP 30.3%) and cost the
+# names; half of them, names 41.7% instead of 46.3% (docs/demo.md).
+LETTERS_FRACTION = 0.0  # share of stage-2 prompts with lettered options, answered by letter
+
+
+def name_schemes(class_names: list[str], train_upper: bool) -> dict[str, tuple[float, list[str]]]:
+    """Stage 2's naming schemes: name -> (draw weight, names by class id). The registry's names (the
+    demo's) are drawn most often; ``upper`` only with ``train_upper``."""
+    schemes = {
+        "registry": (3.0, spelling(class_names, "registry")),
+        "official": (2.0, spelling(class_names, "official")),
+        "title": (1.0, spelling(class_names, "title")),
+        "plural": (1.0, list(_PLURAL)),
+        "plural_title": (1.0, spelling(_PLURAL, "title")),
+        "synonyms_a": (1.0, list(_SYNONYMS_A)),
+        "synonyms_a_title": (1.0, spelling(_SYNONYMS_A, "title")),
+        "synonyms_b": (1.0, list(_SYNONYMS_B)),
+    }
+    if train_upper:
+        schemes["upper"] = (1.0, spelling(class_names, "upper"))
+    return schemes
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -200,8 +248,14 @@ def _tokenizer(class_names: list[str], vocab_size: int):
     from cascadevlm.zoo.tiny_lvlm import _CORPUS, _LLAVA_TEMPLATE, _SPECIAL, _finish_tokenizer
 
     cfg = demo_prompt_config()
-    corpus = list(_CORPUS) + [user_text(cfg, class_names[i : i + 5]) for i in range(0, len(class_names), 5)]
-    corpus += [" ".join(class_names), "ASSISTANT: A B C D E"]
+    letters = dataclasses.replace(cfg, options="letters")
+    # every scheme, upper case included (held out of training or not, it must encode as words)
+    schemes = [n for _, n in name_schemes(class_names, train_upper=True).values()]
+    corpus = list(_CORPUS)
+    for names in schemes:
+        corpus += [user_text(c, names[i : i + 5]) for c in (cfg, letters) for i in range(0, len(names), 5)]
+        corpus += [" ".join(names)]
+    corpus += ["ASSISTANT: A B C D E"]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -214,9 +268,14 @@ def _tokenizer(class_names: list[str], vocab_size: int):
     return _finish_tokenizer(fast, "<s>", "</s>", "<pad>", _LLAVA_TEMPLATE)
 
 
-def build_llava_init(out_dir: Path, class_names: list[str], seed: int) -> Path:
-    """A randomly initialised LLaVA to fine-tune: 28x28 images in 7-pixel patches (16 image tokens),
-    a 4-layer CLIP vision tower and a 3-layer Llama, 128 wide."""
+# (vision layers, vision width, Llama layers, Llama width): the demo's LLaVA and its cheaper second one
+LLAVA_SIZES = {"main": (4, 128, 3, 128), "small": (2, 64, 2, 64)}
+
+
+def build_llava_init(out_dir: Path, class_names: list[str], seed: int, size: str = "main") -> Path:
+    """A randomly initialised LLaVA to fine-tune: 28x28 images in 7-pixel patches (16 image tokens);
+    ``main``: a 4-layer CLIP vision tower and a 3-layer Llama, 128 wide; ``small``: 2 vision layers and
+    2 Llama layers, 64 wide (1 Llama layer stayed at chance after 400 steps)."""
     from transformers import (
         CLIPImageProcessor,
         CLIPVisionConfig,
@@ -228,13 +287,14 @@ def build_llava_init(out_dir: Path, class_names: list[str], seed: int) -> Path:
 
     from cascadevlm.zoo.tiny_lvlm import _save_generation_config
 
-    tokenizer = _tokenizer(class_names, vocab_size=800)
+    v_layers, v_width, t_layers, t_width = LLAVA_SIZES[size]
+    tokenizer = _tokenizer(class_names, vocab_size=1024)
     vision = CLIPVisionConfig(
-        hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-        image_size=28, patch_size=7, projection_dim=128,
+        hidden_size=v_width, intermediate_size=4 * v_width, num_hidden_layers=v_layers, num_attention_heads=4,
+        image_size=28, patch_size=7, projection_dim=v_width,
     )  # fmt: skip
     text = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=3,
+        vocab_size=len(tokenizer), hidden_size=t_width, intermediate_size=3 * t_width, num_hidden_layers=t_layers,
         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
@@ -323,8 +383,10 @@ def write_train_records(path: Path, probs: torch.Tensor, labels: np.ndarray, row
 def train_llava(
     init_dir: Path, out_dir: Path, work: Path, dataset_dir: str, train_rows: list[int], records: Path,
     steps: int, batch_size: int, lr: float, seed: int, val_limit: int,
+    schemes: dict[str, tuple[float, list[str]]] | None = None, letters_fraction: float = 0.0,
 ) -> dict:  # fmt: skip
-    """Full fine-tuning through LoRAModule / LoRADataModule (the user's ``train.py`` classes)."""
+    """Full fine-tuning through LoRAModule / LoRADataModule (the user's ``train.py`` classes), names
+    drawn per prompt from ``schemes`` and ``letters_fraction`` of the prompts lettered."""
     import lightning as L
 
     from cascadevlm.data.kshot import KShotSplit
@@ -349,9 +411,19 @@ def train_llava(
     dm = LoRADataModule(
         dataset=dataset_dir, kshot_path=str(split_path), seed=seed, val_split="val", val_limit=val_limit,
         num_candidates=NUM_CANDIDATES, records_path=str(records), batch_size=batch_size,
+        name_variants=[n for _, n in schemes.values()] if schemes else None,
+        name_weights=[w for w, _ in schemes.values()] if schemes else None, letters_fraction=letters_fraction,
     )  # fmt: skip
+
+    class _Log(L.Callback):  # the loss now and then (no progress bar, no logger)
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            step = trainer.global_step
+            if step % 100 == 0 or step == steps:
+                log.info("LLaVA stage 2 step %d/%d loss %.3f (%.0f s)", step, steps, float(outputs["loss"]),
+                         time.perf_counter() - t0)  # fmt: skip
+
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_steps=steps, val_check_interval=steps, check_val_every_n_epoch=None,
+        callbacks=[_Log()], accelerator="cpu", devices=1, max_steps=steps, val_check_interval=steps, check_val_every_n_epoch=None,
         logger=False, enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
         enable_progress_bar=False, default_root_dir=str(work),
     )  # fmt: skip
@@ -362,23 +434,28 @@ def train_llava(
         shutil.rmtree(out_dir)
     shutil.copytree(work / "finetuned", out_dir)
     return {"seconds": round(seconds, 1), "steps": steps, "batch_size": batch_size, "lr": lr,
-            "train_images": len(train_rows), "val_loss": module.best_val}  # fmt: skip
+            "train_images": len(train_rows), "val_loss": module.best_val,
+            "name_schemes": {k: w for k, (w, _) in (schemes or {}).items()},
+            "letters_fraction": letters_fraction}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ checks
 @torch.no_grad()
 def lvlm_accuracy(model_dir: Path, images: np.ndarray, labels: np.ndarray, cands: list[list[int]],
-                  class_names: list[str]) -> float:  # fmt: skip
-    """Accuracy of the saved LLaVA choosing among ``cands`` (class ids, in the order shown), loaded
-    through the backend a user's config builds."""
+                  class_names: list[str], options: str = "names", timing: dict | None = None) -> float:  # fmt: skip
+    """Accuracy of the saved LLaVA choosing among ``cands`` (class ids, in the order shown, named by
+    ``class_names``), loaded through the backend a user's config builds; ``options`` as the prompt's.
+    ``timing``, when given, gets the wall seconds per image of the answers (loading excluded)."""
     from PIL import Image
 
     from cascadevlm.lvlm.base import LVLMRequest
     from cascadevlm.lvlm.transformers_backend import TransformersBackend
 
+    prompt = dataclasses.replace(demo_prompt_config(), options=options)
     backend = TransformersBackend(model=str(model_dir), mode="score", device="cpu", batch_size=64,
-                                  prompt=demo_prompt_config()).load()  # fmt: skip
+                                  prompt=prompt).load()  # fmt: skip
     hits = 0
+    t0 = time.perf_counter()
     for i in range(0, len(images), 64):
         reqs = [
             LVLMRequest(image=Image.fromarray(im), candidates=[class_names[c] for c in cs], key=str(i + j))
@@ -386,7 +463,25 @@ def lvlm_accuracy(model_dir: Path, images: np.ndarray, labels: np.ndarray, cands
         ]
         for a, cs, y in zip(backend.choose(reqs), cands[i : i + 64], labels[i : i + 64], strict=True):
             hits += int(cs[a.choice] == y) if a.choice is not None else 0
+    if timing is not None:
+        timing["seconds_per_image"] = (time.perf_counter() - t0) / len(images)
     return hits / len(images)
+
+
+def check_on_uncertain(model_dir: Path, images: np.ndarray, labels: np.ndarray, cands: list[list[int]],
+                       class_names: list[str], clip_acc: float) -> dict:  # fmt: skip
+    """The LLaVA on CLIP's most uncertain val images: names in three spellings (registry, official, upper
+    case) and lettered options (registry names), CLIP's accuracy beside them, and seconds per image."""
+    timing: dict = {}
+    out = {"images": len(images), "clip_acc": clip_acc}
+    for scheme in ("registry", "official", "upper"):
+        t = timing if scheme == "registry" else None
+        out[f"lvlm_acc_{scheme}"] = lvlm_accuracy(model_dir, images, labels, cands, spelling(class_names, scheme),
+                                                  timing=t)  # fmt: skip
+    out["lvlm_acc_letters"] = lvlm_accuracy(model_dir, images, labels, cands, class_names, options="letters")
+    out["lvlm_acc"] = out["lvlm_acc_registry"]
+    out["seconds_per_image"] = round(timing["seconds_per_image"], 5)
+    return out
 
 
 def sha256(path: Path) -> str:
@@ -397,26 +492,46 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _mark_llava(out_dir: Path, seed: int) -> None:
+def _mark_llava(out_dir: Path, seed: int, size: str = "main") -> None:
     from cascadevlm.provenance import write_provenance
 
+    v_layers, v_width, t_layers, t_width = LLAVA_SIZES[size]
+    what = "a small LLaVA" if size == "main" else "the demo's cheaper, weaker second LLaVA"
     write_provenance(out_dir, {
         "kind": "trained-demo",
-        "description": "a small LLaVA (CLIP vision tower + 3-layer Llama, trained from scratch) fine-tuned here by "
-        "cascadevlm.zoo.pretrain on Fashion-MNIST's train split (all 10 classes) to answer the cascade prompt; "
+        "description": f"{what} ({v_layers}-layer CLIP vision tower, {v_width} wide + {t_layers}-layer Llama, "
+        f"{t_width} wide, trained from scratch) fine-tuned here by cascadevlm.zoo.pretrain on Fashion-MNIST's "
+        "train split (all 10 classes) to answer the cascade prompt, its candidates named in varied spellings; "
         "not a pretrained LVLM",
         "seed": seed,
     })  # fmt: skip
+
+
+def _reused_clip_info(path: Path) -> dict:
+    """``--clip-from``'s record: its own training record from the manifest beside it when that lists these
+    bytes (the committed CLIP), else only where it came from."""
+    info: dict = {"reused": str(path), "sha256": sha256(path)}
+    beside = path.parent / "manifest.json"
+    if beside.is_file():
+        old = json.loads(beside.read_text())
+        if old.get("files", {}).get(path.name) == info["sha256"]:
+            info["trained_by"] = {"command": old.get("command"), **{k: v for k, v in old["clip"].items()
+                                                                       if k not in ("model_name", "path")}}  # fmt: skip
+    return info
 
 
 # ------------------------------------------------------------------------------------------------ main
 def pretrain(
     out: Path = DEFAULT_OUT, seed: int = 0, clip_steps: int = 400, clip_batch: int = 256, clip_lr: float = 2e-3,
     vision_steps: int = 250, vision_batch: int = 128, vision_lr: float = 2e-3,
-    lvlm_steps: int = 400, lvlm_batch: int = 32, lvlm_lr: float = 1e-3, train_limit: int | None = None,
-    val_limit: int = 2000, data_root: str = "data", command: str | None = None,
+    lvlm_steps: int = 800, lvlm_batch: int = 32, lvlm_lr: float = 1e-3,
+    small_vision_steps: int = 150, small_lvlm_steps: int = 600, small_lvlm_lr: float = 2e-3,
+    train_upper: bool = True, letters_fraction: float = LETTERS_FRACTION, train_limit: int | None = None,
+    val_limit: int = 2000, data_root: str = "data", command: str | None = None, clip_from: Path | None = None,
+    small: bool = True,
 ) -> dict:  # fmt: skip
-    """Train both models into ``out`` and write ``manifest.json``; returns the manifest."""
+    """Train CLIP and both LLaVAs into ``out`` and write ``manifest.json``; returns the manifest.
+    ``clip_from``: reuse that CLIP checkpoint instead of training one (for iterating on the LLaVAs)."""
     from cascadevlm.clip.model import load_clip
     from cascadevlm.data.demo import fashion_mnist_dir
     from cascadevlm.data.loading import load_dataset_dict
@@ -424,6 +539,8 @@ def pretrain(
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    reused = _reused_clip_info(Path(clip_from)) if clip_from is not None else None
+    (out / "manifest.json").unlink(missing_ok=True)  # the old one would refuse the new weights at the checks
     class_names = list(FASHION_MNIST.class_names)
     templates = list(FASHION_MNIST.templates)
     dataset_dir = str(fashion_mnist_dir(data_root))
@@ -438,10 +555,15 @@ def pretrain(
     va_px = clip_pixels(va_img, ref.preprocess)
     clip_path = out / CLIP_FILE
     cpu0 = time.process_time()
-    clip_info = train_clip(
-        clip_path, tr_px, tr_y, class_names, templates, clip_steps, clip_batch, clip_lr, seed
-    )
-    clip_info["cpu_seconds"] = round(time.process_time() - cpu0, 1)
+    if clip_from is None:
+        clip_info = train_clip(
+            clip_path, tr_px, tr_y, class_names, templates, clip_steps, clip_batch, clip_lr, seed
+        )
+        clip_info["cpu_seconds"] = round(time.process_time() - cpu0, 1)
+    else:
+        clip_info = reused
+        if Path(clip_from).resolve() != clip_path.resolve():
+            shutil.copyfile(clip_from, clip_path)
     bundle = load_clip(CLIP_MODEL, pretrained=str(clip_path))  # the user's route
     va_p = clip_probs(bundle, va_px, class_names, templates)
     left = np.isin(va_y, [class_names.index(n) for n in LEFT_OUT])
@@ -451,7 +573,16 @@ def pretrain(
     }  # fmt: skip
     log.info("CLIP val zero-shot: %s", clip_info["val_zero_shot_acc"])
 
-    # 2. LLaVA, with CLIP's candidates on half of the training images
+    # 2. the LLaVAs, with CLIP's candidates on half of the training images and names in varied spellings
+    schemes = name_schemes(class_names, train_upper)
+    ent = -(va_p * va_p.clamp_min(1e-12).log()).sum(-1).numpy()
+    top = va_p.topk(NUM_CANDIDATES, -1).indices.tolist()
+    unsure = np.argsort(-ent, kind="stable")[: max(1, int(0.3 * len(ent)))]
+    clip_unsure = float(va_hit[unsure].mean())
+    sizes = {"main": (LLAVA_DIR, vision_steps, lvlm_steps, lvlm_lr)}
+    if small:
+        sizes["small"] = (LLAVA_SMALL_DIR, small_vision_steps, small_lvlm_steps, small_lvlm_lr)
+    lvlms = {}
     with tempfile.TemporaryDirectory(prefix="cascadevlm-pretrain-") as tmp:
         work = Path(tmp)
         tr_p = clip_probs(bundle, tr_px, class_names, templates)
@@ -459,24 +590,30 @@ def pretrain(
         rows = np.arange(len(tr_y))
         clip_rows = np.sort(rng.choice(rows, size=len(rows) // 2, replace=False))
         records = write_train_records(work / "train_records.parquet", tr_p, tr_y, clip_rows)
-        cpu0 = time.process_time()
-        init = build_llava_init(work / "init", class_names, seed)
-        vision_info = pretrain_vision_tower(init, tr_img, tr_y, vision_steps, vision_batch, vision_lr, seed)
-        llava_dir = out / LLAVA_DIR
-        lvlm_info = train_llava(init, llava_dir, work, dataset_dir, rows.tolist(), records, lvlm_steps,
-                                lvlm_batch, lvlm_lr, seed, val_limit=256)  # fmt: skip
-        lvlm_info = {"stage1_vision_tower": vision_info, "stage2_full_finetune": lvlm_info,
-                     "cpu_seconds": round(time.process_time() - cpu0, 1)}  # fmt: skip
-    _mark_llava(llava_dir, seed)
-
-    # 3. Check on val: the LVLM must beat CLIP on the images CLIP is least sure of
-    ent = -(va_p * va_p.clamp_min(1e-12).log()).sum(-1).numpy()
-    top = va_p.topk(NUM_CANDIDATES, -1).indices.tolist()
-    unsure = np.argsort(-ent, kind="stable")[: max(1, int(0.3 * len(ent)))]
-    lv_acc = lvlm_accuracy(llava_dir, va_img[unsure], va_y[unsure], [top[i] for i in unsure], class_names)
-    lvlm_info["val_most_uncertain_30pct"] = {"lvlm_acc": lv_acc, "clip_acc": float(va_hit[unsure].mean()),
-                                             "images": int(len(unsure))}  # fmt: skip
-    log.info("val, CLIP's 30%% most uncertain: %s", lvlm_info["val_most_uncertain_30pct"])
+        for size, (name, v_steps, l_steps, l_lr) in sizes.items():
+            cpu0 = time.process_time()
+            init = build_llava_init(work / f"init_{size}", class_names, seed, size)
+            vision_info = pretrain_vision_tower(init, tr_img, tr_y, v_steps, vision_batch, vision_lr, seed)
+            llava_dir = out / name
+            lvlm_info = train_llava(init, llava_dir, work / size, dataset_dir, rows.tolist(), records, l_steps,
+                                    lvlm_batch, l_lr, seed, val_limit=256, schemes=schemes,
+                                    letters_fraction=letters_fraction)  # fmt: skip
+            _mark_llava(llava_dir, seed, size)
+            v_layers, v_width, t_layers, t_width = LLAVA_SIZES[size]
+            lvlms[size] = {
+                "path": name, "finetune": "full", "prompt_options": "names",
+                "size": {"vision_layers": v_layers, "vision_width": v_width, "llama_layers": t_layers,
+                         "llama_width": t_width},
+                "stage1_vision_tower": vision_info, "stage2_full_finetune": lvlm_info,
+                "cpu_seconds": round(time.process_time() - cpu0, 1),
+            }  # fmt: skip
+            # 3. Check on val: the LVLM must beat CLIP on the images CLIP is least sure of, however named
+            lvlms[size]["val_most_uncertain_30pct"] = check_on_uncertain(
+                llava_dir, va_img[unsure], va_y[unsure], [top[i] for i in unsure], class_names, clip_unsure
+            )
+            log.info(
+                "%s LLaVA, val, CLIP's 30%% most uncertain: %s", size, lvlms[size]["val_most_uncertain_30pct"]
+            )
 
     files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != "manifest.json")
     manifest = {
@@ -493,7 +630,15 @@ def pretrain(
         "threads": torch.get_num_threads(),
         "left_out_classes": list(LEFT_OUT),
         "clip": {"model_name": CLIP_MODEL, "path": CLIP_FILE, **clip_info},
-        "lvlm": {"path": LLAVA_DIR, "finetune": "full", "prompt_options": "names", **lvlm_info},
+        "lvlm": lvlms["main"],
+        **({"lvlm_small": lvlms["small"]} if small else {}),
+        "lvlm_training_names": {
+            "schemes": {k: n for k, (_, n) in schemes.items()},
+            "held_out": [] if train_upper else ["upper (FULL UPPER CASE)"],
+            "letters_fraction": letters_fraction,
+            "candidates": "CLIP's top-5 in CLIP's order on half of the train images, the true class among "
+            "random distractors in random order on the other half",
+        },
         "total_seconds": round(time.perf_counter() - t_all, 1),  # wall clock, on a CPU shared with others
         "total_cpu_seconds": round(time.process_time() - cpu_all, 1),
         "files": {str(p.relative_to(out)): sha256(p) for p in files},
@@ -510,7 +655,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clip-steps", type=int, default=400)
     p.add_argument("--vision-steps", type=int, default=250, help="LLaVA stage 1 (vision tower) steps")
-    p.add_argument("--lvlm-steps", type=int, default=400, help="LLaVA stage 2 (full fine-tuning) steps")
+    p.add_argument("--lvlm-steps", type=int, default=800, help="LLaVA stage 2 (full fine-tuning) steps")
+    p.add_argument("--small-vision-steps", type=int, default=150, help="small LLaVA stage 1 steps")
+    p.add_argument("--small-lvlm-steps", type=int, default=600, help="small LLaVA stage 2 steps")
+    p.add_argument("--no-small", action="store_true", help="train the main LLaVA only (iterating)")
+    p.add_argument("--hold-out-upper", action="store_true",
+                   help="leave FULL UPPER CASE names out of stage 2 (trained on by default)")  # fmt: skip
+    p.add_argument("--letters-fraction", type=float, default=LETTERS_FRACTION,
+                   help="share of stage-2 prompts with lettered options")  # fmt: skip
+    p.add_argument("--clip-from", type=Path, default=None,
+                   help="reuse this CLIP checkpoint instead of training one (iterating on the LLaVAs)")  # fmt: skip
     p.add_argument(
         "--threads", type=int, default=1, help="torch threads (1: the same numbers on any machine)"
     )
@@ -518,16 +672,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--val-limit", type=int, default=2000, help="val images for the manifest's accuracies")
     p.add_argument("--data-root", default="data", help="where the Fashion-MNIST splits are built")
     args = one_flag_style(p).parse_args(argv)  # --clip_steps as in train.py; --clip-steps still works
+    if not 0.0 <= args.letters_fraction <= 1.0:
+        p.error(f"--letters-fraction must be in [0, 1], got {args.letters_fraction}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     argv_ = sys.argv[1:] if argv is None else argv
     manifest = pretrain(
         args.out, args.seed, clip_steps=args.clip_steps, vision_steps=args.vision_steps, lvlm_steps=args.lvlm_steps,
-        train_limit=args.train_limit,
-        val_limit=args.val_limit, data_root=args.data_root,
+        small_vision_steps=args.small_vision_steps, small_lvlm_steps=args.small_lvlm_steps,
+        train_upper=not args.hold_out_upper, letters_fraction=args.letters_fraction, train_limit=args.train_limit,
+        val_limit=args.val_limit, data_root=args.data_root, clip_from=args.clip_from, small=not args.no_small,
         command=shlex.join(["python", "-m", "cascadevlm.zoo.pretrain", *argv_]),
     )  # fmt: skip
-    print(json.dumps({k: manifest[k] for k in ("clip", "lvlm", "total_seconds")}, indent=1))
+    print(json.dumps({k: manifest.get(k) for k in ("clip", "lvlm", "lvlm_small", "total_seconds")}, indent=1))
 
 
 if __name__ == "__main__":
