@@ -126,7 +126,9 @@ def test_demo_console_names_each_stage_and_has_no_third_party_noise(demo_runs):
     block = _closing_block(p.stdout, ["CLIP", "cascade", "LVLM on all"])
     run_dir = demo_runs["run_dir"]
     assert block["run"] == f"{run_dir}/"
-    assert block["wrote"] == "records.parquet, metrics.json, summary.md, sweep.csv, plots/, tensorboard/"
+    assert block["wrote"] == (
+        "records.parquet, metrics.json, summary.md, stages.parquet, sweep.csv, plots/, tensorboard/"
+    )
     methods = json.loads((run_dir / "metrics.json").read_text())["methods"]
     cascade = methods["cascade"]
     assert (
