@@ -165,7 +165,8 @@ def test_canary_candidates_in_reversed_order_is_caught(demo_run, data_root, monk
 
 
 # ------------------------------------------------------------------------------------------ reading the options
-SPELLING_LIMIT = 2000  # the demo's 2000 test images: about 600 deferred (400 give ~100: margins of 1-2 images)
+# the demo's 2000 test images: about 600 deferred (400 give ~100, margins of 1-2 images)
+SPELLING_LIMIT = 2000
 
 
 @pytest.fixture(scope="module")
