@@ -16,7 +16,9 @@ from cascadevlm.gating import cost as cost_module
 from cascadevlm.gating.cost import (
     CostTable,
     StageColumn,
+    choose_combination,
     choose_thresholds,
+    combinations,
     outcome,
     pareto_front,
     pareto_points,
@@ -121,6 +123,49 @@ def test_choose_thresholds_equals_brute_force(stages, seed, levels, block):
             choice.cost_per_1000,
             choice.calls,
         )
+
+
+@pytest.mark.parametrize("levels", [5, None], ids=["ties", "distinct"])
+@pytest.mark.parametrize("seed", range(3))
+def test_choose_combination_equals_brute_force_over_every_combination(seed, levels, block):
+    """The best feasible accuracy over every combination x thresholds, ties to the cheaper, then to the
+    earlier combination; a combination that skips a stage is chosen where it is strictly better."""
+    table = random_table(seed + 40, n=30, stages=3, levels=levels)
+    small = table.stages[1]  # a middle LVLM that mostly repeats CLIP: it costs and seldom helps
+    repeat = np.random.default_rng(seed).random(table.n) < 0.7
+    small.pred = np.where(repeat, table.stages[0].pred, small.pred)
+    combos = combinations(table)
+    assert combos == [(0,), (0, 1), (0, 2), (0, 1, 2)]
+    settings = {c: brute_force(table, c) for c in combos}
+    costs = sorted({c for v in settings.values() for _, c, _ in v})
+    skipped_better = 0
+    big_on_all = outcome(table, [-math.inf], (0, 2))["cost_per_1000"]
+    for budget in [*np.linspace(costs[0], costs[-1], 12), big_on_all]:
+        choice = choose_combination(table, float(budget))
+        fits = {c: [(a, k) for a, k, _ in v if k <= budget + 1e-9] for c, v in settings.items()}
+        best = max(a for v in fits.values() for a, _ in v)
+        cheapest = min(k for v in fits.values() for a, k in v if a == best)
+        first = next(c for c in combos if (best, cheapest) in fits[c])
+        assert (choice.acc, choice.cost_per_1000, choice.stages) == (best, cheapest, first)
+        again = outcome(table, choice.thresholds, choice.stages)
+        assert (again["acc"], again["cost_per_1000"], again["calls"]) == (best, cheapest, choice.calls)
+        assert [r["stages"] for r in choice.per_combination] == [list(c) for c in combos]
+        chain = choose_thresholds(table, float(budget))  # the whole chain only, as before
+        skipped_better += choice.acc > chain.acc
+    assert skipped_better  # a budget where only skipping the middle stage reaches the best
+
+
+def test_choose_combination_among_the_given_combinations_only():
+    table = random_table(43, n=30, stages=3)
+    budget = outcome(table, [-math.inf], (0, 2))["cost_per_1000"]  # the big LVLM on every image fits
+    assert choose_combination(table, budget).stages == (0, 2)
+    allowed = [(0,), (0, 1), (0, 1, 2)]  # e.g. stage 2 takes stage 1's candidates
+    choice = choose_combination(table, budget, allowed)
+    assert choice.stages != (0, 2) and [tuple(r["stages"]) for r in choice.per_combination] == allowed
+    with pytest.raises(
+        ValueError, match=r"^a combination of stages starts with stage 0 \(CLIP\), got \[1, 2\]$"
+    ):
+        choose_combination(table, budget, [(1, 2)])
 
 
 def test_choose_thresholds_never_exceeds_budget_on_validation(block):

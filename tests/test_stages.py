@@ -249,6 +249,49 @@ def test_cost_budget_thresholds_stay_within_it_on_validation(small_root, truth, 
     assert cols[2]["usd"][cols[2]["answered"]] == pytest.approx(0.01)
 
 
+def test_cost_budget_skips_a_stage_when_that_is_better_and_asks_it_nothing(small_root, truth, tmp_path):
+    """CLIP -> a guessing LVLM -> a strong one, each LVLM on CLIP's top-5, 10 usd per 1000 images each:
+    within 12 per 1000 the strong one on every image (CLIP -> big) beats every setting of the whole
+    chain on validation; the run chooses it and, with lvlm_on deferred, asks the skipped stage nothing
+    on the test images."""
+    from cascadevlm.gating.cost import choose_combination, choose_thresholds, outcome, read_cost_table
+
+    stages = [stage("small", truth, 0.0, 1, gate="margin", price={"usd_per_image": 0.01}),
+              stage("big", truth, 4.0, 2, price={"usd_per_image": 0.01})]  # fmt: skip
+    usd = ("--cascade.cost_unit", "usd", "--cascade.clip_price", '{"usd_per_image": 0.001}',
+           "--cascade.lvlm_on_val", "true", "--cascade.lvlm_on", "deferred")  # fmt: skip
+    m = main(args(small_root, tmp_path, None, stages, *usd, "--cascade.cost_budget", "12"))
+    run = next(p for p in tmp_path.iterdir() if (p / "metrics.json").exists())
+    assert "_cost12u-val-combos_deferred_" in run.name
+    gate = m["gate"]
+    assert gate["combination"] == ["clip", "big"] and gate["combination_stages"] == [0, 2]
+    assert gate["thresholds"][1] is None  # the skipped stage has none
+    val = read_cost_table(run / "val_stages.parquet", run / "val_records.parquet", "usd")
+    chosen = outcome(val, [gate["thresholds"][0]], (0, 2))
+    assert chosen["cost_per_1000"] <= 12 + 1e-9
+    assert (chosen["acc"], chosen["calls"]) == (gate["budget_split_acc1"], gate["budget_split_calls"])
+    assert choose_combination(val, 12).stages == (0, 2)  # the same choice from the files
+    chain = choose_thresholds(val, 12)  # the whole chain, all the search could choose before
+    assert chosen["acc"] > chain.acc == gate["budget_split_combinations"]["clip > small > big"]["acc"]
+    # the test images: small is asked nothing, big about the images CLIP sends it, records are the walk
+    assert len(ScoredLVLM.log["small"]) == 60
+    cols = stage_columns(run / "stages.parquet")
+    sent = cols[0]["uncertainty"] > gate["thresholds"][0]
+    assert not cols[1]["answered"].any() and cols[2]["answered"].tolist() == sent.tolist()
+    assert len(ScoredLVLM.log["big"]) == 60 + sent.sum()
+    records = read_records(run / "records.parquet")
+    assert [r.final for r in records] == np.where(sent, cols[2]["pred"], cols[0]["pred"]).tolist()
+    assert [r.deferred for r in records] == sent.tolist()
+    labels = np.asarray([r.label for r in records])
+    assert m["methods"]["cascade"]["acc1"] == pytest.approx(
+        (np.asarray([r.final for r in records]) == labels).mean()
+    )
+    assert m["params"]["combination"] == "clip > big" and m["cost"]["calls"] == [40, 0, int(sent.sum())]
+    assert [st["in_combination"] for st in m["stages"][1:]] == [False, True]
+    assert m["cost"]["per_1000_images"] == pytest.approx(1 + 10 * sent.mean() * 1)
+    assert "| combination | clip > big |" in (run / "summary.md").read_text()
+
+
 def test_cost_budget_below_clip_alone_is_refused_before_any_lvlm_stage(small_root, truth, tmp_path):
     stages = three_stages(truth, taus=(None, None))
     stages[0]["price"], stages[1]["price"] = {"usd_per_image": 0.002}, {"usd_per_image": 0.01}

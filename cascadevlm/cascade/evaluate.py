@@ -448,7 +448,8 @@ def default_run_name(
         from cascadevlm.cascade.stages import stages_identity_hash
 
         if opts.cost_budget is not None:
-            gate = f"cost{opts.cost_budget:g}{opts.cost_unit[0]}-{opts.budget_split}"
+            # "-combos": the budget chooses the combination of stages too (runs before chose the whole chain)
+            gate = f"cost{opts.cost_budget:g}{opts.cost_unit[0]}-{opts.budget_split}-combos"
         else:
             gate = f"tau{opts.tau:g}"
         parts += ["stages-" + "+".join(st.name for st in stages), f"st{stages_identity_hash(stages)}", gate,
@@ -1020,12 +1021,15 @@ def two_stage_costs(run: Run, records: list[PredictionRecord], answers: dict) ->
 
 
 # ----------------------------------------------------------------------------------- several LVLMs
-def _reaching(columns: list, thresholds: list[float], s: int) -> np.ndarray:
-    """Which images reach stage ``s`` given the first ``s`` stages' uncertainties and thresholds."""
+def _reaching(columns: list, thresholds: list, s: int, combination: tuple[int, ...]) -> np.ndarray:
+    """Which images reach stage ``s`` of ``combination`` given its earlier stages' uncertainties and
+    thresholds (none when the combination skips ``s``)."""
     from cascadevlm.cascade.stages import gate_uncertainty
 
-    going = np.ones(len(columns[0].pred), dtype=bool)
-    for k in range(s):
+    going = np.full(len(columns[0].pred), s in combination)
+    for k in combination:
+        if k >= s:
+            break
         going &= gate_uncertainty(columns[k].uncertainty) > thresholds[k]
     return going
 
@@ -1037,22 +1041,25 @@ def ask_stages(
     thresholds: list[float] | None,
     parts_root: Path,
     dm: CascadeDataModule | None = None,
+    combination: tuple[int, ...] | None = None,
 ) -> dict[str, dict]:
     """Every LVLM stage of ``cascade.stages`` in order, each on its own parts directory (stage 1:
     ``parts_root``, stage s: ``parts_root/stage<s>``) with its own fingerprint: about every image
-    (``thresholds`` None or ``lvlm_on: all``) or those that reach it. Appends each stage's column to
+    (``thresholds`` None or ``lvlm_on: all``) or those that reach it through the stages of
+    ``combination`` (default: all; a stage it skips is asked nothing). Appends each stage's column to
     ``columns``; returns the call counts by stage name."""
     from cascadevlm.cascade.lvlm_stage import _digest
     from cascadevlm.cascade.stages import lvlm_column, ranked_candidates
 
     calls: dict[str, dict] = {}
     digests: list[str] = []
+    combination = tuple(range(len(run.stages) + 1)) if combination is None else tuple(combination)
     for st in run.stages:
         s = st.index
         if thresholds is None or run.opts.lvlm_on == "all":
             wanted = list(records)
         else:
-            mask = _reaching(columns, thresholds, s)
+            mask = _reaching(columns, thresholds, s, combination)
             wanted = [r for r, m in zip(records, mask, strict=True) if m]
         info = {"index": s, "candidates": st.candidates}
         if st.candidates == "previous":
@@ -1104,11 +1111,20 @@ def _shared_clip_records(run: Run, dm: CascadeDataModule, parts: Path, title: st
 
 
 def choose_stage_thresholds(run: Run) -> dict:
-    """``cascade.cost_budget``: CLIP, then every LVLM stage, on every ``budget_split`` image; every
-    threshold chosen there from ``val_stages.parquet`` (:func:`cascadevlm.gating.cost.choose_thresholds`).
-    A budget below CLIP alone's cost there is refused before any LVLM stage runs."""
+    """``cascade.cost_budget``: CLIP, then every LVLM stage, on every ``budget_split`` image; the
+    combination of stages and its thresholds chosen there from ``val_stages.parquet``
+    (:func:`cascadevlm.gating.cost.choose_combination`: every combination whose stages have their
+    candidates; one with ``candidates: previous`` needs the stage before it). A budget below CLIP
+    alone's cost there is refused before any LVLM stage runs."""
     from cascadevlm.cascade.runner import read_clip_seconds
-    from cascadevlm.cascade.stages import clip_column, stage_cost, stage_records, write_stage_table
+    from cascadevlm.cascade.stages import (
+        chain_thresholds,
+        clip_column,
+        combinations,
+        stage_cost,
+        stage_records,
+        write_stage_table,
+    )
 
     opts, run_dir, trainer = run.opts, run.run_dir, run.cli.trainer
     val_dm = _with_split(run.cli.datamodule, opts.budget_split)
@@ -1138,7 +1154,7 @@ def choose_stage_thresholds(run: Run) -> dict:
                     f"{int((~np.isfinite(cost)).sum())} {val_dm.split} images: set {st.where}.price so that it "
                     "applies (a token rate needs a backend that reports tokens), or --cascade.cost_unit seconds"
                 )
-        from cascadevlm.gating.cost import choose_thresholds, read_cost_table
+        from cascadevlm.gating.cost import choose_combination, read_cost_table
 
         start = [-math.inf] * len(run.stages)
         write_stage_table(run_dir / "val_stages.parquet", val, columns)
@@ -1146,18 +1162,26 @@ def choose_stage_thresholds(run: Run) -> dict:
         table = read_cost_table(
             run_dir / "val_stages.parquet", run_dir / "val_records.parquet", opts.cost_unit
         )
-        choice = choose_thresholds(table, opts.cost_budget)
-        thresholds = [float(t) for t in choice.thresholds]
-        write_records(run_dir / "val_records.parquet", stage_records(val, columns, thresholds))
+        previous = {st.index for st in run.stages if st.candidates == "previous"}
+        allowed = [c for c in combinations(len(columns)) if all(s - 1 in c for s in previous & set(c))]
+        choice = choose_combination(table, opts.cost_budget, allowed)
+        combo = [int(s) for s in choice.stages]
+        thresholds = chain_thresholds(combo, choice.thresholds, len(columns))
+        write_records(run_dir / "val_records.parquet", stage_records(val, columns, thresholds, combo))
         gate = {
             "tau": thresholds[0],
             "thresholds": thresholds,
+            "combination": [columns[s].name for s in combo],
+            "combination_stages": combo,
             "source": f"cost_budget {opts.cost_budget:g} {opts.cost_unit} per 1000 images on {val_dm.split}",
             "budget_split_acc1": choice.acc,
             "budget_split_cost_per_1000": choice.cost_per_1000,
             "budget_split_calls": list(choice.calls),
             "search": {"exact": choice.exact, "points_searched": choice.points_searched,
                        "seconds": choice.seconds, "note": choice.note},
+            "budget_split_combinations": {" > ".join(r["names"]): {k: r[k] for k in
+                                          ("acc", "cost_per_1000", "calls", "thresholds", "exact")}
+                                          for r in choice.per_combination},
         }  # fmt: skip
         atomic_write_text(gate_path, json.dumps(gate, default=str))
     trainer.strategy.barrier()
@@ -1175,13 +1199,15 @@ def evaluate_stages(run: Run) -> dict | None:
     clip_records = _shared_clip_records(run, dm, run_dir / "parts", f"CLIP stage: {dm.split}")
     if opts.cost_budget is not None:
         gate = choose_stage_thresholds(run)
-        thresholds = [float(t) for t in gate["thresholds"]]
+        thresholds = [None if t is None else float(t) for t in gate["thresholds"]]
+        combination = tuple(int(s) for s in gate["combination_stages"])
     else:
         thresholds = [float(opts.tau), *(float(st.tau) for st in run.stages[:-1])]
         gate = {"tau": thresholds[0], "thresholds": thresholds, "source": "config"}
+        combination = tuple(range(len(run.stages) + 1))
     seconds = read_clip_seconds(run_dir / "parts", len(clip_records))
     columns = [clip_column(clip_records, seconds, opts.clip_price, opts.gate)]
-    calls = ask_stages(run, clip_records, columns, thresholds, run_dir / "parts")
+    calls = ask_stages(run, clip_records, columns, thresholds, run_dir / "parts", combination=combination)
     if opts.lvlm_on_val and opts.cost_budget is None:  # answers on the validation split, for the report
         val_dm = _with_split(dm, opts.budget_split)
         val = _shared_clip_records(run, val_dm, run_dir / "parts" / "budget", f"CLIP stage: {val_dm.split}")
@@ -1195,13 +1221,14 @@ def evaluate_stages(run: Run) -> dict | None:
             write_records(run_dir / "val_records.parquet", stage_records(val, vcols, thresholds))
     if not run.rank0:
         return None
-    return report_stages(run, clip_records, columns, thresholds, gate, calls)
+    return report_stages(run, clip_records, columns, thresholds, gate, calls, combination)
 
 
-def report_stages(run: Run, clip_records: list, columns: list, thresholds: list[float], gate: dict,
-                  calls: dict) -> dict:  # fmt: skip
+def report_stages(run: Run, clip_records: list, columns: list, thresholds: list, gate: dict,
+                  calls: dict, combination: tuple[int, ...] | None = None) -> dict:  # fmt: skip
     """Records, stages.parquet, metrics.json (a method per combination of stages), summary.md and the
-    Pareto report of a ``cascade.stages`` run."""
+    Pareto report of a ``cascade.stages`` run; the cascade walks ``combination`` (default: every stage;
+    a cost budget may choose fewer, docs/stages.md)."""
     from cascadevlm.cascade.stages import (
         combination_outcome,
         combinations,
@@ -1221,23 +1248,26 @@ def report_stages(run: Run, clip_records: list, columns: list, thresholds: list[
     run_dir, notes, stages = run.run_dir, run.notes, run.stages
     hp = model.hparams
     num_classes = len(dm.class_names)
-    records = stage_records(clip_records, columns, thresholds)
+    combination = tuple(range(len(columns))) if combination is None else tuple(combination)
+    records = stage_records(clip_records, columns, thresholds, combination)
     write_stage_table(run_dir / "stages.parquet", records, columns)
     metrics = classification_metrics(records, num_classes)
     labels = np.asarray([r.label for r in records], dtype=np.int64)
     names = [c.name for c in columns]
     methods: dict = {"clip": {"acc1": metrics.get("clip_acc1", float("nan")), "deferral": 0.0}}
-    last = reached_stages(columns, thresholds)
+    last = reached_stages(columns, thresholds, combination)
     methods["cascade"] = {"acc1": metrics.get("acc1", float("nan")), "deferral": float((last > 0).mean()),
                           "tau": thresholds[0], "thresholds": thresholds}  # fmt: skip
     combos = {}
     for comb in combinations(len(columns)):
         key = " > ".join(names[s] for s in comb)
+        if any(thresholds[s] is None for s in comb[:-1]):
+            continue  # it goes on from a stage the chosen combination skips: no threshold for it
         out = combination_outcome(columns, labels, comb, [thresholds[s] for s in comb[:-1]])
         if out is not None:
             combos[key] = {"acc1": out["acc"], "calls": out["calls"], "cost_per_image": out["cost_per_image"],
                            "thresholds": [thresholds[s] for s in comb[:-1]]}  # fmt: skip
-    full = " > ".join(names)
+    full = " > ".join(names[s] for s in combination)
     for key, c in combos.items():  # each combination at the run's thresholds (the whole one is "cascade")
         if key not in ("clip", full):
             methods[key] = {"acc1": c["acc1"], "deferral": c["calls"][1] / max(len(records), 1)}
@@ -1255,6 +1285,7 @@ def report_stages(run: Run, clip_records: list, columns: list, thresholds: list[
         "shots": ad["shots"] if ad and ad["shots"] is not None else dm.shots,
         "seed": ad["seed"] if ad and ad["seed"] is not None else dm.seed,
         "lvlm": " > ".join(st.name for st in stages), "stages": [st.name for st in stages],
+        "combination": full,
         "tau": thresholds[0], "thresholds": thresholds, "gate": gate["source"], "lvlm_on": opts.lvlm_on,
         "topk": opts.topk, "incontext_shots": opts.incontext_shots, "gate_score": opts.gate,
         "lvlm_on_val": opts.lvlm_on_val, "cost_budget": opts.cost_budget, "cost_unit": opts.cost_unit,
@@ -1270,7 +1301,7 @@ def report_stages(run: Run, clip_records: list, columns: list, thresholds: list[
         fp = st.backend.answer_fingerprint()
         stage_rows.append({"stage": st.index, "name": st.name, "backend": fp.get("backend"), "model": fp.get("model"),
                            "mode": fp.get("mode"), "gate": st.gate, "candidates": st.candidates, "topk": st.topk,
-                           "price": st.price,
+                           "price": st.price, "in_combination": st.index in combination,
                            "threshold": thresholds[st.index] if st.index < len(thresholds) else None})  # fmt: skip
     payload = {
         "params": params,
@@ -1279,7 +1310,7 @@ def report_stages(run: Run, clip_records: list, columns: list, thresholds: list[
         "gate": gate,
         "stages": stage_rows,
         "combinations": combos,
-        "cost": cost_block(columns, last, opts.cost_unit),
+        "cost": cost_block(columns, last, opts.cost_unit, combination),
         "class_names": list(model.class_names or dm.class_names),
         "templates": list(model.templates),
         "config": _config_dict(cfg),

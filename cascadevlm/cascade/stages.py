@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib
+import itertools
 import json
 import math
 from collections.abc import Sequence
@@ -365,25 +366,67 @@ def gate_uncertainty(u: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(u), np.inf, u)
 
 
-def reached_stages(columns: Sequence[StageAnswers], thresholds: Sequence[float]) -> np.ndarray:
-    """The last stage each image reaches (0 = CLIP only): it goes on from s while uncertainty_s > t_s."""
+def check_combination(combination: Sequence[int] | None, num_stages: int) -> tuple[int, ...]:
+    """A combination of stages (CLIP first, then LVLM stage ids in increasing order); None: all of them."""
+    combo = tuple(range(num_stages)) if combination is None else tuple(int(s) for s in combination)
+    if (
+        not combo
+        or combo[0] != 0
+        or any(b <= a for a, b in itertools.pairwise(combo))
+        or combo[-1] >= num_stages
+    ):
+        raise ValueError(
+            f"a combination of stages is 0 (CLIP) then increasing ids below {num_stages}, got {combo}"
+        )
+    return combo
+
+
+def chain_thresholds(combination: Sequence[int], thresholds: Sequence[float], num_stages: int) -> list:
+    """One threshold per stage but the last of the whole chain, for ``combination`` at ``thresholds``
+    (one per stage of it but its last): its last stage and every stage after it +inf (nobody goes on,
+    as in the chain itself: a combination that drops only later stages is the chain at these thresholds),
+    a stage it skips before its last None (it is not asked: no threshold can say that)."""
+    combo = check_combination(combination, num_stages)
+    if len(thresholds) != len(combo) - 1:
+        raise ValueError(f"{len(combo)} stages take {len(combo) - 1} thresholds, got {len(thresholds)}")
+    out: list = [None] * (num_stages - 1)
+    for s, t in zip(combo, thresholds, strict=False):
+        out[s] = float(t)
+    for s in range(combo[-1], num_stages - 1):
+        out[s] = math.inf
+    return out
+
+
+def reached_stages(
+    columns: Sequence[StageAnswers], thresholds: Sequence, combination: Sequence[int] | None = None
+) -> np.ndarray:
+    """The last stage each image reaches (0 = CLIP only): it goes on from s while uncertainty_s > t_s.
+    With ``combination``, only its stages are walked (from one to the next of it; ``thresholds`` holds
+    one per stage of the whole chain but its last, as :func:`chain_thresholds`, skipped stages' None)."""
     if len(thresholds) != len(columns) - 1:
         raise ValueError(f"{len(columns)} stages need {len(columns) - 1} thresholds, got {len(thresholds)}")
+    combo = check_combination(combination, len(columns))
     n = len(columns[0].pred)
     last = np.zeros(n, dtype=np.int64)
     going = np.ones(n, dtype=bool)
-    for s, t in enumerate(thresholds):
-        going &= gate_uncertainty(columns[s].uncertainty) > t
-        last[going] = s + 1
+    for a, b in itertools.pairwise(combo):
+        if thresholds[a] is None:
+            raise ValueError(f"stage {a} ({columns[a].name}) of combination {combo} has no threshold")
+        going &= gate_uncertainty(columns[a].uncertainty) > thresholds[a]
+        last[going] = b
     return last
 
 
 def stage_records(
-    records: Sequence[PredictionRecord], columns: Sequence[StageAnswers], thresholds: Sequence[float]
+    records: Sequence[PredictionRecord],
+    columns: Sequence[StageAnswers],
+    thresholds: Sequence,
+    combination: Sequence[int] | None = None,
 ) -> list[PredictionRecord]:
     """Final records of a multi-stage run: ``deferred`` = went past CLIP, ``lvlm_*`` = the answer of the
-    last LVLM stage reached (None when CLIP answered), ``final`` = the cascade's answer."""
-    last = reached_stages(columns, thresholds)
+    last LVLM stage reached (None when CLIP answered), ``final`` = the cascade's answer. ``combination``:
+    the stages walked (default: all; see :func:`reached_stages`)."""
+    last = reached_stages(columns, thresholds, combination)
     out = []
     for j, rec in enumerate(records):
         r = copy.copy(rec)
@@ -479,17 +522,20 @@ def _mean_or_unknown(values: np.ndarray):
     return float(values.mean()) if np.isfinite(values).all() else "unknown"
 
 
-def cost_block(columns: Sequence[StageAnswers], last: np.ndarray, unit: str) -> dict:
+def cost_block(
+    columns: Sequence[StageAnswers], last: np.ndarray, unit: str, combination: Sequence[int] | None = None
+) -> dict:
     """metrics.json's ``cost``: per stage, the images asked (``asked``; ``lvlm_on: all`` asks more than
     reach it), the images that reach it at the run's thresholds (``calls``) and the mean cost per call;
     for the cascade, the mean cost per image (the sum over the stages each image reached) in seconds
     and usd, and per 1000 images in ``unit``. "unknown" where a cost is (a missing price, seconds not
-    kept), never 0."""
+    kept), never 0. ``combination``: the stages the cascade walks (a stage it skips is reached by none)."""
+    combo = set(check_combination(combination, len(columns)))
     stages = []
     totals = {u: np.zeros(len(last)) for u in COST_UNITS}
     for s, col in enumerate(columns):
         answered = col.pred >= 0
-        reached = last >= s
+        reached = (last >= s) & (s in combo)
         row = {"stage": s, "name": col.name, "asked": int(answered.sum()), "calls": int(reached.sum())}
         for u in COST_UNITS:
             c = stage_cost(col, u)

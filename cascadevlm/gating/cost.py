@@ -70,6 +70,8 @@ class ThresholdChoice:
     seconds: float
     note: str
     stages: tuple[int, ...] = ()  # the combination searched (stage ids, starting 0)
+    #: :func:`choose_combination`: each combination's best setting within the budget (what it chose among)
+    per_combination: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -536,6 +538,57 @@ def choose_thresholds(
     )
 
 
+def choose_combination(
+    table: CostTable, budget_per_1000: float, combos: Sequence[Sequence[int]] | None = None
+) -> ThresholdChoice:
+    """The combination of stages and its thresholds that maximise accuracy on ``table`` within
+    ``budget_per_1000``: :func:`choose_thresholds` for each of ``combos`` (default: every combination,
+    :func:`combinations`), then the most accurate, ties to the cheaper, then to the earlier in
+    ``combos`` (fewer stages first: a longer chain whose extra stage nobody reaches gives the same point).
+    ``stages`` of the result is the chosen combination, ``per_combination`` each one's best;
+    ``points_searched`` and ``seconds`` add up over the combinations, ``exact`` holds when every one was."""
+    started = time.perf_counter()
+    combos = [tuple(int(s) for s in c) for c in (combinations(table) if combos is None else combos)]
+    if not combos:
+        raise ValueError("no combination of stages to choose among (give at least CLIP alone)")
+    best: ThresholdChoice | None = None
+    rows = []
+    searched = 0
+    for combo in combos:
+        choice = choose_thresholds(table, budget_per_1000, combo)
+        searched += choice.points_searched
+        rows.append(
+            {"stages": list(combo), "names": [table.stages[s].name for s in combo],
+             "thresholds": choice.thresholds, "acc": choice.acc, "cost_per_1000": choice.cost_per_1000,
+             "calls": choice.calls, "exact": choice.exact}
+        )  # fmt: skip
+        if (
+            best is None
+            or choice.acc > best.acc
+            or (choice.acc == best.acc and choice.cost_per_1000 < best.cost_per_1000)
+        ):
+            best = choice
+    exact = all(r["exact"] for r in rows)
+    names = " > ".join(table.stages[s].name for s in best.stages)
+    note = (
+        f"{names} chosen among {len(combos)} combinations; "
+        + ("exact: every combination's thresholds" if exact else "approximate: " + "; ".join(
+            f"{' > '.join(r['names'])}: not exact" for r in rows if not r["exact"]))
+    )  # fmt: skip
+    return ThresholdChoice(
+        thresholds=best.thresholds,
+        acc=best.acc,
+        cost_per_1000=best.cost_per_1000,
+        calls=best.calls,
+        exact=exact,
+        points_searched=searched,
+        seconds=time.perf_counter() - started,
+        note=note,
+        stages=best.stages,
+        per_combination=rows,
+    )
+
+
 # ------------------------------------------------------------------------------------------- Pareto
 def combinations(table: CostTable) -> list[tuple[int, ...]]:
     """CLIP, then every ordered subset of the LVLM stages."""
@@ -619,6 +672,7 @@ __all__ = [
     "ParetoPoint",
     "StageColumn",
     "ThresholdChoice",
+    "choose_combination",
     "choose_thresholds",
     "combinations",
     "outcome",
