@@ -47,6 +47,7 @@ def cli(args: list[str]) -> None:
 
 
 def evaluate(out: Path, name: str, limit: int, extra: list[str]) -> Path:
+    name = f"{name}_n{limit}" if limit else name  # a run of another size is another run, never reused
     run = out / "eval" / name
     if not (run / "metrics.json").exists():
         cli(["evaluate", "--config", "configs/demo.yaml", "--data.limit", str(limit),
@@ -56,14 +57,19 @@ def evaluate(out: Path, name: str, limit: int, extra: list[str]) -> Path:
     return run
 
 
+def lora_dir(out: Path, k: int, seed: int, max_epochs: int) -> Path:
+    """The adapter's run directory (epochs in the path: another recipe is another adapter)."""
+    return out / "train" / f"e{max_epochs}" / "fashion_mnist_lvlm_lora" / f"k{k}_seed{seed}"
+
+
 def train_lora(out: Path, k: int, seed: int, records: Path, max_epochs: int) -> Path:
-    run = out / "train" / "fashion_mnist_lvlm_lora" / f"k{k}_seed{seed}"
+    run = lora_dir(out, k, seed, max_epochs)
     adapter = run / "lora_adapter"
     if not (adapter / "adapter_model.safetensors").exists():
         cli(["train", "fit", "--config", "configs/lvlm/lora_demo_llava.yaml", "--seed_everything", str(seed),
              "--data.init_args.shots", str(k), "--data.init_args.seed", str(seed),
              "--data.init_args.splits_dir", str(out / "splits"), "--data.init_args.records_path", str(records),
-             "--trainer.max_epochs", str(max_epochs), "--trainer.default_root_dir", str(out / "train"),
+             "--trainer.max_epochs", str(max_epochs), "--trainer.default_root_dir", str(run.parents[1]),
              "--trainer.enable_progress_bar", "false"])  # fmt: skip
     return adapter
 
@@ -161,11 +167,11 @@ def main(argv: list[str] | None = None) -> dict:
                                                      "rows": summary}, indent=1))  # fmt: skip
     ho = None
     if a.lora and a.held_out[1] > a.held_out[0]:
-        ho = held_out(out, a.held_out[0], a.held_out[1], a.lora, a.seeds)
+        ho = held_out(out, a.held_out[0], a.held_out[1], a.lora, a.seeds, a.lora_epochs)
     return {"zero_shot": zs, "rows": summary, "held_out": ho}
 
 
-def held_out(out: Path, start: int, stop: int, lora: list[int], seeds: list[int]) -> dict:
+def held_out(out: Path, start: int, stop: int, lora: list[int], seeds: list[int], epochs: int = 4) -> dict:
     """The trained LoRA adapters against the zero-shot LVLM on the deferred test rows [start, stop), which
     the table never used: the same CLIP stage and tau (configs/demo.yaml), the backend asked directly."""
     import yaml
@@ -176,8 +182,10 @@ def held_out(out: Path, start: int, stop: int, lora: list[int], seeds: list[int]
     from cascadevlm.lvlm.transformers_backend import TransformersBackend
     from cascadevlm.records import read_records
 
-    run = evaluate(out, f"held_out_{stop}", stop, ["--lvlm", "null", "--cascade.budget", "null"])
-    tau = json.loads((out / "eval" / "zero_shot" / "gate.json").read_text())["tau"]  # on val: no test row
+    run = evaluate(out, "held_out", stop, ["--lvlm", "null", "--cascade.budget", "null"])
+    tau = json.loads(next((out / "eval").glob("zero_shot_n*/gate.json")).read_text())[
+        "tau"
+    ]  # on val, any size
     sent = [r for r in read_records(run / "records.parquet") if r.entropy > tau and start <= r.index < stop]
     test = load_dataset_dict("data/fashion_mnist")["test"]
     names = json.loads((run / "metrics.json").read_text())["class_names"]
@@ -198,7 +206,7 @@ def held_out(out: Path, start: int, stop: int, lora: list[int], seeds: list[int]
            "clip": float(np.mean([r.clip_pred == r.label for r in sent])), "zero_shot": float(zero.mean()), "lora": {}}  # fmt: skip
     for k in lora:
         for s in seeds:
-            h = hits(str(out / "train" / "fashion_mnist_lvlm_lora" / f"k{k}_seed{s}" / "lora_adapter"))
+            h = hits(str(lora_dir(out, k, s, epochs) / "lora_adapter"))
             res["lora"][f"k{k}_s{s}"] = {"acc": float(h.mean()), "gain": float(h.mean() - zero.mean()),
                                          "won": int((h & ~zero).sum()), "lost": int((~h & zero).sum())}  # fmt: skip
             print(f"held-out {start}-{stop}: LoRA k={k} seed {s}: {100 * h.mean():.1f}% vs zero-shot "
