@@ -68,7 +68,7 @@ def test_kshot_lvlm_lora_beats_the_zero_shot_lvlm_on_held_out_deferred_images(da
     from cascadevlm.lvlm.prompts import PromptConfig
     from cascadevlm.lvlm.transformers_backend import TransformersBackend
 
-    # the CLIP stage and the gate of configs/demo.yaml (tau from the 30% budget on val), first 2000 images
+    # the CLIP stage and the gate of configs/demo.yaml (tau from the 30% budget on val), test rows 0-9999
     cli(["evaluate", "--config", str(REPO / "configs" / "demo.yaml"), "--model.pretrained", str(CLIP_CHECKPOINT),
          "--lvlm.init_args.model", str(LLAVA_DIR), "--lvlm.init_args.device", "cpu",
          "--data.data_root", str(data_root), "--data.limit", str(HELD_OUT.stop), "--cascade.lvlm_on", "deferred",
