@@ -15,7 +15,8 @@ from cascadevlm.lvlm.config import load_backend
 from cascadevlm.lvlm.prompts import build_prompt
 from cascadevlm.lvlm.transformers_backend import TransformersBackend
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "lvlm"
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs" / "lvlm"
 BACKEND_CONFIGS = sorted(p for p in CONFIGS.glob("*.yaml") if not p.name.startswith("lora_"))
 
 
@@ -27,8 +28,21 @@ def _local_model(path: Path, request) -> dict:
     out = {}
     if model.startswith("artifacts/tiny_lvlm/"):
         out["model"] = str(request.getfixturevalue(f"tiny_{model.rsplit('/', 1)[1]}_dir"))
-    if init_args.get("lora_path"):
+    if init_args.get("lora_path") and "model" in out:
         out["lora_path"] = str(request.getfixturevalue("llava_lora_dir"))
+    elif init_args.get("lora_path"):  # a committed model (the demo LLaVA): an adapter made for it
+        out["lora_path"] = str(_untrained_adapter(REPO / model, request))
+    return out
+
+
+def _untrained_adapter(model_dir: Path, request) -> Path:
+    """A LoRA adapter (peft's save_pretrained, untrained) for ``model_dir``: what train.py writes for it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    out = request.getfixturevalue("tmp_path") / "lora"
+    net = AutoModelForImageTextToText.from_pretrained(model_dir)
+    get_peft_model(net, LoraConfig(r=2, target_modules=["q_proj", "v_proj"])).save_pretrained(out)
     return out
 
 
