@@ -33,7 +33,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cascadevlm.flags import one_flag_style
-from cascadevlm.gating.cost import choose_thresholds, outcome, pareto_front, pareto_points, read_cost_table
+from cascadevlm.gating.cost import (
+    STAGES_SCHEMA,
+    choose_thresholds,
+    outcome,
+    pareto_front,
+    pareto_points,
+    read_cost_table,
+)
 
 STAGES = [  # name, seconds per image (median), skill (how hard an image it still gets right)
     ("clip", 0.002, 0.55),
@@ -41,20 +48,7 @@ STAGES = [  # name, seconds per image (median), skill (how hard an image it stil
     ("big-lvlm", 0.1, 0.85),
 ]
 CLASSES = 100
-SCHEMA = pa.schema(
-    [
-        ("index", pa.int64()),
-        ("stage", pa.int32()),
-        ("name", pa.string()),
-        ("answered", pa.bool_()),
-        ("pred", pa.int64()),
-        ("uncertainty", pa.float64()),
-        ("seconds", pa.float64()),
-        ("prompt_tokens", pa.int64()),
-        ("completion_tokens", pa.int64()),
-        ("usd", pa.float64()),
-    ]
-)
+SCHEMA = STAGES_SCHEMA
 
 
 def synthetic_run(run_dir: Path, n: int, seed: int) -> None:

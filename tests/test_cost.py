@@ -14,6 +14,7 @@ import pytest
 
 from cascadevlm.gating import cost as cost_module
 from cascadevlm.gating.cost import (
+    STAGES_SCHEMA,
     CostTable,
     StageColumn,
     choose_combination,
@@ -25,21 +26,6 @@ from cascadevlm.gating.cost import (
     read_cost_table,
 )
 from cascadevlm.gating.gate import defer_mask
-
-STAGES_SCHEMA = pa.schema(
-    [
-        ("index", pa.int64()),
-        ("stage", pa.int32()),
-        ("name", pa.string()),
-        ("answered", pa.bool_()),
-        ("pred", pa.int64()),
-        ("uncertainty", pa.float64()),
-        ("seconds", pa.float64()),
-        ("prompt_tokens", pa.int64()),
-        ("completion_tokens", pa.int64()),
-        ("usd", pa.float64()),
-    ]
-)
 
 
 def random_table(

@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cascadevlm.gating.cost import STAGES_SCHEMA
 from cascadevlm.lvlm.base import LVLMBackend
 from cascadevlm.records import PredictionRecord, atomic_path
 
@@ -37,20 +38,7 @@ GATES = ("margin", "max_prob", "entropy")
 CANDIDATE_SOURCES = ("clip", "previous")
 COST_UNITS = ("seconds", "usd")
 
-STAGE_SCHEMA = pa.schema(
-    [
-        ("index", pa.int64()),
-        ("stage", pa.int32()),
-        ("name", pa.string()),
-        ("answered", pa.bool_()),
-        ("pred", pa.int64()),
-        ("uncertainty", pa.float64()),
-        ("seconds", pa.float64()),
-        ("prompt_tokens", pa.int64()),
-        ("completion_tokens", pa.int64()),
-        ("usd", pa.float64()),
-    ]
-)
+STAGE_SCHEMA = STAGES_SCHEMA  # the interface of gating.cost
 
 
 # ------------------------------------------------------------------------------------------- prices

@@ -19,8 +19,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 UNITS = ("seconds", "usd")
+
+#: ``stages.parquet`` / ``val_stages.parquet``: one row per (image, stage); stage 0 is CLIP. usd null =
+#: unknown price (never 0); pred -1 and uncertainty NaN where the stage gave no answer.
+STAGES_SCHEMA = pa.schema(
+    [
+        ("index", pa.int64()),
+        ("stage", pa.int32()),
+        ("name", pa.string()),
+        ("answered", pa.bool_()),
+        ("pred", pa.int64()),
+        ("uncertainty", pa.float64()),
+        ("seconds", pa.float64()),
+        ("prompt_tokens", pa.int64()),
+        ("completion_tokens", pa.int64()),
+        ("usd", pa.float64()),
+    ]
+)
 
 #: The exact search of a three-stage combination costs about N x (distinct CLIP uncertainties) steps;
 #: above this many, CLIP's threshold comes from a quantile grid (the inner thresholds stay exact).
