@@ -92,3 +92,14 @@ def clean_fake_lvlm():
     yield FakeLVLM
     FakeLVLM.log.clear()
     FakeLVLM.fail_keys = set()
+
+
+@pytest.fixture
+def text_calls(monkeypatch):
+    """Counts open_clip text-encoder forwards (a zero-shot head cache hit makes none)."""
+    import open_clip
+
+    calls = []
+    real = open_clip.model.CLIP.encode_text
+    monkeypatch.setattr(open_clip.model.CLIP, "encode_text", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls

@@ -2,8 +2,6 @@
 issue 27): the head is the merged text encoder's, so its key holds the adapter's content hash; a hit
 equals a fresh build, another adapter (or another mix, or the plain CLIP) misses."""
 
-import open_clip
-import pytest
 import torch
 
 from cascadevlm.clip.adapters import load_adapter
@@ -14,15 +12,6 @@ from cascadevlm.zoo.tiny_clip import TINY_CLIP
 
 NAMES = ["cat", "horse", "astronaut", "coffee"]
 TEMPLATES = ["a photo of a {}.", "a blurry photo of a {}."]
-
-
-@pytest.fixture
-def text_calls(monkeypatch):
-    """Counts text-encoder forwards (a cache hit makes none)."""
-    calls = []
-    real = open_clip.model.CLIP.encode_text
-    monkeypatch.setattr(open_clip.model.CLIP, "encode_text", lambda *a, **k: calls.append(1) or real(*a, **k))
-    return calls
 
 
 def _adapter(clip_path, out, seed):

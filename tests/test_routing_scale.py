@@ -21,6 +21,7 @@ from cascadevlm.gating.routing import (
     GATES,
     RoutingOptions,
     TopkTail,
+    _rebuilt_log_probs,
     conformal_quantile,
     conformal_set_sizes,
     entropy_of,
@@ -41,15 +42,6 @@ from cascadevlm.records import PredictionRecord
 
 
 # ------------------------------------------------------------------ the reference: the dense rebuild
-def _rebuilt_log_probs(rec: PredictionRecord, num_classes: int) -> np.ndarray:
-    p = np.asarray(rec.clip_topk_probs, dtype=np.float64)
-    rest = max(1.0 - float(p.sum()), 0.0)
-    others = num_classes - len(p)
-    out = np.full(num_classes, math.log(max(rest / others, 1e-12)) if others > 0 else -30.0)
-    out[rec.clip_topk] = np.log(np.maximum(p, 1e-12))
-    return out
-
-
 def dense_record_arrays(records, num_classes=None):
     """``record_arrays`` as it was: an [N, C] float64 matrix rebuilt from the stored top-k."""
     if num_classes is None:

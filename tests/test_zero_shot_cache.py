@@ -6,7 +6,6 @@ import json
 import math
 import re
 
-import open_clip
 import pytest
 import torch
 
@@ -23,15 +22,6 @@ from cascadevlm.clip.zero_shot import (
 
 NAMES = ["Parus major", "Parus major var1", "Turdus merula", "Anas crecca"]
 TEMPLATES = ["a photo of a {}.", "a blurry photo of the {}."]
-
-
-@pytest.fixture
-def text_calls(monkeypatch):
-    """Counts text-encoder forwards (a cache hit makes none)."""
-    calls = []
-    real = open_clip.model.CLIP.encode_text
-    monkeypatch.setattr(open_clip.model.CLIP, "encode_text", lambda *a, **k: calls.append(1) or real(*a, **k))
-    return calls
 
 
 def test_cached_head_equals_a_fresh_one_and_skips_the_text_encoder(tiny_clip_bundle, tmp_path, text_calls):
