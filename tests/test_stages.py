@@ -8,6 +8,7 @@ copy of the demo data (40 test images, 60 validation images).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -20,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from cascadevlm.cascade.lvlm_stage import read_answers
+from cascadevlm.cascade.lvlm_stage import read_answers, read_lvlm_calls
 from cascadevlm.cascade.stages import STAGE_SCHEMA, lvlm_uncertainty, ranked_candidates
 from cascadevlm.cli import run_evaluate as main
 from cascadevlm.records import read_records
@@ -217,6 +218,66 @@ def test_kill_9_in_the_second_lvlm_stage_resumes_identically(small_root, truth, 
     for s in (0, 1, 2):
         assert (a[s]["pred"] == b[s]["pred"]).all()
         assert np.allclose(a[s]["uncertainty"], b[s]["uncertainty"], equal_nan=True)
+
+
+COST_COLUMNS = ("seconds", "prompt_tokens", "completion_tokens", "usd")
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_give_the_same_stages_as_one(small_root, truth, tmp_path):
+    """CLIP -> small -> big, lvlm_on deferred, run by one process and by two DDP processes (the
+    subprocess launch of tests/test_cascade.py's DDP test): the same records and stages.parquet but the
+    cost columns (seconds differ), and each stage asked about each image it reaches once across ranks."""
+
+    def run(name, *extra):
+        a = args(small_root, tmp_path / name, "r", three_stages(truth), "--cascade.tau", "0.6",
+                 "--cascade.lvlm_on", "deferred", *extra)  # fmt: skip
+        p = subprocess.run([sys.executable, str(REPO / "evaluate.py"), *a], cwd=REPO, capture_output=True,
+                           text=True, timeout=400, env=dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1"))  # fmt: skip
+        assert p.returncode == 0, p.stderr[-3000:]
+        return tmp_path / name / "r", json.loads((tmp_path / name / "r" / "metrics.json").read_text())
+
+    one, m1 = run("one")
+    two, m2 = run("two", "--trainer.devices", "2", "--trainer.strategy", "ddp")
+    assert m1["params"]["devices"] == 1 and m2["params"]["devices"] == 2
+    r1, r2 = read_records(one / "records.parquet"), read_records(two / "records.parquet")
+    assert [r.index for r in r2] == [r.index for r in r1] == list(range(40))
+    floats = {"clip_topk_probs", "entropy", "clip_logits"}  # CLIP's numbers: batches of 20, not 40
+    for a, b in zip(r1, r2, strict=True):
+        for f in dataclasses.fields(a):
+            x, y = getattr(a, f.name), getattr(b, f.name)
+            assert x == (pytest.approx(y, abs=1e-5) if f.name in floats and y is not None else y), f.name
+
+    t1, t2 = (
+        pq.read_table(r / "stages.parquet").to_pandas().sort_values(["stage", "index"]) for r in (one, two)
+    )
+    assert len(t1) == len(t2) == 3 * 40
+    for c in t1.columns.difference(COST_COLUMNS):
+        a, b = t1[c].to_numpy(), t2[c].to_numpy()
+        if c == "uncertainty":
+            assert np.allclose(a, b, atol=1e-5, equal_nan=True)
+        else:
+            assert (a == b).all(), c
+
+    # each stage asked exactly the images that reach it, once in total across both ranks
+    cols = stage_columns(one / "stages.parquet")
+    last, _ = walk(cols, [0.6, 0.5])
+    for s, parts in ((1, "parts"), (2, "parts/stage2")):
+        reach = sorted(int(i) for i in cols[0]["index"][last >= s])
+        per_rank = [
+            [json.loads(x)["index"] for x in (two / parts / f"lvlm.rank{k}.jsonl").read_text().splitlines()]
+            for k in (0, 1)
+        ]
+        asked = per_rank[0] + per_rank[1]
+        assert sorted(asked) == reach and len(set(asked)) == len(asked), s
+        assert read_lvlm_calls(two / parts) == read_lvlm_calls(one / parts) == len(reach), s
+        if s == 1:
+            assert 1 < len(reach) < 40 and all(per_rank)  # both ranks answered a share of stage 1
+    assert 0 < (last >= 2).sum() < (last >= 1).sum()
+    calls = {"small": int((last >= 1).sum()), "big": int((last >= 2).sum())}
+    assert m1["params"]["lvlm_calls_by_stage"] == m2["params"]["lvlm_calls_by_stage"] == calls
+    assert m1["cost"]["calls"] == m2["cost"]["calls"] == [40, calls["small"], calls["big"]]
+    assert m1["methods"]["cascade"]["acc1"] == m2["methods"]["cascade"]["acc1"]
 
 
 def test_cost_budget_thresholds_stay_within_it_on_validation(small_root, truth, tmp_path):
