@@ -48,7 +48,6 @@ STAGES = [  # name, seconds per image (median), skill (how hard an image it stil
     ("big-lvlm", 0.1, 0.85),
 ]
 CLASSES = 100
-SCHEMA = STAGES_SCHEMA
 
 
 def synthetic_run(run_dir: Path, n: int, seed: int) -> None:
@@ -83,7 +82,7 @@ def synthetic_run(run_dir: Path, n: int, seed: int) -> None:
                     "completion_tokens": pa.nulls(n, pa.int64()),
                     "usd": pa.nulls(n, pa.float64()),
                 },
-                schema=SCHEMA,
+                schema=STAGES_SCHEMA,
             )
         )
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -119,6 +118,13 @@ def main(argv: list[str] | None = None) -> dict:
         "--budgets", type=float, nargs="+", default=[20.0, 40.0, 60.0, 80.0], help="s per 1000 images"
     )
     a = one_flag_style(p).parse_args(argv)
+    if a.images < 1:
+        p.error(f"--images must be >= 1, got {a.images}; set --images")
+    if a.repeats < 1:
+        p.error(f"--repeats must be >= 1, got {a.repeats}; set --repeats")
+    bad = [b for b in a.budgets if not math.isfinite(b) or b < 0]
+    if bad:
+        p.error(f"--budgets must be finite costs >= 0 (s per 1000 images), got {bad[0]:g}; set --budgets")
     with tempfile.TemporaryDirectory() as tmp:
         val_dir, test_dir = Path(tmp) / "val", Path(tmp) / "test"
         synthetic_run(val_dir, a.images, seed=0)
