@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
         n_ex = min(k * topk, a.cap)
         per = {}
         for s in a.seeds:
-            run = evaluate(out, f"incontext_k{k}_s{s}", a.limit,
+            run = evaluate(out, f"incontext_k{k}_x{n_ex}_s{s}", a.limit,
                            ["--data.shots", str(k), "--data.seed", str(s), "--cascade.incontext_shots", str(k),
                             "--cascade.max_examples", str(n_ex), "--lvlm.init_args.prompt.max_images", str(n_ex + 1)])  # fmt: skip
             per[s] = deferred_numbers(run)
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
         per = {}
         for s in a.seeds:
             adapter = train_lora(out, k, s, records, a.lora_epochs)
-            run = evaluate(out, f"lora_k{k}_s{s}", a.limit,
+            run = evaluate(out, f"lora_k{k}_e{a.lora_epochs}_s{s}", a.limit,
                            ["--lvlm", "configs/lvlm/demo_llava_lora_score.yaml",
                             "--lvlm.init_args.lora_path", str(adapter)])  # fmt: skip
             per[s] = deferred_numbers(run)
