@@ -17,7 +17,7 @@ from fake_cascade import fake_args
 import cascadevlm.cascade.evaluate as evaluate_module
 from cascadevlm.cascade.evaluate import COST_OPTION_DEFAULTS
 from cascadevlm.cascade.lvlm_stage import LVLMResult, LVLMStage, read_answers
-from cascadevlm.cascade.stages import usd_of
+from cascadevlm.cascade.stages import check_price, usd_of
 from cascadevlm.cli import run_evaluate as main
 from cascadevlm.lvlm.base import LVLMRequest
 from cascadevlm.lvlm.cache import AnswerStore, StoredAnswer
@@ -127,6 +127,17 @@ def test_usd_of_a_price_table():
     assert usd_of(price, 0.5, 1000, 10) == pytest.approx(0.001 + 0.002 + 0.00008)
     assert usd_of(price, 0.5, None, None) is None  # a token rate without tokens: unknown, never 0
     assert usd_of({"usd_per_hour": 1.0}, math.nan, None, None) is None
+
+
+def test_a_price_table_refuses_what_it_cannot_use():
+    """A rate must be a finite number >= 0: an infinite one would make every dollar cost inf."""
+    assert check_price({"usd_per_image": 2, "usd_per_hour": 0}, "p") == {"usd_per_image": 2.0, "usd_per_hour": 0.0}
+    for value in (math.inf, math.nan, -1.0, True, "1"):
+        with pytest.raises(ValueError) as err:
+            check_price({"usd_per_image": value}, "cascade.clip_price")
+        assert str(err.value) == f"cascade.clip_price.usd_per_image must be a finite number >= 0, got {value!r}"
+    with pytest.raises(ValueError, match=r"^cascade.clip_price has an unknown key 'usd'; known: usd_per_image"):
+        check_price({"usd": 1.0}, "cascade.clip_price")
 
 
 def test_older_store_entries_and_part_files_still_read(tmp_path):

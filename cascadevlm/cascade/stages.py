@@ -51,8 +51,8 @@ def check_price(price, where: str) -> dict | None:
     for key, value in price.items():
         if key not in PRICE_KEYS:
             raise ValueError(f"{where} has an unknown key {key!r}; known: {', '.join(PRICE_KEYS)}")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-            raise ValueError(f"{where}.{key} must be a number >= 0, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+            raise ValueError(f"{where}.{key} must be a finite number >= 0, got {value!r}")
     return {k: float(v) for k, v in price.items()}
 
 
