@@ -44,3 +44,22 @@ def test_cap_and_lora_epochs_are_in_the_run_names(monkeypatch, tmp_path):
     assert set(incontext) <= changed  # --cap 6 vs 3: 6 vs 3 examples per prompt at k=4
     assert set(lora) <= changed  # another adapter recipe
     assert "zero_shot" in base and "zero_shot" not in changed  # the rest is shared, as before
+
+
+def test_absurd_values_are_refused_in_one_line_before_any_work(monkeypatch, tmp_path, capsys):
+    import pytest
+
+    mod = _tool()
+    monkeypatch.setattr(mod, "evaluate", lambda *a: pytest.fail("work started"))
+    for extra, message in (
+        (["--limit", "-5"], "--limit must be at least 1, got -5"),
+        (["--cap", "0"], "--cap must be at least 1, got 0"),
+        (["--lora_epochs", "0"], "--lora_epochs must be at least 1, got 0"),
+        (["--incontext", "1", "0"], "--incontext must be at least 1, got 0"),
+        (["--lora", "-1"], "--lora must be at least 1, got -1"),
+        (["--held_out", "5000", "1000"], "--held_out START STOP must have 0 <= START < STOP (0 0: skip)"),
+    ):
+        with pytest.raises(SystemExit):
+            mod.main(["--out", str(tmp_path), *extra])
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert message in err, err

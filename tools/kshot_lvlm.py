@@ -108,6 +108,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--held_out", type=int, nargs=2, default=[1000, 5000], metavar=("START", "STOP"),
                    help="also score the LoRA adapters on the deferred test rows [START, STOP) (0 0: skip)")  # fmt: skip
     a = p.parse_args(argv)
+    for flag, value in (("--limit", a.limit), ("--cap", a.cap), ("--lora_epochs", a.lora_epochs),
+                        *(("--incontext", k) for k in a.incontext), *(("--lora", k) for k in a.lora)):  # fmt: skip
+        if value < 1:
+            p.error(f"{flag} must be at least 1, got {value}")
+    if a.held_out != [0, 0] and not 0 <= a.held_out[0] < a.held_out[1]:
+        p.error(f"--held_out START STOP must have 0 <= START < STOP (0 0: skip), got {a.held_out}")
     out = Path(a.out)
     topk = 5
     rows: list[dict] = []
