@@ -131,12 +131,19 @@ def test_usd_of_a_price_table():
 
 def test_a_price_table_refuses_what_it_cannot_use():
     """A rate must be a finite number >= 0: an infinite one would make every dollar cost inf."""
-    assert check_price({"usd_per_image": 2, "usd_per_hour": 0}, "p") == {"usd_per_image": 2.0, "usd_per_hour": 0.0}
+    assert check_price({"usd_per_image": 2, "usd_per_hour": 0}, "p") == {
+        "usd_per_image": 2.0,
+        "usd_per_hour": 0.0,
+    }
     for value in (math.inf, math.nan, -1.0, True, "1"):
         with pytest.raises(ValueError) as err:
             check_price({"usd_per_image": value}, "cascade.clip_price")
-        assert str(err.value) == f"cascade.clip_price.usd_per_image must be a finite number >= 0, got {value!r}"
-    with pytest.raises(ValueError, match=r"^cascade.clip_price has an unknown key 'usd'; known: usd_per_image"):
+        assert (
+            str(err.value) == f"cascade.clip_price.usd_per_image must be a finite number >= 0, got {value!r}"
+        )
+    with pytest.raises(
+        ValueError, match=r"^cascade.clip_price has an unknown key 'usd'; known: usd_per_image"
+    ):
         check_price({"usd": 1.0}, "cascade.clip_price")
 
 
