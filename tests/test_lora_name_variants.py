@@ -83,6 +83,10 @@ def test_bad_augmentation_options_are_refused_in_one_line():
         ValueError, match=r"^name_weights \[1\] must be one non-negative weight per name variant"
     ):
         CascadePromptDataset(ds, ROWS[:10], NAMES, 4, 0, {}, name_variants=[NAMES, UPPER], name_weights=[1])
+    with pytest.raises(ValueError, match=r"^name_weights \[0, 0\] must be one .*, not all 0 \(--data"):
+        CascadePromptDataset(
+            ds, ROWS[:10], NAMES, 4, 0, {}, name_variants=[NAMES, UPPER], name_weights=[0, 0]
+        )
     with pytest.raises(
         ValueError, match=r"^letters_fraction must be in \[0, 1\], got 1.5 \(--data.init_args"
     ):

@@ -105,10 +105,13 @@ class CascadePromptDataset(torch.utils.data.Dataset):
                     "(--data.init_args.name_variants)"
                 )
         if name_weights is not None and (
-            not self.name_variants or len(name_weights) != len(self.name_variants) or min(name_weights) < 0
+            not self.name_variants
+            or len(name_weights) != len(self.name_variants)
+            or min(name_weights) < 0
+            or sum(name_weights) <= 0
         ):
             raise ValueError(
-                f"name_weights {name_weights!r} must be one non-negative weight per name variant "
+                f"name_weights {name_weights!r} must be one non-negative weight per name variant, not all 0 "
                 "(--data.init_args.name_weights)"
             )
         self.name_p = None if name_weights is None else np.asarray(name_weights, float) / sum(name_weights)
