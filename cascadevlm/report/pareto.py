@@ -17,6 +17,7 @@ from pathlib import Path
 from cascadevlm.errors import one_line_errors
 from cascadevlm.flags import one_flag_style
 from cascadevlm.gating.cost import (
+    UNITS,
     CostTable,
     ParetoPoint,
     combinations,
@@ -198,9 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m cascadevlm.report.pareto", description=__doc__.split("\n\n")[0]
     )
     p.add_argument("run_dir", help="run directory with stages.parquet and records.parquet")
-    p.add_argument(
-        "--unit", choices=["seconds", "usd"], default="seconds", help="cost unit (default seconds)"
-    )
+    p.add_argument("--unit", choices=UNITS, default="seconds", help="cost unit (default seconds)")
     p.add_argument("--split", choices=list(SPLIT_FILES), default="test", help="records of which split")
     p.add_argument(
         "--out", help="output directory (default RUN_DIR/pareto, RUN_DIR/pareto_val for --split val)"
