@@ -674,6 +674,8 @@ def main(argv: list[str] | None = None) -> None:
     args = one_flag_style(p).parse_args(argv)  # --clip_steps as in train.py; --clip-steps still works
     if not 0.0 <= args.letters_fraction <= 1.0:
         p.error(f"--letters-fraction must be in [0, 1], got {args.letters_fraction}")
+    if args.clip_from is not None and not args.clip_from.is_file():
+        p.error(f"--clip-from {args.clip_from} is not a file (a CLIP checkpoint, e.g. {CLIP_CHECKPOINT})")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     argv_ = sys.argv[1:] if argv is None else argv
