@@ -22,8 +22,9 @@ import pytest
 import yaml
 
 from cascadevlm.cascade.lvlm_stage import read_answers, read_lvlm_calls
-from cascadevlm.cascade.stages import STAGE_SCHEMA, lvlm_uncertainty, ranked_candidates
+from cascadevlm.cascade.stages import lvlm_uncertainty, ranked_candidates
 from cascadevlm.cli import run_evaluate as main
+from cascadevlm.gating.cost import STAGES_SCHEMA
 from cascadevlm.records import read_records
 from cascadevlm.testing.scored_lvlm import EXIT_ENV, ScoredLVLM
 
@@ -133,7 +134,7 @@ def test_three_stage_run_matches_a_walk_by_hand(small_root, truth, tmp_path):
     assert "_stages-small+big_st" in run.name and "_tau0.6_deferred_" in run.name
     table = pq.read_table(run / "stages.parquet")
     assert [(f.name, str(f.type)) for f in table.schema] == INTERFACE_COLUMNS
-    assert table.schema.equals(STAGE_SCHEMA)
+    assert table.schema.equals(STAGES_SCHEMA)
     cols = stage_columns(run / "stages.parquet")
     records = read_records(run / "records.parquet")
     thresholds = [0.6, 0.5]

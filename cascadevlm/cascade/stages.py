@@ -6,7 +6,7 @@ from p = softmax(its candidate scores): ``margin`` 1 - (p1 - p2), ``max_prob`` 1
 H(p)) and its cost (wall seconds, API tokens, dollars from the stage's price table). An image reaches
 stage s+1 iff it reached stage s and ``uncertainty_s > t_s``; its answer is the last reached stage's,
 its cost the sum over every stage it reached. ``<run_dir>/stages.parquet`` holds one row per (image,
-stage) (schema :data:`STAGE_SCHEMA`, the interface of :mod:`cascadevlm.gating.cost`). See docs/stages.md.
+stage) (schema :data:`cascadevlm.gating.cost.STAGES_SCHEMA`, that module's interface). See docs/stages.md.
 """
 
 from __future__ import annotations
@@ -37,8 +37,6 @@ STAGE_KEYS = ("name", "lvlm", "gate", "tau", "candidates", "topk", "price")
 GATES = ("margin", "max_prob", "entropy")
 CANDIDATE_SOURCES = ("clip", "previous")
 COST_UNITS = ("seconds", "usd")
-
-STAGE_SCHEMA = STAGES_SCHEMA  # the interface of gating.cost
 
 
 # ------------------------------------------------------------------------------------------- prices
@@ -437,7 +435,7 @@ def write_stage_table(
     path: str | Path, records: Sequence[PredictionRecord], columns: Sequence[StageAnswers]
 ) -> Path:
     """``stages.parquet``: one row per (image, stage), atomically."""
-    rows: dict[str, list] = {f.name: [] for f in STAGE_SCHEMA}
+    rows: dict[str, list] = {f.name: [] for f in STAGES_SCHEMA}
     for s, col in enumerate(columns):
         for j, rec in enumerate(records):
             answered = bool(col.pred[j] >= 0)
@@ -451,7 +449,7 @@ def write_stage_table(
             rows["prompt_tokens"].append(col.prompt_tokens[j] if answered else None)
             rows["completion_tokens"].append(col.completion_tokens[j] if answered else None)
             rows["usd"].append(col.usd[j] if answered else None)
-    table = pa.Table.from_pydict(rows, schema=STAGE_SCHEMA)
+    table = pa.Table.from_pydict(rows, schema=STAGES_SCHEMA)
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
     return Path(path)
@@ -498,10 +496,8 @@ def combination_outcome(
 
 def combinations(num_stages: int) -> list[tuple[int, ...]]:
     """CLIP followed by every ordered subset of the LVLM stages 1..S-1 (CLIP only first)."""
-    from itertools import combinations as subsets
-
     lvlms = range(1, num_stages)
-    return [(0, *c) for k in range(num_stages) for c in subsets(lvlms, k)]
+    return [(0, *c) for k in range(num_stages) for c in itertools.combinations(lvlms, k)]
 
 
 def _mean_or_unknown(values: np.ndarray):
