@@ -72,6 +72,11 @@ class ClipClassifier(L.LightningModule):
         from cascadevlm.clip.adapters.base import check_adapter_mix
 
         check_adapter_mix(adapter_mix, adapter)
+        if isinstance(class_names, str):  # typed Any (above): a string would become one class per letter
+            raise ValueError(
+                f"model.class_names must be a list of names, got the string {class_names!r}; "
+                "set --data.class_names"
+            )
         if class_batch_size < 1:  # else range() refuses it once the image features are computed
             raise ValueError(
                 f"model.class_batch_size must be >= 1, got {class_batch_size}; set --model.class_batch_size"
