@@ -256,6 +256,22 @@ def test_longer_combinations_are_approximate_and_say_so():
     assert choice.acc >= outcome(table, [math.inf, math.inf, math.inf])["acc"]
 
 
+@pytest.mark.parametrize("seed", range(2))
+def test_longer_combinations_equal_brute_force_where_the_grids_hold_every_candidate(seed, block):
+    """Four stages, CLIP with 3 distinct uncertainties: its quantile grid of OUTER_GRID_POINTS holds every
+    candidate, so the search (grid, then the three-stage sweep on the images reaching it) finds the best."""
+    table = random_table(seed + 60, n=30, stages=4, levels=3)
+    settings = brute_force(table, (0, 1, 2, 3))
+    costs = sorted({c for _, c, _ in settings})
+    for budget in [costs[0], *np.quantile(costs, [0.1, 0.3, 0.5, 0.8]), costs[-1]]:
+        choice = choose_thresholds(table, float(budget))
+        fits = [(a, c) for a, c, _ in settings if c <= budget + 1e-9]
+        best = max(a for a, _ in fits)
+        assert choice.acc == pytest.approx(best, abs=1e-12)
+        assert choice.cost_per_1000 == pytest.approx(min(c for a, c in fits if a == best), abs=1e-9)
+        assert not choice.exact and choice.stages == (0, 1, 2, 3)
+
+
 def test_above_the_exact_size_clip_threshold_comes_from_a_grid_and_says_so(monkeypatch):
     table = random_table(6, n=60, stages=3, levels=None)
     monkeypatch.setattr(cost_module, "EXACT_WORK_LIMIT", 60 * 10)  # at most 10 CLIP thresholds
