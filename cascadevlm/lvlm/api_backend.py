@@ -383,6 +383,8 @@ class OpenAIBackend(LVLMBackend):
         self._sleep = time.sleep  # tests replace it to observe waits without waiting
         self._limiter = RateLimiter(self.requests_per_minute) if self.requests_per_minute else None
         self._progress: _Progress | None = None
+        # token usage of the requests fetched in the current ``choose`` (key -> (prompt, completion))
+        self._usage: dict[str, tuple[int | None, int | None]] = {}
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -396,6 +398,7 @@ class OpenAIBackend(LVLMBackend):
             "_progress",
             "_probed",
             "_consecutive_failures",
+            "_usage",
         ):
             state.pop(k, None)
         return state
@@ -600,14 +603,8 @@ class OpenAIBackend(LVLMBackend):
             self.cache.put(key, self.model, payload)
         usage = getattr(response, "usage", None)  # token counts, where the server reports them
         if usage is not None:
-            self._usage()[key] = (_count(usage, "prompt_tokens"), _count(usage, "completion_tokens"))
+            self._usage[key] = (_count(usage, "prompt_tokens"), _count(usage, "completion_tokens"))
         return payload
-
-    def _usage(self) -> dict:
-        """Token usage of the requests fetched in the current ``choose`` (key -> (prompt, completion))."""
-        if getattr(self, "_usage_by_key", None) is None:
-            self._usage_by_key = {}
-        return self._usage_by_key
 
     def _answer(self, request: LVLMRequest, prompt: Prompt, payload: str) -> LVLMAnswer:
         if self.mode == "generate":
@@ -708,7 +705,7 @@ class OpenAIBackend(LVLMBackend):
                     fut.cancel()
                 raise
         out = []
-        usage = self._usage()
+        usage = self._usage
         for r, p, key in zip(requests, prompts, keys, strict=True):
             if key in errors:
                 out.append(LVLMAnswer(choice=r.fallback, raw="", fallback=API_ERROR))
