@@ -238,3 +238,24 @@ def test_a_run_that_selected_on_the_evaluated_images_says_so_in_every_table(tmp_
     assert next(r for r in agg if r["method"] == marked)["runs"] == [str(dirs[1])]
     paths = write_results_tables(dirs, tmp_path / "tables")
     assert marked in paths["markdown"].read_text() and marked in paths["csv"].read_text()
+
+
+def test_stages_runs_of_one_setting_share_an_identity_whatever_their_budget_chose():
+    """Two seeds of one cascade.stages setting under a cost budget: the thresholds, the combination and the
+    calls per stage are outcomes (params), so the rows average; another budget is another setting."""
+    from cascadevlm.report.tables import run_identity
+
+    cfg = {"cascade": {"stages": [{"name": "small", "lvlm": "s.yaml"}, {"name": "big", "lvlm": "b.yaml"}],
+                       "cost_budget": 13.3, "cost_unit": "seconds"}, "data": {"seed": 1}}  # fmt: skip
+
+    def payload(seed, thresholds, combination, calls, budget=13.3):
+        config = {**cfg, "cascade": {**cfg["cascade"], "cost_budget": budget}, "data": {"seed": seed}}
+        params = {"dataset": "d", "seed": seed, "lvlm": "small > big", "stages": ["small", "big"],
+                  "combination": combination, "tau": thresholds[0], "thresholds": thresholds,
+                  "cost_budget": budget, "lvlm_calls": sum(calls.values()), "lvlm_calls_by_stage": calls}  # fmt: skip
+        return {"params": params, "config": config}
+
+    a = payload(1, [0.4, 0.2], ["clip", "big"], {"small": 0, "big": 900})
+    b = payload(2, [0.5, 0.1], ["clip", "small", "big"], {"small": 700, "big": 300})
+    assert run_identity(a) == run_identity(b)
+    assert run_identity(payload(1, [0.4, 0.2], ["clip", "big"], {}, budget=20.0)) != run_identity(a)

@@ -51,6 +51,9 @@ PARAMS_NOT_IDENTITY = {
     "seed", "adapter", "tau", "fusion_weight", "gate", "lvlm_calls", "lvlm_calls_this_attempt",
     "lvlm_calls_val", "lvlm_api_errors", "devices",
     "rethreshold_of",  # a re-thresholded run is the experiment evaluate.py would have run with its settings
+    # cascade.stages runs: calls per stage are counts; thresholds and the combination are what a cost budget
+    # chose (outcomes), or the config's stage taus and stage list, which cascade.* in the config holds
+    "lvlm_calls_by_stage", "thresholds", "combination",
 }  # fmt: skip
 # A train.py adapter run's metrics.json: its numbers and bookkeeping; everything else is identity.
 ADAPTER_NUMBERS = ("val_acc", "test_acc", "zero_shot_val_acc", "zero_shot_test_acc", "best_epoch", "epoch")
