@@ -583,14 +583,14 @@ def _tail_set_sizes(logp: TopkTail, qhat: float, method: str, lam: float, k_reg:
     p, length, start, before = _runs(logp)
     raps = method == "raps"
     total = np.zeros(len(p), dtype=np.int64)
+
+    def most(num, den):  # the largest t with t * den <= num (den 0: every t or none)
+        return np.where(den > 0, np.floor(num / den), np.where(num >= 0, np.inf, -np.inf))
+
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         for j in range(p.shape[1]):
             pj, mj, sj, bj = p[:, j], length[:, j], start[:, j], before[:, j]
             room = q - bj
-
-            def most(num, den):
-                return np.where(den > 0, np.floor(num / den), np.where(num >= 0, np.inf, -np.inf))
-
             t = most(room, pj)  # ranks before RAPS's penalty starts (all, for APS)
             if raps:
                 free = np.maximum(k_reg - sj, 0)
@@ -641,9 +641,8 @@ def conformal_quantile(
         cum = _penalised_cumsum(p_sorted, method, lam, k_reg)
         rank = np.argmax(order == labels[:, None], axis=1)
         scores = cum[np.arange(n), rank]
-    k = math.ceil(
-        (n + 1) * (1 - alpha) - 1e-9
-    )  # the k-th smallest score (1-based), as split conformal prescribes
+    # the k-th smallest score (1-based), as split conformal prescribes
+    k = math.ceil((n + 1) * (1 - alpha) - 1e-9)
     if k > n:
         return math.inf  # too few calibration images for this alpha: every class
     return float(np.sort(scores)[k - 1])
