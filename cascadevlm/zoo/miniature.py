@@ -35,6 +35,10 @@ def spelling(names: Sequence[str], scheme: str) -> list[str]:
     if scheme == "registry":
         return list(names)
     if scheme == "official":
+        if len(names) != len(OFFICIAL_NAMES):  # they are the ten Fashion-MNIST classes' spellings only
+            raise ValueError(
+                f"the official spelling names Fashion-MNIST's 10 classes, not {len(names)} classes"
+            )
         return list(OFFICIAL_NAMES)
     if scheme == "upper":
         return [n.upper() for n in names]
