@@ -133,6 +133,20 @@ BUGS: tuple[PlantedBug, ...] = (
         "    if True:  # planted\n        return\n",
         (PIPELINE + "test_a_run_whose_lvlm_calls_failed_stops_in_one_line_and_keeps_its_answers",),
     ),
+    PlantedBug(
+        "several stages: the first LVLM stage's answer as final, not the last stage reached",
+        "cascadevlm/cascade/stages.py",
+        "r.final = int(columns[s].pred[j]) if s > 0 else r.clip_pred",
+        "r.final = int(columns[1].pred[j]) if s > 0 else r.clip_pred",
+        ("tests/test_stages.py::test_three_stage_run_matches_a_walk_by_hand",),
+    ),
+    PlantedBug(
+        "several stages: every stage gated on CLIP's uncertainty instead of its own",
+        "cascadevlm/cascade/stages.py",
+        "going &= gate_uncertainty(columns[a].uncertainty) > thresholds[a]",
+        "going &= gate_uncertainty(columns[0].uncertainty) > thresholds[a]",
+        ("tests/test_stages.py::test_three_stage_run_matches_a_walk_by_hand",),
+    ),
 )
 
 
