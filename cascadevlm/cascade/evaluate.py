@@ -782,15 +782,14 @@ def lvlm_stage(
     trainer.strategy.barrier()
     answers = read_answers(parts)
     calls_before = read_lvlm_calls(parts)
-    if wanted is not None:
-        pass
-    elif other_split or opts.lvlm_on == "all":
-        wanted = clip_records
-    elif sent is not None:
-        wanted = [r for r in clip_records if r.index in sent]
-    else:
-        mask = defer_mask([r.entropy for r in clip_records], tau)
-        wanted = [r for r, d in zip(clip_records, mask, strict=True) if d]
+    if wanted is None:  # a stage of cascade.stages passes its own
+        if other_split or opts.lvlm_on == "all":
+            wanted = clip_records
+        elif sent is not None:
+            wanted = [r for r in clip_records if r.index in sent]
+        else:
+            mask = defer_mask([r.entropy for r in clip_records], tau)
+            wanted = [r for r, d in zip(clip_records, mask, strict=True) if d]
     # answers that are failed API calls are asked again
     todo = [r for r in wanted if r.index not in answers or needs_retry(answers[r.index].fallback)]
     retried = sum(r.index in answers for r in todo)
