@@ -145,6 +145,13 @@ def test_a_price_table_refuses_what_it_cannot_use():
         ValueError, match=r"^cascade.clip_price has an unknown key 'usd'; known: usd_per_image"
     ):
         check_price({"usd": 1.0}, "cascade.clip_price")
+    # an empty table prices nothing: refused here, not once CLIP has run and its usd cost is unknown
+    with pytest.raises(ValueError) as err:
+        check_price({}, "cascade.clip_price")
+    assert str(err.value) == (
+        "cascade.clip_price is empty: give at least one of usd_per_image, usd_per_1m_prompt_tokens, "
+        "usd_per_1m_completion_tokens, usd_per_hour (or leave it unset: unknown)"
+    )
 
 
 def test_older_store_entries_and_part_files_still_read(tmp_path):

@@ -46,6 +46,10 @@ def check_price(price, where: str) -> dict | None:
         return None
     if not isinstance(price, dict):
         raise ValueError(f"{where} must be a mapping of {', '.join(PRICE_KEYS)}, got {price!r}")
+    if not price:
+        raise ValueError(
+            f"{where} is empty: give at least one of {', '.join(PRICE_KEYS)} (or leave it unset: unknown)"
+        )
     for key, value in price.items():
         if key not in PRICE_KEYS:
             raise ValueError(f"{where} has an unknown key {key!r}; known: {', '.join(PRICE_KEYS)}")
