@@ -261,3 +261,33 @@ def test_a_prompt_worded_for_another_dataset_gets_no_hits(tmp_path):
     same.prompt = PromptConfig()
     _answers(LVLMStage(same, NAMES, store=store), [_batch(0)])
     assert same.calls == 0
+
+
+@pytest.mark.parametrize("old_file", [False, True], ids=["new-file", "file-before-checksums"])
+def test_two_workers_opening_one_store_at_once_both_open_it(tmp_path, monkeypatch, old_file):
+    # CI failure: two DataLoader workers opened a new store together; both saw no checksum column and
+    # both added it, and the second died on "duplicate column name: checksum". Replayed here in one
+    # process: the other worker opens the file between this one's look at the columns and its ALTER.
+    import cascadevlm.lvlm.cache as cache
+
+    path = tmp_path / "answers.sqlite"
+    if old_file:  # written before checksums: one answer, no checksum column
+        with sqlite3.connect(path) as db:
+            db.execute("CREATE TABLE answers (key TEXT PRIMARY KEY, model TEXT NOT NULL, raw TEXT NOT NULL, "
+                       "created REAL NOT NULL)")  # fmt: skip
+            db.execute("INSERT INTO answers VALUES ('old', 'm', 'kept', 0)")
+    real_columns, other = cache._columns, []
+
+    def columns_then_the_other_worker_opens(conn):
+        seen = real_columns(conn) - {"checksum"}  # what this worker saw before the other one's change
+        if not other:
+            monkeypatch.setattr(cache, "_columns", real_columns)
+            other.append(AnswerStore(path))
+            other[0].put("theirs", "m", "v1")
+        return seen
+
+    monkeypatch.setattr(cache, "_columns", columns_then_the_other_worker_opens)
+    store = AnswerStore(path)
+    store.put("mine", "m", "v2")
+    assert other and store.get("theirs") == "v1" and other[0].get("mine") == "v2"
+    assert store.get("old") == ("kept" if old_file else None)

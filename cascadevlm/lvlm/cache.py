@@ -64,6 +64,11 @@ class StoredAnswer:
     completion_tokens: int | None = field(default=None, compare=False)
 
 
+def _columns(conn: sqlite3.Connection) -> set[str]:
+    """The answers table's column names."""
+    return {row[1] for row in conn.execute("PRAGMA table_info(answers)")}
+
+
 def _is_busy(err: sqlite3.OperationalError) -> bool:
     """Another connection holds the lock (worth waiting for), as opposed to a damaged or foreign file."""
     text = str(err).lower()
@@ -120,12 +125,17 @@ class AnswerStore:
             conn.execute("PRAGMA journal_mode=WAL")  # readers never block the writer; kill -9 safe
             conn.execute("PRAGMA synchronous=NORMAL")  # durable against a killed process (not power loss)
             conn.execute(
-                "CREATE TABLE IF NOT EXISTS answers ("
-                "key TEXT PRIMARY KEY, model TEXT NOT NULL, raw TEXT NOT NULL, created REAL NOT NULL)"
+                "CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, model TEXT NOT NULL, "
+                "raw TEXT NOT NULL, created REAL NOT NULL, checksum TEXT)"
             )
-            columns = {row[1] for row in conn.execute("PRAGMA table_info(answers)")}
-            if "checksum" not in columns:  # files written before checksums: their rows stay readable
-                conn.execute("ALTER TABLE answers ADD COLUMN checksum TEXT")
+            if "checksum" not in _columns(conn):  # files written before checksums: their rows stay readable
+                try:
+                    conn.execute("ALTER TABLE answers ADD COLUMN checksum TEXT")
+                except sqlite3.OperationalError as err:
+                    # Another process (a DataLoader worker, a DDP rank) added it between our look and
+                    # our ALTER: the file is as we want it.
+                    if "duplicate column" not in str(err).lower():
+                        raise
             conn.commit()
         except BaseException:
             conn.close()
