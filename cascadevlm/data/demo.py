@@ -7,6 +7,9 @@ Hugging Face hub, and saved with ``save_to_disk`` as train / val / test splits.
 from __future__ import annotations
 
 import gzip
+import os
+import shutil
+import uuid
 from pathlib import Path
 
 import datasets
@@ -81,9 +84,19 @@ def build_fashion_mnist(out_dir: str | Path, raw_dir: str | Path = DEBIAN_DIR) -
         }
     )
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    dd.save_to_disk(str(tmp))
-    tmp.rename(out_dir)
+    # A scratch folder of this builder's own: DDP ranks or two runs that found no dataset at once each
+    # build one, and never write into (or rename away) another's half-written copy.
+    tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        dd.save_to_disk(str(tmp))
+        try:
+            tmp.rename(out_dir)  # atomic: a reader sees no dataset or a whole one
+        except OSError:
+            if not (out_dir / "dataset_dict.json").is_file():
+                raise
+            # another builder published first: the same files, so theirs is used and ours dropped
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return datasets.load_from_disk(str(out_dir))
 
 
