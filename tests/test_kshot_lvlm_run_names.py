@@ -54,6 +54,7 @@ def test_absurd_values_are_refused_in_one_line_before_any_work(monkeypatch, tmp_
     for extra, message in (
         (["--limit", "-5"], "--limit must be at least 1, got -5"),
         (["--cap", "0"], "--cap must be at least 1, got 0"),
+        (["--cap", "100"], "--cap 100: at most 6 in-context examples fit the model's 512-token window"),
         (["--lora_epochs", "0"], "--lora_epochs must be at least 1, got 0"),
         (["--incontext", "1", "0"], "--incontext must be at least 1, got 0"),
         (["--lora", "-1"], "--lora must be at least 1, got -1"),

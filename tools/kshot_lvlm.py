@@ -34,6 +34,8 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE_TURN_TOKENS = 65  # one image turn of the demo prompt (16 image tokens + text), measured: 11 -> 709
 WINDOW = 512  # the demo LLaVA's max_position_embeddings
+# in-context examples that fit the window, with the query turn
+MAX_CAP = (WINDOW - 10) // IMAGE_TURN_TOKENS - 1
 
 
 def cli(args: list[str]) -> None:
@@ -101,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--incontext", type=int, nargs="*", default=[1, 2, 4], help="k per candidate")
     p.add_argument("--lora", type=int, nargs="*", default=[4, 16], help="k of the LoRA's k-shot split")
-    p.add_argument("--cap", type=int, default=(WINDOW - 10) // IMAGE_TURN_TOKENS - 1,
+    p.add_argument("--cap", type=int, default=MAX_CAP,
                    help="in-context examples per prompt at most (default: what the 512-token window holds)")  # fmt: skip
     p.add_argument("--lora_epochs", type=int, default=4)
     p.add_argument("--out", default="runs/kshot_lvlm")
@@ -112,6 +114,8 @@ def main(argv: list[str] | None = None) -> dict:
                         *(("--incontext", k) for k in a.incontext), *(("--lora", k) for k in a.lora)):  # fmt: skip
         if value < 1:
             p.error(f"{flag} must be at least 1, got {value}")
+    if a.cap > MAX_CAP:
+        p.error(f"--cap {a.cap}: at most {MAX_CAP} in-context examples fit the model's {WINDOW}-token window")
     if a.held_out != [0, 0] and not 0 <= a.held_out[0] < a.held_out[1]:
         p.error(f"--held_out START STOP must have 0 <= START < STOP (0 0: skip), got {a.held_out}")
     out = Path(a.out)
