@@ -342,6 +342,11 @@ def test_read_cost_table_round_trip(tmp_path):
         ValueError, match=r"^cost unit 'euro' is not one of seconds, usd; set --cascade.cost_unit$"
     ):
         read_cost_table(tmp_path / "stages.parquet", tmp_path / "records.parquet", unit="euro")
+    write_label_records(tmp_path / "none.parquet", [])  # a run with no records (it was an IndexError)
+    with pytest.raises(
+        ValueError, match=r"none.parquet holds no records: a cost table needs the run's images$"
+    ):
+        read_cost_table(tmp_path / "stages.parquet", tmp_path / "none.parquet")
 
 
 def read_csv_rows(path):

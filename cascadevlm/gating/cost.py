@@ -123,6 +123,8 @@ def read_cost_table(stages_path: str | Path, records_path: str | Path, unit: str
     labels = np.asarray(rec["label"], dtype=np.int64)
     order = np.argsort(index, kind="stable")
     index, labels = index[order], labels[order]
+    if len(index) == 0:
+        raise ValueError(f"{records_path} holds no records: a cost table needs the run's images")
     if len(np.unique(index)) != len(index):
         raise ValueError(f"{records_path}: image indices repeat")
     cols = ["index", "stage", "name", "answered", "pred", "uncertainty", unit]
