@@ -484,3 +484,24 @@ def test_the_server_refuses_stages_it_cannot_serve():
     for opts in (CascadeOptions(stages=[{"lvlm": "x.yaml"}]), CascadeOptions(cost_budget=5.0)):
         with pytest.raises(ServeConfigError, match=r"^cascade.stages / cascade.cost_budget are not served"):
             check_servable(opts, False)
+
+
+@pytest.mark.parametrize("gate", ["entropy", "margin", "max_prob"])
+def test_an_lvlm_stage_gate_is_clips_formula_on_its_candidate_scores(gate):
+    # One formula for CLIP's and an LVLM stage's gates: the LVLM's uncertainty is CLIP's gate score of
+    # log softmax(scores), worked out by hand here; a candidate of probability 0 (score -inf) adds
+    # nothing (it made the entropy NaN: 0 * log 0), and no scores at all read NaN (the most uncertain).
+    rng = np.random.default_rng(0)
+    for scores in [rng.normal(size=5).tolist() for _ in range(20)] + [[0.0, -1.0, -math.inf], [2.0]]:
+        s = np.asarray(scores)
+        p = np.exp(s - s.max()) / np.exp(s - s.max()).sum()
+        top = np.sort(p)[::-1]
+        expected = {
+            "entropy": -sum(q * math.log(q) for q in p if q > 0),
+            "margin": 1 - (top[0] - (top[1] if len(top) > 1 else 0.0)),
+            "max_prob": 1 - top[0],
+        }[gate]
+        assert lvlm_uncertainty(scores, gate) == pytest.approx(expected, abs=1e-12)
+    assert math.isnan(lvlm_uncertainty(None, gate)) and math.isnan(lvlm_uncertainty([math.nan, 1.0], gate))
+    with pytest.raises(ValueError, match="unknown LVLM gate 'learned'"):
+        lvlm_uncertainty([0.0, 1.0], "learned")

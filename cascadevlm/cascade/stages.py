@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cascadevlm.gating.cost import STAGES_SCHEMA
+from cascadevlm.gating.routing import gate_score
 from cascadevlm.lvlm.base import LVLMBackend
 from cascadevlm.records import PredictionRecord, atomic_path
 
@@ -90,21 +91,18 @@ def softmax(scores: Sequence[float]) -> np.ndarray:
 
 
 def lvlm_uncertainty(scores: Sequence[float] | None, gate: str) -> float:
-    """An LVLM stage's uncertainty (higher = less sure) from its candidate scores; NaN without scores."""
+    """An LVLM stage's uncertainty (higher = less sure) from its candidate scores; NaN without scores.
+    The formulas are CLIP's gate scores (``gating.routing.gate_score``) on ``log softmax(scores)``."""
     if not scores:
         return math.nan
     p = softmax(scores)
     if np.isnan(p).any():
         return math.nan
-    top = np.sort(p)[::-1]
-    if gate == "max_prob":
-        return float(1.0 - top[0])
-    if gate == "margin":
-        return float(1.0 - (top[0] - (top[1] if len(top) > 1 else 0.0)))
-    if gate == "entropy":
-        nz = p[p > 0]
-        return float(-(nz * np.log(nz)).sum())
-    raise ValueError(f"unknown LVLM gate {gate!r}; known: {', '.join(GATES)}")
+    if gate not in GATES:
+        raise ValueError(f"unknown LVLM gate {gate!r}; known: {', '.join(GATES)}")
+    with np.errstate(divide="ignore"):  # a candidate with probability 0 has log-probability -inf
+        logp = np.log(p)[None, :]
+    return float(gate_score(gate, logp)[0])
 
 
 def clip_uncertainty(rec: PredictionRecord, gate: str = "entropy") -> float:

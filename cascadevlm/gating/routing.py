@@ -426,9 +426,16 @@ def reliability_bins(probs: np.ndarray | TopkTail, labels: np.ndarray, n_bins: i
 
 # -------------------------------------------------------------------------------------------- gates
 def entropy_of(logp: np.ndarray | TopkTail) -> np.ndarray:
+    """Entropy per row of log-probabilities; a class of probability 0 (log-probability -inf) adds 0."""
     if isinstance(logp, TopkTail):
-        return -_row_sum(logp, np.exp(logp.values) * logp.values)
-    return -(np.exp(logp) * logp).sum(axis=1)
+        return -_row_sum(logp, _p_log_p(logp.values))
+    return -_p_log_p(logp).sum(axis=1)
+
+
+def _p_log_p(logp: np.ndarray) -> np.ndarray:
+    """p log p from log p, 0 where p = 0 (0 * -inf is NaN in floating point)."""
+    with np.errstate(invalid="ignore"):
+        return np.where(np.isneginf(logp), 0.0, np.exp(logp) * logp)
 
 
 def gate_score(gate: str, logp: np.ndarray | TopkTail) -> np.ndarray:
