@@ -208,3 +208,33 @@ def photos():
     from cascadevlm.testing.images import sample_photos
 
     return {PHOTO_CLASSES[k]: v.convert("RGB") for k, v in sample_photos().items()}
+
+
+def test_prices_and_the_cost_unit_name_their_own_run(tiny_clip_path, data_root, tmp_path):
+    # A price or the usd unit changes the run's costs (metrics.json's cost block, stages.parquet's usd):
+    # the two-stage run gets its own directory (it shared the unpriced run's and replaced its metrics);
+    # the default's name is unchanged (test above). A price for an LVLM the run does not have is refused.
+    out = tmp_path / "runs"
+    clip_price, lvlm_price = '{"usd_per_hour": 3.6}', '{"usd_per_image": 0.5}'
+    variants = {
+        "default": (),
+        "lvlm price": ("--cascade.lvlm_price", lvlm_price),
+        "other lvlm price": ("--cascade.lvlm_price", '{"usd_per_image": 0.25}'),
+        "both prices": ("--cascade.lvlm_price", lvlm_price, "--cascade.clip_price", clip_price),
+        "usd": ("--cascade.lvlm_price", lvlm_price, "--cascade.clip_price", clip_price, "--cascade.cost_unit", "usd"),
+    }  # fmt: skip
+    for extra in variants.values():
+        main(fake_args(tiny_clip_path, data_root, out, None, "--cascade.tau=-inf", *extra, limit=8))
+    runs = sorted(p for p in out.iterdir() if p.name != "cache")
+    assert len(runs) == len(variants), [p.name for p in runs]  # five runs, five directories: none replaced
+    units = sorted(json.loads((p / "metrics.json").read_text())["cost"]["unit"] for p in runs)
+    assert units == ["seconds"] * 4 + ["usd"]
+    with pytest.raises(
+        ValueError,
+        match=r"^cascade.lvlm_price prices the LVLM, and this run has none: --cascade.lvlm_price null$",
+    ):
+        main(
+            fake_args(
+                tiny_clip_path, data_root, out, None, "--lvlm", "null", "--cascade.lvlm_price", lvlm_price
+            )
+        )

@@ -320,6 +320,10 @@ def check_cost_options(opts: CascadeOptions, has_lvlm: bool) -> None:
             "cascade.lvlm_price prices the top-level lvlm; with cascade.stages give each stage's price "
             "(cascade.stages[i].price): --cascade.lvlm_price null"
         )
+    if opts.lvlm_price is not None and not has_lvlm:
+        raise ValueError(
+            "cascade.lvlm_price prices the LVLM, and this run has none: --cascade.lvlm_price null"
+        )
     if opts.cost_budget is None:
         if opts.stages is not None and opts.budget is not None:
             raise ValueError(
@@ -444,6 +448,11 @@ def default_run_name(
                   f"ic{opts.incontext_shots}" if opts.incontext_shots else None]  # fmt: skip
         parts += routing_name_parts(opts)
         parts.append("selOnEval" if selects_on_eval(opts, dm.split, True) else None)
+    if not stages:  # prices and the unit change the run's costs (metrics.json, stages.parquet)
+        parts += [f"clip{_short_hash(opts.clip_price)}" if opts.clip_price else None,
+                  f"lvp{_short_hash(opts.lvlm_price)}" if opts.lvlm_price else None]  # fmt: skip
+    if opts.cost_unit != "seconds" and opts.cost_budget is None:  # with a budget, its gate part names it
+        parts.append(opts.cost_unit)
     if stages:
         from cascadevlm.cascade.stages import stages_identity_hash
 
