@@ -24,6 +24,8 @@ from pathlib import Path
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from cascadevlm.records import atomic_path, atomic_write_text
+
 METADATA_KEY = "cascadevlm_provenance"
 DIR_FILE = "cascadevlm_provenance.json"
 KINDS = ("random", "trained-demo")
@@ -49,10 +51,7 @@ def write_provenance(path: str | Path, info: dict) -> Path:
     path = Path(path)
     if path.is_dir():
         target = path / DIR_FILE
-        tmp = target.with_name(f"{DIR_FILE}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(info, indent=1))
-        tmp.replace(target)
-        return target
+        return atomic_write_text(target, json.dumps(info, indent=1))
     if not path.is_file():
         raise FileNotFoundError(f"cannot mark {str(path)!r}: no such file or directory")
     if path.suffix != ".safetensors":
@@ -63,9 +62,8 @@ def write_provenance(path: str | Path, info: dict) -> Path:
         meta = dict(fh.metadata() or {})
     tensors = load_file(str(path))
     meta[METADATA_KEY] = json.dumps(info)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
     return path
 
 

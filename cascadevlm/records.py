@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -67,10 +68,15 @@ ARROW_SCHEMA = pa.schema(
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yields a temporary path beside ``path``; renamed onto ``path`` only when the block succeeds, so a
-    reader (or a resumed run) never sees a half-written output."""
+    reader (or a resumed run) never sees a half-written output.
+
+    The temporary name is this writer's own: several processes may write one output at once (DDP ranks,
+    DataLoader workers, two runs sharing a cache), also from other machines on a shared file system,
+    where process ids repeat (each container's first process is pid 1).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
     try:
         yield tmp
         os.replace(tmp, path)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from cascadevlm.records import atomic_path, atomic_write_text
 
 
 def feature_key(model: dict, dataset_fingerprint: str, split: str, num_rows: int) -> str:
@@ -61,14 +62,14 @@ class FeatureCache:
     ) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.path(key)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # unique per process: concurrent writers never collide
         tensors = {"features": features.detach().float().cpu().contiguous()}
         if seconds is not None:  # what computing them cost, so a cached rerun reports it
             tensors["seconds"] = seconds.detach().double().cpu().contiguous()
-        save_file(tensors, str(tmp))
-        tmp.replace(path)  # atomic, so a crash never leaves a half-written cache entry
+        # atomic, under a name of this writer's own: ranks of several machines may fill one cache entry
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp))
         if meta is not None:
-            path.with_suffix(".json").write_text(json.dumps(meta, indent=1, default=str))
+            atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=1, default=str))
         return path
 
 

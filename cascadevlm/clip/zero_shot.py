@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,6 +15,7 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from cascadevlm.data.registry import normalise_templates, validate_class_names
 from cascadevlm.logs import get_logger, verbosity
+from cascadevlm.records import atomic_path
 
 log = get_logger(__name__)
 
@@ -150,10 +150,9 @@ class HeadCache:
     def save(self, parts: dict, head: torch.Tensor) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.path(parts)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # unique per process: concurrent writers never collide
         meta = {"key_parts": json.dumps(parts, sort_keys=True)}
-        save_file({"head": head.detach().float().cpu().contiguous()}, str(tmp), metadata=meta)
-        tmp.replace(path)  # atomic: a crash never leaves half a head under the key
+        with atomic_path(path) as tmp:  # a crash never leaves half a head; concurrent writers never collide
+            save_file({"head": head.detach().float().cpu().contiguous()}, str(tmp), metadata=meta)
         return path
 
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from cascadevlm.records import atomic_path
 
 
 @dataclass(frozen=True)
@@ -106,9 +107,8 @@ def load_or_create_kshot(
     split = sample_kshot(labels, k, seed, dataset, num_classes)
     if fingerprint is not None:
         split = KShotSplit(split.dataset, split.k, split.seed, split.indices, fingerprint)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    split.save(tmp)
-    tmp.replace(path)  # atomic: ranks and concurrent runs never read half a file
+    with atomic_path(path) as tmp:  # atomic: ranks and concurrent runs never read half a file
+        split.save(tmp)
     return split
 
 

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from cascadevlm.records import atomic_path
+
 CLIP_MODELS = ["ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336"]
 
 
@@ -300,7 +302,6 @@ def write_clip_checkpoint(model_name: str, path: str | Path, seed: int = 0) -> P
         torch.manual_seed(seed)
         model = open_clip.create_model(model_name, pretrained=None)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(model.state_dict(), tmp)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:  # a file of this writer's own: concurrent writers never collide
+            torch.save(model.state_dict(), tmp)
     return path

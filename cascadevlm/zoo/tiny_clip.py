@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 from cascadevlm.clip.model import register_model_configs
 from cascadevlm.provenance import METADATA_KEY, read_provenance, write_provenance
+from cascadevlm.records import atomic_path
 
 TINY_CLIP = "cascadevlm-tiny-vit"
 
@@ -47,9 +48,11 @@ def build_tiny_clip(out_dir: str | Path, model_name: str = TINY_CLIP, seed: int 
     with torch.no_grad():
         model.logit_scale.fill_(math.log(100.0))
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    tmp = path.with_suffix(".tmp")
-    save_file(state, str(tmp), metadata={METADATA_KEY: json.dumps(tiny_clip_provenance(model_name, seed))})
-    tmp.replace(path)  # atomic: concurrent builders (DDP ranks, test workers) never read half a file
+    # atomic, from a file of this builder's own: concurrent builders (DDP ranks, test workers) never read
+    # half a file nor rename away each other's (one shared "<name>.tmp" made the second one's rename fail)
+    mark = {METADATA_KEY: json.dumps(tiny_clip_provenance(model_name, seed))}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=mark)
     return path
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from torchvision import transforms as T
 
 from cascadevlm.clip.features import FeatureCache, dataset_fingerprint
 from cascadevlm.data.loading import ImageClassificationDataset
+from cascadevlm.records import atomic_path
 
 # name -> RandomResizedCrop scale (None: the plain preprocess)
 CROP_SCALES: dict[str, tuple[float, float] | None] = {
@@ -123,13 +123,12 @@ class AugmentedFeatureStore:
         self.root.mkdir(parents=True, exist_ok=True)
         order = sorted(rows)
         path = self.root / f"{key}.safetensors"
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tensors = {
             "rows": torch.tensor(order, dtype=torch.long),
             "features": torch.stack([rows[r] for r in order]).float().contiguous(),
         }
-        save_file(tensors, str(tmp))
-        tmp.replace(path)  # atomic: a concurrent writer loses at most rows it will recompute
+        with atomic_path(path) as tmp:  # atomic: a concurrent writer loses at most rows it will recompute
+            save_file(tensors, str(tmp))
 
 
 @torch.no_grad()

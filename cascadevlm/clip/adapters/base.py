@@ -35,6 +35,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from cascadevlm.records import atomic_path
+
 if TYPE_CHECKING:
     from cascadevlm.clip.adapters.coop import PromptLearner
     from cascadevlm.clip.adapters.linear_probe import LinearProbe
@@ -187,9 +189,8 @@ def save_adapter(
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in adapter.adapter_tensors().items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:  # a file of this writer's own: two runs exporting at once never collide
+        save_file(tensors, str(tmp), metadata=meta)
     return path
 
 
