@@ -291,3 +291,46 @@ def test_two_workers_opening_one_store_at_once_both_open_it(tmp_path, monkeypatc
     store.put("mine", "m", "v2")
     assert other and store.get("theirs") == "v1" and other[0].get("mine") == "v2"
     assert store.get("old") == ("kept" if old_file else None)
+
+
+def test_dropping_a_damaged_entry_keeps_the_answer_another_process_stored_meanwhile(tmp_path, monkeypatch):
+    # A damaged entry is dropped so it is asked again; another process (a DDP rank, a second run) may
+    # have asked and stored it between this one's read and its delete. Replayed in one process: the
+    # other store writes the fresh answer right after this one has read the damaged row.
+    import cascadevlm.lvlm.cache as cache
+
+    path = tmp_path / "answers.sqlite"
+    mine, theirs = AnswerStore(path), AnswerStore(path)
+    mine.put("k", "m", "damaged")
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE answers SET checksum = 'bad' WHERE key = 'k'")
+    db.close()
+    real_checksum = cache._checksum
+
+    def checksum_then_the_other_stores(key, value):
+        if value == "damaged":  # this store's look at the damaged row
+            monkeypatch.setattr(cache, "_checksum", real_checksum)
+            theirs.put("k", "m", "asked again")
+        return real_checksum(key, value)
+
+    monkeypatch.setattr(cache, "_checksum", checksum_then_the_other_stores)
+    assert mine.get("k") is None and mine.corrupt == 1  # what it read was damaged
+    assert mine.get("k") == theirs.get("k") == "asked again"  # and the other's answer was not deleted
+
+
+def test_dropping_an_unusable_answer_keeps_the_answer_another_process_stored_meanwhile(tmp_path, monkeypatch):
+    path = tmp_path / "answers.sqlite"
+    mine, theirs = AnswerStore(path), AnswerStore(path)
+    mine.put_answers("m", {"k": StoredAnswer(0, "x", [0.5, 0.5])})  # scores for 2 candidates, asked with 3
+    fresh = StoredAnswer(1, "y", [0.1, 0.8, 0.1])
+    real_get = mine.get
+
+    def get_then_the_other_stores(key):
+        raw = real_get(key)
+        theirs.put_answers("m", {key: fresh})
+        return raw
+
+    monkeypatch.setattr(mine, "get", get_then_the_other_stores)
+    assert mine.get_answer("k", 3) is None and mine.corrupt == 1
+    monkeypatch.setattr(mine, "get", real_get)
+    assert mine.get_answer("k", 3) == theirs.get_answer("k", 3) == fresh

@@ -156,14 +156,21 @@ class AnswerStore:
                 return None
             raw, checksum = row
             if checksum is not None and checksum != _checksum(key, raw):
-                self._forget(key)
+                self._forget(key, raw, checksum)
                 return None
         return raw
 
-    def _forget(self, key: str) -> None:
-        """Drop a damaged entry (lock held) so it is asked again and stored afresh."""
+    def _forget(self, key: str, raw: str, checksum: str | None = None) -> None:
+        """Drop the damaged entry seen (lock held) so it is asked again and stored afresh. Only that very
+        value goes (and, given, its checksum): another process may have stored a good answer under the key
+        since it was read, and that one is kept."""
         self.corrupt += 1
-        self._db.execute("DELETE FROM answers WHERE key = ?", (key,))
+        if checksum is None:
+            self._db.execute("DELETE FROM answers WHERE key = ? AND raw = ?", (key, raw))
+        else:
+            self._db.execute(
+                "DELETE FROM answers WHERE key = ? AND raw = ? AND checksum = ?", (key, raw, checksum)
+            )
         self._db.commit()
 
     def put(self, key: str, model: str, raw: str) -> None:
@@ -199,7 +206,7 @@ class AnswerStore:
             ok = False
         if not ok:
             with self._lock:
-                self._forget(key)
+                self._forget(key, raw)
             return None
         return a
 
