@@ -276,12 +276,13 @@ def tiny_clip_module(tiny_clip_path):
     return ClipClassifier(TINY_CLIP, str(tiny_clip_path), class_names=["a", "b", "c"], topk=2).eval()
 
 
-def _pipeline(model, backend: LVLMBackend) -> CascadePipeline:
+def _pipeline(model, backend: LVLMBackend, lvlm_timeout: float = 0.05) -> CascadePipeline:
     from cascadevlm.cascade.evaluate import CascadeOptions
     from cascadevlm.cascade.lvlm_stage import LVLMStage
 
     opts = CascadeOptions(tau=-math.inf, topk=2)  # every image goes to the LVLM
-    return CascadePipeline(model, ["a", "b", "c"], opts, LVLMStage(backend, ["a", "b", "c"]), 0.05, 10)
+    stage = LVLMStage(backend, ["a", "b", "c"])
+    return CascadePipeline(model, ["a", "b", "c"], opts, stage, lvlm_timeout, 10)
 
 
 def test_slow_busy_and_down_lvlm_give_clip_answers_marked(tiny_clip_module):
@@ -298,9 +299,12 @@ def test_slow_busy_and_down_lvlm_give_clip_answers_marked(tiny_clip_module):
     assert (busy.fallback, busy.fallback_reason, busy.lvlm) == ("lvlm_unavailable", "busy", None)
     backend.release.set()
     pipe._pending.result()
+    # The answers below must not depend on the LVLM's thread finishing within 0.05 s (a busy machine):
+    # their calls end at once, so a timeout they can never reach leaves nothing to timing.
+    pipe.lvlm_timeout = 600.0
     back = pipe.answer([image])[0]  # free again: the LVLM's answer
     assert (back.fallback, back.class_index) == (None, back.clip_ids[1])
-    down = _pipeline(tiny_clip_module, BlockingLVLM(down=True)).answer([image])[0]
+    down = _pipeline(tiny_clip_module, BlockingLVLM(down=True), lvlm_timeout=600.0).answer([image])[0]
     assert (down.fallback, down.fallback_reason) == (
         "lvlm_unavailable",
         "error: RuntimeError: connection refused",
