@@ -212,7 +212,7 @@ def test_max_pixels_caps_the_uploaded_image_keeping_its_aspect(photos, tmp_path)
 
 def test_concurrency_bound_is_reached_and_never_exceeded(photos, tmp_path):  # noqa: F811
     reqs = [LVLMRequest(image=photos["cat"], candidates=["cat", f"dog {i}"]) for i in range(13)]
-    with ChatServer(delay_s=0.1) as server:
+    with ChatServer(delay_s=0.1, hold_until_inflight=4) as server:
         backend = _backend(server, tmp_path, max_concurrency=4, cache_path=None)
         backend.choose(reqs)
     assert len(server.requests) == 13 and server.max_inflight == 4
@@ -262,7 +262,10 @@ def test_stage_hands_the_backend_large_batches_and_reports_progress(photos, tmp_
     todo = [PredictionRecord(i, 0, [i % 6, (i + 1) % 6, (i + 2) % 6], [0.5, 0.3, 0.2], 1.0, i % 6, True)
             for i in range(12)]  # fmt: skip
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
-    with ChatServer(delay_s=0.1) as server, caplog.at_level(logging.INFO, "cascadevlm.lvlm.api_backend"):
+    with (
+        ChatServer(delay_s=0.1, hold_until_inflight=4) as server,
+        caplog.at_level(logging.INFO, "cascadevlm.lvlm.api_backend"),
+    ):
         backend = _backend(server, tmp_path, max_concurrency=4, stage_batch_size=64)
         sizes = []
         choose = backend.choose

@@ -29,10 +29,13 @@ class ChatServer:
     """Speaks ``POST /v1/chat/completions`` on 127.0.0.1 only.
 
     ``script`` lists what to do with the first requests ("429", "500", "401", "403", "404",
-    "sleep:<seconds>", "empty" (no choices), "429s:<seconds>" / "429date:<seconds>" (Retry-After as
-    seconds / as an HTTP date that many seconds ahead), "ok"); later requests are answered with
-    ``answer`` (text, or a function of the request body). ``logprobs``, a function of the request body,
-    gives the choice's ``logprobs`` object (None: the field is left out). It serves at most
+    "sleep:<seconds>", "hold" (answered only when the server closes), "empty" (no choices),
+    "429s:<seconds>" / "429date:<seconds>" (Retry-After as seconds / as an HTTP date that many seconds
+    ahead), "ok"); later requests are answered with ``answer`` (text, or a function of the request body).
+    ``logprobs``, a function of the request body, gives the choice's ``logprobs`` object (None: the field
+    is left out). With ``hold_until_inflight`` n, requests after the first (the backend's probe, sent
+    alone) are held until n are in flight together (or 30 s passed), so a client that keeps n requests
+    open reaches max_inflight n however late its threads are scheduled. It serves at most
     ``max_requests`` and shuts itself down after ``lifetime_s`` seconds.
     """
 
@@ -44,15 +47,18 @@ class ChatServer:
         max_requests=40,
         lifetime_s=30.0,
         logprobs=None,
+        hold_until_inflight=None,
     ):
         self.script = list(script)
+        self.hold_until_inflight = hold_until_inflight
+        self.closing = threading.Event()
         self.answer = answer
         self.logprobs = logprobs
         self.delay_s = delay_s
         self.max_requests = max_requests
         self.requests: list[dict] = []
-        self.inflight = self.max_inflight = 0
-        self.lock = threading.Lock()
+        self.inflight = self.max_inflight = self.holding = 0
+        self.lock = threading.Condition()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -74,6 +80,10 @@ class ChatServer:
                     action = server.script[n] if n < len(server.script) else "ok"
                     server.inflight += 1
                     server.max_inflight = max(server.max_inflight, server.inflight)
+                    if server.hold_until_inflight and n > 0:  # the first: the client's probe, sent alone
+                        server.lock.notify_all()
+                        reached = lambda: server.max_inflight >= server.hold_until_inflight  # noqa: E731
+                        server.lock.wait_for(reached, timeout=30.0)
                 try:
                     if n >= server.max_requests:
                         return self._send(
@@ -98,6 +108,12 @@ class ChatServer:
                         return self._send(200, {**_completion(body["model"], ""), "choices": []})
                     if action.startswith("sleep:"):
                         time.sleep(float(action.split(":")[1]))
+                    if action == "hold":
+                        with server.lock:
+                            server.holding += 1
+                        server.closing.wait(60.0)
+                        with server.lock:
+                            server.holding -= 1
                     time.sleep(server.delay_s)
                     text = server.answer(body) if callable(server.answer) else server.answer
                     logprobs = server.logprobs(body) if server.logprobs else None
@@ -136,6 +152,7 @@ class ChatServer:
         return self
 
     def __exit__(self, *exc):
+        self.closing.set()
         self.timer.cancel()
         self.httpd.shutdown()
         self.httpd.server_close()
@@ -211,18 +228,19 @@ def test_normal_answer_and_wire_format(photos, tmp_path):  # noqa: F811
     assert "Which of these animals is shown in the image?" in body["messages"][2]["content"][1]["text"]
 
 
-@pytest.mark.parametrize("failure", ["429", "500", "sleep:1.5"])
+@pytest.mark.parametrize("failure", ["429", "500", "hold"])
 def test_retries_then_succeeds(photos, tmp_path, failure):  # noqa: F811
     with ChatServer(script=[failure]) as server:
         backend = _backend(server, tmp_path, timeout_s=0.5, max_retries=3)
         t0 = time.perf_counter()
         (answer,) = backend.choose(_requests(photos, 1))
         elapsed = time.perf_counter() - t0
+        held = server.holding  # the held attempt is answered only when the server closes
     assert answer.choice == 1 and answer.fallback is None
     assert len(server.requests) == 2  # the failure, then the success
     assert backend.calls == 1 and backend.attempts == 2
-    if failure.startswith("sleep"):
-        assert 0.5 <= elapsed < 1.5  # gave up on the slow attempt at the timeout
+    if failure == "hold":  # gave up on the slow attempt at the timeout, not when it was answered
+        assert elapsed >= 0.5 and held == 1
 
 
 def test_out_of_retries_falls_back_and_is_not_cached(photos, tmp_path, caplog):  # noqa: F811
@@ -262,7 +280,7 @@ def test_unparseable_answer_falls_back_and_is_counted(photos, tmp_path):  # noqa
 
 
 def test_bounded_concurrency(photos, tmp_path):  # noqa: F811
-    with ChatServer(delay_s=0.15) as server:
+    with ChatServer(delay_s=0.15, hold_until_inflight=2) as server:
         backend = _backend(server, tmp_path, max_concurrency=2, cache_path=None)
         backend.choose(_requests(photos, 6))
     assert len(server.requests) == 6 and server.max_inflight == 2
