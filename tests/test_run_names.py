@@ -62,6 +62,7 @@ def test_runs_differing_in_anything_that_changes_the_result_get_different_names(
         "lvlm_on": _name(lvlm_on="deferred"),
         "topk": _name(topk=3),
         "incontext": _name(incontext_shots=1),
+        "incontext_cap": _name(incontext_shots=1, max_examples=2),  # other prompts (same name before)
         "precision": _name(precision="bf16"),
         "trainer_precision": _name(trainer_precision="bf16-mixed"),
         "classes": _name(classes=[c.upper() for c in CLASSES]),
@@ -75,6 +76,7 @@ def test_runs_differing_in_anything_that_changes_the_result_get_different_names(
     assert len(set(variants.values())) == len(variants), variants
     assert "coop_k16_s2" in variants["coop16s2"] and "linear_probe_k16_s1" in variants["lp16s1"]
     assert "tau0.5" in variants["tau"] and "budget0.2-val" in variants["budget"]
+    assert variants["incontext"].endswith("_ic1")  # the default cap keeps the names runs had
     # connection settings change no answer: the same name
     assert _name(backend=FakeLVLM(base_url="http://a:1")) == _name(backend=FakeLVLM(base_url="http://b:2"))
 

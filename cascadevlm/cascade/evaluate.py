@@ -445,7 +445,7 @@ def default_run_name(
         gate = f"budget{opts.budget:g}-{opts.budget_split}" if opts.budget is not None else f"tau{opts.tau:g}"
         parts += [Path(str(fp.get("model") or fp["backend"])).name, fp.get("mode"), f"lv{_short_hash(rest)}",
                   gate, opts.lvlm_on, f"top{opts.topk}",
-                  f"ic{opts.incontext_shots}" if opts.incontext_shots else None]  # fmt: skip
+                  _incontext_part(opts)]  # fmt: skip
         parts += routing_name_parts(opts)
         parts.append("selOnEval" if selects_on_eval(opts, dm.split, True) else None)
     if not stages:  # prices and the unit change the run's costs (metrics.json, stages.parquet)
@@ -462,11 +462,20 @@ def default_run_name(
         else:
             gate = f"tau{opts.tau:g}"
         parts += ["stages-" + "+".join(st.name for st in stages), f"st{stages_identity_hash(stages)}", gate,
-                  opts.lvlm_on, f"top{opts.topk}", f"ic{opts.incontext_shots}" if opts.incontext_shots else None,
+                  opts.lvlm_on, f"top{opts.topk}", _incontext_part(opts),
                   f"clip{_short_hash(opts.clip_price)}" if opts.clip_price else None,
                   "selOnEval" if selects_on_eval(opts, dm.split, True) else None]  # fmt: skip
     parts.append(f"n{dm.limit}" if dm.limit else None)
     return run_name(*parts)
+
+
+def _incontext_part(opts: CascadeOptions) -> str | None:
+    """In-context shots, and the cap on examples per prompt where it is not the default (it changes the
+    prompts, so the answers)."""
+    if not opts.incontext_shots:
+        return None
+    cap = f"max{opts.max_examples}" if opts.max_examples != CascadeOptions.max_examples else ""
+    return f"ic{opts.incontext_shots}{cap}"
 
 
 def routing_name_parts(opts: CascadeOptions) -> list[str | None]:
