@@ -137,3 +137,34 @@ def test_two_writers_of_one_output_at_once_both_finish_and_leave_one_whole_file(
     left = sorted(set(os.listdir(root)) - before)
     assert not [name for name in left if name.endswith(".tmp")], left  # no temporary file left behind
     assert all(load_file(str(root / n)) for n in left if n.endswith(".safetensors"))  # each one loads
+
+
+def test_a_report_reading_runs_while_a_training_rewrites_metrics_reads_whole_files(tmp_path, monkeypatch):
+    # report.kshot over a root while a sweep trains there: the training rewrites metrics.json at each
+    # better epoch. Replayed: the report reads the runs while the writer has the file open for writing
+    # (a truncated metrics.json stopped the report with "not valid JSON").
+    import pathlib
+
+    from cascadevlm.clip.adapters.checkpoint import AdapterCheckpoint
+    from cascadevlm.report.kshot import collect_runs
+
+    callback, row = AdapterCheckpoint(), {"dataset": "toy", "method": "linear_probe", "shots": 1, "seed": 0}
+    callback._run_dir = tmp_path / "runs" / "toy_linear_probe_k1_seed0"
+    callback._run_dir.mkdir(parents=True)  # the trainer's log directory
+    monkeypatch.setattr(callback, "describe", lambda trainer: dict(row))
+    row["val_acc"] = 0.5
+    callback.write_metrics(None)  # the first validated epoch
+    real_open, seen = pathlib.Path.open, []
+
+    def open_then_the_report_reads(self, mode="r", *args, **kwargs):
+        fh = real_open(self, mode, *args, **kwargs)
+        if "w" in mode and not seen:
+            seen.append(collect_runs(tmp_path / "runs"))
+        return fh
+
+    row["val_acc"] = 0.75
+    with monkeypatch.context() as m:
+        m.setattr(pathlib.Path, "open", open_then_the_report_reads)
+        callback.write_metrics(None)  # a better epoch
+    assert [r["val_acc"] for r in seen[0]] == [0.5]  # the previous epoch's whole file
+    assert [r["val_acc"] for r in collect_runs(tmp_path / "runs")] == [0.75]

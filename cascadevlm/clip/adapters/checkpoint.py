@@ -11,6 +11,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from cascadevlm.records import atomic_write_text
+
 if TYPE_CHECKING:
     from cascadevlm.clip.adapters.module import AdapterModule
 
@@ -105,8 +107,9 @@ class AdapterCheckpoint(ModelCheckpoint):
         return {**run_identity(trainer.lightning_module, trainer.datamodule), **self.metrics}
 
     def write_metrics(self, trainer: L.Trainer) -> None:
-        path = self.run_dir(trainer) / "metrics.json"
-        path.write_text(json.dumps(self.describe(trainer), indent=1))
+        # atomic: rewritten at each better epoch while a report over the runs (report.kshot) may read it
+        text = json.dumps(self.describe(trainer), indent=1)
+        atomic_write_text(self.run_dir(trainer) / "metrics.json", text)
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Add the test split's accuracies to ``metrics.json``: the module's torchmetrics (``test/acc``,
