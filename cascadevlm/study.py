@@ -16,9 +16,12 @@ Paths in the study file are relative to the working directory.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -332,29 +335,54 @@ def run_cells(cells: list[dict], out: Path, processes: str = "one", dry_run: boo
     return done
 
 
+def _wait_for_claim(fh, what: str) -> None:
+    """Block until the study holding ``fh``'s claim lets go of it (it finished that step, or ended)."""
+    print(f"{what}: another study is running it; waiting for it", flush=True)
+    fcntl.flock(fh, fcntl.LOCK_EX)
+
+
+@contextlib.contextmanager
+def claimed(out: Path, step: str) -> Iterator[None]:
+    """This study runs ``step`` (``train_<name>`` or ``eval_<name>``) of ``out`` alone: two studies over
+    one output folder at once (two shells, two jobs) never run one cell in one run directory together; the
+    second waits, then finds the step done and skips it. The claim is an flock on
+    ``<out>/.claims/<step>.lock``, released when the step ends or its process dies (kill -9 included),
+    so a killed study's rerun is never locked out. Studies on different cells run side by side."""
+    path = out / ".claims" / f"{step}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _wait_for_claim(fh, step)
+        yield  # closing the file releases the claim
+
+
 def _run_cell(cell: dict, config: dict | None, out: Path, one: bool) -> None:
     name = cell["name"]
     adapter = None
     if cell["train"] is not None:
-        adapter = adapter_file(cell["adapter_root"])
-        if adapter is None:
-            if one:
-                run_in_process(cell["train"], name)
-            else:
-                run_subprocess(cell["train"], out / "logs" / f"train_{name}.log")
+        with claimed(out, f"train_{cell['adapter_root'].name}"):  # looked at and trained under the claim
             adapter = adapter_file(cell["adapter_root"])
             if adapter is None:
-                raise RuntimeError(f"training {name} wrote no adapter.safetensors")
-            if one:  # the adapter path is part of the configuration now
-                config = check_cells([cell])[0]
-    if one and is_finished(cell, config) or not one and (cell["run_dir"] / "metrics.json").exists():
-        print(f"{name}: done before ({cell['run_dir']})", flush=True)
-        return
-    cmd = [*cell["evaluate"], *(["--model.adapter", str(adapter)] if adapter else [])]
-    if one:
-        run_in_process(cmd, name)
-    else:
-        run_subprocess(cmd, out / "logs" / f"evaluate_{name}.log")
+                if one:
+                    run_in_process(cell["train"], name)
+                else:
+                    run_subprocess(cell["train"], out / "logs" / f"train_{name}.log")
+                adapter = adapter_file(cell["adapter_root"])
+                if adapter is None:
+                    raise RuntimeError(f"training {name} wrote no adapter.safetensors")
+                if one:  # the adapter path is part of the configuration now
+                    config = check_cells([cell])[0]
+    with claimed(out, f"eval_{name}"):  # the look at metrics.json and the run, under one claim
+        if one and is_finished(cell, config) or not one and (cell["run_dir"] / "metrics.json").exists():
+            print(f"{name}: done before ({cell['run_dir']})", flush=True)
+            return
+        cmd = [*cell["evaluate"], *(["--model.adapter", str(adapter)] if adapter else [])]
+        if one:
+            run_in_process(cmd, name)
+        else:
+            run_subprocess(cmd, out / "logs" / f"evaluate_{name}.log")
 
 
 def finish(run_dirs: list[Path], out: Path) -> dict[str, Path]:

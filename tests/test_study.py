@@ -205,3 +205,43 @@ def test_evaluate_runs_each_of_several_datasets_in_one_call(tiny_clip_path, data
     assert [r["params"]["images"] for r in runs] == [6, 6]
     dirs = sorted(p.parent.name for p in (tmp_path / "runs").glob("*/metrics.json"))
     assert len(dirs) == 2 and dirs[0].startswith("fashion_mnist") != dirs[1].startswith("fashion_mnist")
+
+
+def test_two_studies_over_one_folder_run_a_cell_once(tmp_path, monkeypatch, capsys):
+    # Two studies writing one out folder at once (two shells, two jobs): the other study is running the
+    # first cell when this one reaches it. Both looked at its metrics.json, found none and ran the cell
+    # into one run directory together. Replayed in one process: the first cell's claim is held as the
+    # other study's process holds it; while this study waits, the other finishes the cell and lets go.
+    import fcntl
+
+    import cascadevlm.study as study_mod
+
+    study = load_study(_write(tmp_path / "s.yaml", _study(tmp_path, grid={"shots": [0], "budgets": [0.1, 0.3]})))
+    cells = plan(study)
+    ran: list[str] = []
+
+    def evaluate(cmd, log):  # an evaluate.py step: its run directory gets its metrics.json
+        name = cmd[cmd.index("--run_name") + 1]
+        ran.append(name)
+        (study.out / "eval" / name).mkdir(parents=True)
+        (study.out / "eval" / name / "metrics.json").write_text("{}")
+
+    lock = study.out / ".claims" / f"eval_{cells[0]['name']}.lock"
+    lock.parent.mkdir(parents=True)
+    other = lock.open("a")
+    fcntl.flock(other, fcntl.LOCK_EX)  # the other study is running the first cell
+    real_wait = getattr(study_mod, "_wait_for_claim", None)
+
+    def the_other_study_finishes_the_cell(fh, what):
+        evaluate(["--run_name", cells[0]["name"]], None)
+        ran[-1] = "the other study: " + ran[-1]
+        other.close()  # its step ended: the claim is let go
+        real_wait(fh, what)
+
+    monkeypatch.setattr(study_mod, "run_subprocess", evaluate)
+    monkeypatch.setattr(study_mod, "_wait_for_claim", the_other_study_finishes_the_cell, raising=False)
+    study_mod.run_cells(cells, study.out, "per_step")
+    printed = capsys.readouterr().out
+    assert ran == ["the other study: b0.1_k0", "b0.3_k0"]  # the first cell ran once, by the other study
+    assert "eval_b0.1_k0: another study is running it; waiting for it" in printed
+    assert f"b0.1_k0: done before ({study.out / 'eval' / 'b0.1_k0'})" in printed
