@@ -619,7 +619,8 @@ def prepare_stages(cfg, opts: CascadeOptions, dm: CascadeDataModule) -> list:
             "entropy --cascade.calibration none --cascade.candidates topk --cascade.fusion none"
         )
     raw = [s.as_dict() if hasattr(s, "as_dict") else s for s in opts.stages]
-    return parse_stages(raw, _config_dirs(cfg), opts.topk, len(dm.class_names), opts.cost_budget)
+    return parse_stages(raw, _config_dirs(cfg), opts.topk, len(dm.class_names), opts.cost_budget,
+                        opts.lvlm_on_val, opts.budget_split)  # fmt: skip
 
 
 def check_usd_prices(opts: CascadeOptions, stages: list | None, backend: LVLMBackend | None) -> None:
@@ -1059,12 +1060,14 @@ def ask_stages(
     parts_root: Path,
     dm: CascadeDataModule | None = None,
     combination: tuple[int, ...] | None = None,
+    gates: dict | None = None,
 ) -> dict[str, dict]:
     """Every LVLM stage of ``cascade.stages`` in order, each on its own parts directory (stage 1:
     ``parts_root``, stage s: ``parts_root/stage<s>``) with its own fingerprint: about every image
     (``thresholds`` None or ``lvlm_on: all``) or those that reach it through the stages of
-    ``combination`` (default: all; a stage it skips is asked nothing). Appends each stage's column to
-    ``columns``; returns the call counts by stage name."""
+    ``combination`` (default: all; a stage it skips is asked nothing). ``gates``: the fitted learned
+    gates by stage index (needed with ``thresholds`` for every stage whose gate is ``learned``). Appends
+    each stage's column to ``columns``; returns the call counts by stage name."""
     from cascadevlm.cascade.lvlm_stage import _digest
     from cascadevlm.cascade.stages import lvlm_column, ranked_candidates
 
@@ -1103,7 +1106,10 @@ def ask_stages(
                     f"stored answer of stage {st.name!r} for image {i} was given other candidates"
                 )
         check_failed_answers(answers, run.opts.max_failed_fraction, dm.split if dm is not None else "")
-        columns.append(lvlm_column(st.name, records, answers, st.gate, st.price))
+        learned = (gates or {}).get(s)
+        if st.gate == "learned" and learned is None and thresholds is not None and st is not run.stages[-1]:
+            raise RuntimeError(f"stage {st.name!r} has a learned gate but none was fitted")
+        columns.append(lvlm_column(st.name, records, answers, st.gate, st.price, learned))
         calls[st.name] = c
     return calls
 
@@ -1138,6 +1144,7 @@ def choose_stage_thresholds(run: Run) -> dict:
         chain_thresholds,
         clip_column,
         combinations,
+        fit_learned_gates,
         stage_cost,
         stage_records,
         write_stage_table,
@@ -1174,6 +1181,7 @@ def choose_stage_thresholds(run: Run) -> dict:
         from cascadevlm.gating.cost import choose_combination, read_cost_table
 
         start = [-math.inf] * len(run.stages)
+        learned = fit_learned_gates(val, columns, run.stages)  # val columns: cross-fitted uncertainties
         write_stage_table(run_dir / "val_stages.parquet", val, columns)
         write_records(run_dir / "val_records.parquet", stage_records(val, columns, start))
         table = read_cost_table(
@@ -1199,17 +1207,33 @@ def choose_stage_thresholds(run: Run) -> dict:
             "budget_split_combinations": {" > ".join(r["names"]): {k: r[k] for k in
                                           ("acc", "cost_per_1000", "calls", "thresholds", "exact")}
                                           for r in choice.per_combination},
+            **({"learned_gates": learned} if learned else {}),
         }  # fmt: skip
         atomic_write_text(gate_path, json.dumps(gate, default=str))
     trainer.strategy.barrier()
     return json.loads(gate_path.read_text())
 
 
-def evaluate_stages(run: Run) -> dict | None:
-    """``cascade.stages``: CLIP, then each LVLM stage in order on the images that reach it (or on every
-    image, ``lvlm_on: all``), each resumable on its own parts; rank 0 reports."""
+def _validation_stages(run: Run) -> tuple[list[PredictionRecord], list]:
+    """CLIP and every LVLM stage on every ``budget_split`` image (``lvlm_on_val`` without a cost budget)."""
     from cascadevlm.cascade.runner import read_clip_seconds
     from cascadevlm.cascade.stages import clip_column
+
+    opts, run_dir = run.opts, run.run_dir
+    val_dm = _with_split(run.cli.datamodule, opts.budget_split)
+    val = _shared_clip_records(run, val_dm, run_dir / "parts" / "budget", f"CLIP stage: {val_dm.split}")
+    vseconds = read_clip_seconds(run_dir / "parts" / "budget", len(val))
+    vcols = [clip_column(val, vseconds, opts.clip_price, opts.gate)]
+    ask_stages(run, val, vcols, None, run_dir / "parts" / "val", dm=val_dm)
+    return val, vcols
+
+
+def evaluate_stages(run: Run) -> dict | None:
+    """``cascade.stages``: CLIP, then each LVLM stage in order on the images that reach it (or on every
+    image, ``lvlm_on: all``), each resumable on its own parts; rank 0 reports. A ``learned`` stage gate
+    is fitted on the validation answers first (:func:`cascadevlm.cascade.stages.fit_learned_gates`)."""
+    from cascadevlm.cascade.runner import read_clip_seconds
+    from cascadevlm.cascade.stages import clip_column, fit_learned_gates, learned_gates
 
     opts, run_dir = run.opts, run.run_dir
     dm = run.cli.datamodule
@@ -1222,15 +1246,18 @@ def evaluate_stages(run: Run) -> dict | None:
         thresholds = [float(opts.tau), *(float(st.tau) for st in run.stages[:-1])]
         gate = {"tau": thresholds[0], "thresholds": thresholds, "source": "config"}
         combination = tuple(range(len(run.stages) + 1))
+    validation = None
+    if opts.lvlm_on_val and opts.cost_budget is None and any(st.gate == "learned" for st in run.stages):
+        # a learned gate is fitted on the validation answers before it gates a test image (every rank
+        # fits the same gates from the same part files; val_stages.parquet gets the cross-fitted values)
+        validation = _validation_stages(run)
+        gate["learned_gates"] = fit_learned_gates(*validation, run.stages)
     seconds = read_clip_seconds(run_dir / "parts", len(clip_records))
     columns = [clip_column(clip_records, seconds, opts.clip_price, opts.gate)]
-    calls = ask_stages(run, clip_records, columns, thresholds, run_dir / "parts", combination=combination)
+    calls = ask_stages(run, clip_records, columns, thresholds, run_dir / "parts", combination=combination,
+                       gates=learned_gates(gate.get("learned_gates")))  # fmt: skip
     if opts.lvlm_on_val and opts.cost_budget is None:  # answers on the validation split, for the report
-        val_dm = _with_split(dm, opts.budget_split)
-        val = _shared_clip_records(run, val_dm, run_dir / "parts" / "budget", f"CLIP stage: {val_dm.split}")
-        vseconds = read_clip_seconds(run_dir / "parts" / "budget", len(val))
-        vcols = [clip_column(val, vseconds, opts.clip_price, opts.gate)]
-        ask_stages(run, val, vcols, None, run_dir / "parts" / "val", dm=val_dm)
+        val, vcols = validation or _validation_stages(run)
         if run.rank0:
             from cascadevlm.cascade.stages import stage_records, write_stage_table
 

@@ -3,7 +3,8 @@
 Stage 0 is CLIP, stages 1..S-1 the LVLMs in order. Each stage gives, for each image it was asked about,
 its answer (``pred``), an ``uncertainty`` (CLIP: the run's gate score, entropy by default; an LVLM:
 from p = softmax(its candidate scores): ``margin`` 1 - (p1 - p2), ``max_prob`` 1 - p1, ``entropy``
-H(p)) and its cost (wall seconds, API tokens, dollars from the stage's price table). An image reaches
+H(p); ``learned`` 1 - P(its answer is right), a logistic regression fitted on the budget split,
+:mod:`cascadevlm.gating.stage_gate`) and its cost (wall seconds, API tokens, dollars from the stage's price table). An image reaches
 stage s+1 iff it reached stage s and ``uncertainty_s > t_s``; its answer is the last reached stage's,
 its cost the sum over every stage it reached. ``<run_dir>/stages.parquet`` holds one row per (image,
 stage) (schema :data:`cascadevlm.gating.cost.STAGES_SCHEMA`, that module's interface). See docs/stages.md.
@@ -35,7 +36,8 @@ BACKEND_MODULES = ("cascadevlm.lvlm.transformers_backend", "cascadevlm.lvlm.api_
 
 PRICE_KEYS = ("usd_per_image", "usd_per_1m_prompt_tokens", "usd_per_1m_completion_tokens", "usd_per_hour")
 STAGE_KEYS = ("name", "lvlm", "gate", "tau", "candidates", "topk", "price")
-GATES = ("margin", "max_prob", "entropy")
+FORMULA_GATES = ("margin", "max_prob", "entropy")  # a formula of the stage's candidate scores
+GATES = (*FORMULA_GATES, "learned")  # learned: fitted on the budget split (cascadevlm.gating.stage_gate)
 CANDIDATE_SOURCES = ("clip", "previous")
 COST_UNITS = ("seconds", "usd")
 
@@ -98,8 +100,11 @@ def lvlm_uncertainty(scores: Sequence[float] | None, gate: str) -> float:
     p = softmax(scores)
     if np.isnan(p).any():
         return math.nan
-    if gate not in GATES:
-        raise ValueError(f"unknown LVLM gate {gate!r}; known: {', '.join(GATES)}")
+    if gate not in FORMULA_GATES:
+        raise ValueError(
+            f"unknown LVLM gate {gate!r}; known: {', '.join(FORMULA_GATES)} (a learned gate is fitted: "
+            "cascadevlm.gating.stage_gate)"
+        )
     with np.errstate(divide="ignore"):  # a candidate with probability 0 has log-probability -inf
         logp = np.log(p)[None, :]
     return float(gate_score(gate, logp)[0])
@@ -213,9 +218,17 @@ def build_backend(spec, where: str, config_dirs: Sequence[Path] = ()) -> tuple[L
 
 
 def parse_stages(
-    raw, config_dirs: Sequence[Path], default_topk: int, num_classes: int, cost_budget: float | None
+    raw,
+    config_dirs: Sequence[Path],
+    default_topk: int,
+    num_classes: int,
+    cost_budget: float | None,
+    lvlm_on_val: bool = False,
+    budget_split: str = "val",
 ) -> list[StageSpec]:
-    """``cascade.stages`` checked and built, in order; each problem refused in one line."""
+    """``cascade.stages`` checked and built, in order; each problem refused in one line. ``lvlm_on_val``
+    and ``budget_split``: whether (and where) every stage answers the validation images, which a
+    ``learned`` gate is fitted on."""
     if not isinstance(raw, (list, tuple)) or not raw:
         raise ValueError(
             "cascade.stages is empty: give at least one LVLM stage ({name, lvlm, gate, tau, candidates, "
@@ -251,6 +264,16 @@ def parse_stages(
                 f"{where}.topk must be between 1 and the number of classes ({num_classes}), got {topk!r}"
             )
         last = i == len(raw)
+        if gate == "learned" and last:
+            raise ValueError(
+                f"{where}.gate learned is fitted to choose the images that go on from a stage, and the last "
+                f"stage has none after it: leave out {where}.gate"
+            )
+        if gate == "learned" and not lvlm_on_val:
+            raise ValueError(
+                f"{where}.gate learned is fitted on every stage's answers on the {budget_split} split: set "
+                "--cascade.lvlm_on_val true (with --cascade.cost_budget or the stages' tau)"
+            )
         tau = entry.get("tau")
         if tau is not None:
             try:
@@ -328,9 +351,50 @@ def clip_column(records: Sequence[PredictionRecord], seconds: Sequence[float], p
     )
 
 
+def stage_features(records: Sequence[PredictionRecord], answers: dict) -> np.ndarray:
+    """The learned gate's features of each record's image at one LVLM stage [N, F] (columns
+    :data:`cascadevlm.gating.stage_gate.FEATURES`): CLIP's entropy and top-2 probabilities; from p =
+    softmax(the stage's candidate scores) p1, p2, p1 - p2 and H(p); whether its answer is CLIP's top-1;
+    its answer's position among the candidates it was shown. NaN rows: no answer, or one without scores."""
+    from cascadevlm.gating.stage_gate import FEATURES
+
+    out = np.full((len(records), len(FEATURES)), np.nan)
+    for j, r in enumerate(records):
+        a = answers.get(r.index)
+        if a is None or not a.scores:
+            continue
+        p = softmax(a.scores)
+        if np.isnan(p).any():
+            continue
+        top = np.sort(p)[::-1]
+        p2 = float(top[1]) if len(top) > 1 else 0.0
+        cp = list(r.clip_topk_probs or [])
+        ids = list(a.candidate_ids)
+        out[j] = [
+            float(r.entropy),
+            float(cp[0]) if cp else math.nan,
+            float(cp[1]) if len(cp) > 1 else 0.0,
+            float(top[0]),
+            p2,
+            float(top[0]) - p2,
+            lvlm_uncertainty(a.scores, "entropy"),
+            float(a.lvlm_choice == r.clip_pred),
+            float(ids.index(a.lvlm_choice)) if a.lvlm_choice in ids else float(len(ids)),
+        ]
+    return out
+
+
 def lvlm_column(
-    name: str, records: Sequence[PredictionRecord], answers: dict, gate: str, price: dict | None
+    name: str,
+    records: Sequence[PredictionRecord],
+    answers: dict,
+    gate: str,
+    price: dict | None,
+    learned=None,
 ) -> StageAnswers:
+    """One LVLM stage's column. A ``learned`` gate's uncertainty is ``learned`` (a
+    :class:`~cascadevlm.gating.stage_gate.StageGate`) on :func:`stage_features`; without one it is NaN
+    until :func:`fit_learned_gates` sets it (the budget split's cross-fitted values)."""
     n = len(records)
     pred = np.full(n, -1, dtype=np.int64)
     unc = np.full(n, np.nan)
@@ -341,11 +405,53 @@ def lvlm_column(
         if a is None:
             continue
         pred[j] = a.lvlm_choice
-        unc[j] = lvlm_uncertainty(a.scores, gate)
+        unc[j] = math.nan if gate == "learned" else lvlm_uncertainty(a.scores, gate)
         secs[j] = np.nan if a.seconds is None else a.seconds
         pt[j], ct[j] = a.prompt_tokens, a.completion_tokens
         usd[j] = usd_of(price, a.seconds, a.prompt_tokens, a.completion_tokens)
+    if gate == "learned" and learned is not None:
+        unc = learned.uncertainty(stage_features(records, answers))
     return StageAnswers(name, pred, unc, secs, pt, ct, usd, dict(answers))
+
+
+def fit_learned_gates(
+    records: Sequence[PredictionRecord], columns: Sequence[StageAnswers], stages: Sequence[StageSpec]
+) -> dict[str, dict]:
+    """Fit every ``learned`` gate on the budget split: ``records`` (with labels) and ``columns`` (CLIP,
+    then every stage's answers to every image). Each learned stage's column gets its cross-fitted
+    uncertainties (an image's from a gate fitted without it, :func:`cross_fitted_uncertainty`); returns
+    the gates fitted on every answered image, by stage index (``StageGate.to_dict``), for the test split."""
+    from cascadevlm.gating.stage_gate import StageGate, cross_fitted_uncertainty
+
+    labels = np.asarray([r.label for r in records], dtype=np.int64)
+    index = np.asarray([r.index for r in records], dtype=np.int64)
+    fitted: dict[str, dict] = {}
+    for st in stages:
+        if st.gate != "learned":
+            continue
+        col = columns[st.index]
+        x = stage_features(records, col.results)
+        right = col.pred == labels
+        usable = np.isfinite(x).all(1) & (labels >= 0)
+        got = int(right[usable].sum())
+        if got in (0, int(usable.sum())):
+            raise ValueError(
+                f"{st.where}.gate learned needs right and wrong answers with scores on the budget split to fit, "
+                f"and stage {st.index} {st.name!r} has {got} right of {int(usable.sum())}: use another gate "
+                f"({', '.join(FORMULA_GATES)})"
+            )
+        unc = np.full(len(records), np.nan)
+        unc[usable] = cross_fitted_uncertainty(x[usable], right[usable], index[usable])
+        col.uncertainty = unc
+        fitted[str(st.index)] = StageGate.fit(x[usable], right[usable]).to_dict()
+    return fitted
+
+
+def learned_gates(fitted: dict | None) -> dict[int, object]:
+    """The gates :func:`fit_learned_gates` returned (as stored in gate.json), by stage index."""
+    from cascadevlm.gating.stage_gate import StageGate
+
+    return {int(k): StageGate.from_dict(v) for k, v in (fitted or {}).items()}
 
 
 def gate_uncertainty(u: np.ndarray) -> np.ndarray:
