@@ -4,9 +4,9 @@ Stage 0 is CLIP, stages 1..S-1 the LVLMs in order. Each stage gives, for each im
 its answer (``pred``), an ``uncertainty`` (CLIP: the run's gate score, entropy by default; an LVLM:
 from p = softmax(its candidate scores): ``margin`` 1 - (p1 - p2), ``max_prob`` 1 - p1, ``entropy``
 H(p); ``learned`` 1 - P(its answer is right), a logistic regression fitted on the budget split,
-:mod:`cascadevlm.gating.stage_gate`) and its cost (wall seconds, API tokens, dollars from the stage's price table). An image reaches
-stage s+1 iff it reached stage s and ``uncertainty_s > t_s``; its answer is the last reached stage's,
-its cost the sum over every stage it reached. ``<run_dir>/stages.parquet`` holds one row per (image,
+:mod:`cascadevlm.gating.stage_gate`) and its cost (wall seconds, API tokens, dollars from the stage's
+price table). An image reaches stage s+1 iff it reached stage s and ``uncertainty_s > t_s``; its answer
+is the last reached stage's, its cost the sum over every stage it reached. ``<run_dir>/stages.parquet`` holds one row per (image,
 stage) (schema :data:`cascadevlm.gating.cost.STAGES_SCHEMA`, that module's interface). See docs/stages.md.
 """
 
