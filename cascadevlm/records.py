@@ -8,10 +8,11 @@ de-duplicated by image index (a distributed sampler pads shards with repeats).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -82,6 +83,22 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def claimed(path: str | Path, on_busy: Callable[[object], None]) -> Iterator[None]:
+    """Hold an exclusive flock on ``path`` (created if need be) for the block. When another process holds
+    it, ``on_busy(file)`` decides: raise (refuse) or ``fcntl.flock(file, fcntl.LOCK_EX)`` (wait). The
+    claim ends with the block or with the process (kill -9 included), so a killed run never locks out its
+    rerun. Local file systems only: flock across machines depends on the network file system."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            on_busy(fh)
+        yield  # closing the file releases the claim
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from cascadevlm.errors import one_line, one_line_errors, project_error
+from cascadevlm.records import claimed as claimed_file
 
 # The installed entry points, run with this interpreter (never the repository's scripts by path).
 EVALUATE_CMD = [sys.executable, "-m", "cascadevlm.cli", "evaluate"]
@@ -346,16 +347,11 @@ def claimed(out: Path, step: str) -> Iterator[None]:
     """This study runs ``step`` (``train_<name>`` or ``eval_<name>``) of ``out`` alone: two studies over
     one output folder at once (two shells, two jobs) never run one cell in one run directory together; the
     second waits, then finds the step done and skips it. The claim is an flock on
-    ``<out>/.claims/<step>.lock``, released when the step ends or its process dies (kill -9 included),
-    so a killed study's rerun is never locked out. Studies on different cells run side by side."""
-    path = out / ".claims" / f"{step}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            _wait_for_claim(fh, step)
-        yield  # closing the file releases the claim
+    ``<out>/.claims/<step>.lock`` (records.claimed), released when the step ends or its process dies
+    (kill -9 included), so a killed study's rerun is never locked out. Studies on different cells run side
+    by side."""
+    with claimed_file(out / ".claims" / f"{step}.lock", lambda fh: _wait_for_claim(fh, step)):
+        yield
 
 
 def _run_cell(cell: dict, config: dict | None, out: Path, one: bool) -> None:

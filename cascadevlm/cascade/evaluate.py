@@ -40,7 +40,7 @@ from cascadevlm.logs import (
 from cascadevlm.lvlm.base import LVLMBackend, needs_retry
 from cascadevlm.lvlm.prompts import LETTERS
 from cascadevlm.provenance import read_provenance
-from cascadevlm.records import PredictionRecord, atomic_write_text, read_records, write_records
+from cascadevlm.records import PredictionRecord, atomic_write_text, claimed, read_records, write_records
 from cascadevlm.report.analysis import deferred_analysis, sweep
 from cascadevlm.report.metrics import accuracy, classification_metrics
 from cascadevlm.report.plots import save_sweep_plots, sweep_references
@@ -990,6 +990,27 @@ def report(run: Run, clip_records: list[PredictionRecord], answers: dict, gate: 
 def evaluate(cli: LightningCLI) -> dict | None:
     """Run the evaluation described by a parsed CLI (:class:`cascadevlm.cli.EvaluateCLI`); returns metrics.json's content on rank 0."""
     run = prepare(cli)
+    if not run.rank0:  # rank 0 holds the run directory's claim for all ranks
+        return _evaluate(run)
+    with claimed(run_claim_path(run.run_dir), lambda fh: _refuse_busy_run(run.run_dir)):
+        return _evaluate(run)
+
+
+def run_claim_path(run_dir: Path) -> Path:
+    """The lock file a run holds while it writes ``run_dir``: ``<output_dir>/.claims/run_<name>.lock``."""
+    return run_dir.parent / ".claims" / f"run_{run_dir.name}.lock"
+
+
+def _refuse_busy_run(run_dir: Path) -> None:
+    raise ValueError(
+        f"the run directory {run_dir} is being written by another evaluate.py run now (two runs of one name "
+        "would delete each other's parts): wait for it to end, or set --run_name (or --output_dir) to another"
+    )
+
+
+def _evaluate(run: Run) -> dict | None:
+    """The evaluation of a prepared run (on rank 0 under the run directory's claim)."""
+    cli = run.cli
     if run.rank0:
         for n in run.notes:
             log.info(f"NOTE: {n}")
