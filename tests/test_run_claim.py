@@ -5,7 +5,6 @@ ends with the run, so the rerun goes ahead."""
 from __future__ import annotations
 
 import fcntl
-import os
 import subprocess
 import sys
 import textwrap
@@ -23,7 +22,7 @@ def test_a_second_run_of_one_name_is_refused_while_the_first_writes(tiny_clip_pa
     out = tmp_path / "runs"
     run_dir = out / "r"
     claim = run_claim_path(run_dir)
-    claim.parent.mkdir(parents=True)
+    claim.parent.mkdir(parents=True, exist_ok=True)
     # the first run, in another process, holding the claim (as a running evaluate.py does)
     holder = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(f"""
@@ -56,4 +55,5 @@ def test_a_second_run_of_one_name_is_refused_while_the_first_writes(tiny_clip_pa
     assert metrics["params"]["images"] == 8 and (run_dir / "metrics.json").is_file()
     with claim.open("a") as fh:  # and this run let go of its own claim when it ended
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    assert sorted(os.listdir(claim.parent)) == ["run_r.lock", "run_r2.lock"]
+    assert sorted(p.name for p in out.iterdir()) == ["cache", "r", "r2"]  # the output folder holds runs only
+    assert claim.name != run_claim_path(out / "r2").name

@@ -11,6 +11,8 @@ import copy
 import hashlib
 import json
 import math
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -997,8 +999,10 @@ def evaluate(cli: LightningCLI) -> dict | None:
 
 
 def run_claim_path(run_dir: Path) -> Path:
-    """The lock file a run holds while it writes ``run_dir``: ``<output_dir>/.claims/run_<name>.lock``."""
-    return run_dir.parent / ".claims" / f"run_{run_dir.name}.lock"
+    """The lock file a run holds while it writes ``run_dir``: in this user's temporary folder, named by the
+    run directory's absolute path (nothing is added to the output folder, which holds only runs)."""
+    key = hashlib.sha256(str(Path(run_dir).resolve()).encode()).hexdigest()[:24]
+    return Path(tempfile.gettempdir()) / f"cascadevlm-claims-{os.getuid()}" / f"run-{key}.lock"
 
 
 def _refuse_busy_run(run_dir: Path) -> None:
