@@ -147,6 +147,33 @@ BUGS: tuple[PlantedBug, ...] = (
         "going &= gate_uncertainty(columns[0].uncertainty) > thresholds[a]",
         ("tests/test_stages.py::test_three_stage_run_matches_a_walk_by_hand",),
     ),
+    PlantedBug(
+        "learned stage gate: validation scored in sample (no cross-fitting)",
+        "cascadevlm/gating/stage_gate.py",
+        "out[held] = StageGate.fit(x[train], y[train], l2).uncertainty(x[held])",
+        "out[held] = StageGate.fit(x[usable], y[usable], l2).uncertainty(x[held])",
+        ("tests/test_stage_learned_gate.py::test_a_validation_image_is_scored_by_a_gate_not_fitted_on_it",),
+    ),
+    PlantedBug(
+        "learned stage gate: fitted on labels one image off",
+        "cascadevlm/cascade/stages.py",
+        "right = col.pred == labels",
+        "right = col.pred == np.roll(labels, 1)",
+        (
+            "tests/test_stage_learned_gate.py::test_three_stages_with_a_learned_gate_under_a_cost_budget_and_resume",
+            "tests/test_stage_learned_gate.py::test_a_learned_gate_with_fixed_thresholds_is_fitted_on_validation_first",
+        ),
+    ),
+    PlantedBug(
+        "learned stage gate: features of another image's answer",
+        "cascadevlm/cascade/stages.py",
+        "a = answers.get(r.index)\n        if a is None or not a.scores:",
+        "a = answers.get(r.index + 1)\n        if a is None or not a.scores:",
+        (
+            "tests/test_stage_learned_gate.py::test_three_stages_with_a_learned_gate_under_a_cost_budget_and_resume",
+            "tests/test_stage_learned_gate.py::test_a_learned_gate_with_fixed_thresholds_is_fitted_on_validation_first",
+        ),
+    ),
 )
 
 
