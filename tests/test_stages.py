@@ -505,3 +505,27 @@ def test_an_lvlm_stage_gate_is_clips_formula_on_its_candidate_scores(gate):
     assert math.isnan(lvlm_uncertainty(None, gate)) and math.isnan(lvlm_uncertainty([math.nan, 1.0], gate))
     with pytest.raises(ValueError, match="unknown LVLM gate 'learned'"):
         lvlm_uncertainty([0.0, 1.0], "learned")
+
+
+def test_a_refusal_on_rank_0_stops_every_rank_with_its_line(tmp_path):
+    # The cost budget's choice is made on rank 0 and shared through a file after a barrier; a refusal
+    # there (an unknown stage cost, a learned gate that cannot be fitted) left the other ranks waiting at
+    # the barrier for a result that never came (a hung DDP run). Replayed rank by rank, one process.
+    from types import SimpleNamespace
+
+    from cascadevlm.cascade.evaluate import _decided_on_rank0
+
+    def run(rank0, barriers):
+        strategy = SimpleNamespace(barrier=lambda: barriers.append(rank0))
+        return SimpleNamespace(rank0=rank0, cli=SimpleNamespace(trainer=SimpleNamespace(strategy=strategy)))
+
+    def refuse():
+        raise ValueError("stage 1 'small' has 0 right of 60: use another gate")
+
+    path, barriers = tmp_path / "stage_thresholds.json", []
+    for rank0 in (True, False):  # rank 0 first (the barrier orders them), then another rank
+        with pytest.raises(ValueError, match=r"^stage 1 'small' has 0 right of 60: use another gate$"):
+            _decided_on_rank0(run(rank0, barriers), path, refuse if rank0 else pytest.fail)
+    assert barriers == [True, False]  # each rank passed the barrier once, none waits for more
+    shared = [_decided_on_rank0(run(r, barriers), path, lambda: {"tau": 0.5}) for r in (True, False)]
+    assert shared == [{"tau": 0.5}, {"tau": 0.5}]

@@ -1175,7 +1175,7 @@ def choose_stage_thresholds(run: Run) -> dict:
         write_stage_table,
     )
 
-    opts, run_dir, trainer = run.opts, run.run_dir, run.cli.trainer
+    opts, run_dir = run.opts, run.run_dir
     val_dm = _with_split(run.cli.datamodule, opts.budget_split)
     parts = run_dir / "parts" / "budget"
     val = _shared_clip_records(run, val_dm, parts, f"CLIP stage: {val_dm.split} (for the cost budget)")
@@ -1193,8 +1193,8 @@ def choose_stage_thresholds(run: Run) -> dict:
             f"cost on the {val_dm.split} split ({clip_1000:.4g}): raise --cascade.cost_budget"
         )
     ask_stages(run, val, columns, None, run_dir / "parts" / "val", dm=val_dm)
-    gate_path = run_dir / "parts" / "stage_thresholds.json"
-    if run.rank0:
+
+    def decide() -> dict:
         for col, st in zip(columns[1:], run.stages, strict=True):
             cost = stage_cost(col, opts.cost_unit)[col.pred >= 0]
             if not np.isfinite(cost).all():
@@ -1234,9 +1234,28 @@ def choose_stage_thresholds(run: Run) -> dict:
                                           for r in choice.per_combination},
             **({"learned_gates": learned} if learned else {}),
         }  # fmt: skip
-        atomic_write_text(gate_path, json.dumps(gate, default=str))
-    trainer.strategy.barrier()
-    return json.loads(gate_path.read_text())
+        return gate
+
+    return _decided_on_rank0(run, run_dir / "parts" / "stage_thresholds.json", decide)
+
+
+def _decided_on_rank0(run: Run, path: Path, decide) -> dict:
+    """``decide()`` on rank 0, its result shared with every rank through ``path`` (JSON). A one-line
+    refusal there (a ValueError: an unknown cost, a gate that cannot be fitted) stops every rank with the
+    same line, instead of leaving the others waiting at the barrier for a result that never comes."""
+    if run.rank0:
+        try:
+            result = decide()
+        except ValueError as err:
+            atomic_write_text(path, json.dumps({"refused": str(err)}))
+            run.cli.trainer.strategy.barrier()
+            raise
+        atomic_write_text(path, json.dumps(result, default=str))
+    run.cli.trainer.strategy.barrier()
+    out = json.loads(path.read_text())
+    if "refused" in out:
+        raise ValueError(out["refused"])
+    return out
 
 
 def _validation_stages(run: Run) -> tuple[list[PredictionRecord], list]:
